@@ -1,0 +1,35 @@
+//! The audit trail: one structured log line per change to the router, so "who opened this
+//! port and when" is answered by `journalctl` or `logread`.
+
+use crate::nft::Applied;
+
+/// Logs every forward an apply added or removed, and a rebuild with its reason.
+pub fn record(table: &str, applied: &Applied) {
+    if let Some(reason) = &applied.rebuilt {
+        tracing::info!(action = "rebuild", table, reason = %reason, "rebuilt the table");
+    }
+    for forward in &applied.added {
+        tracing::info!(
+            action = "open",
+            namespace = %forward.owner.namespace,
+            name = %forward.owner.name,
+            uid = forward.owner.uid.as_deref().unwrap_or(""),
+            service_port = %forward.owner.service_port,
+            family = %forward.key.family,
+            protocol = %forward.key.protocol,
+            external_port = forward.key.external_port,
+            target = %forward.target,
+            "forward opened"
+        );
+    }
+    for removed in &applied.removed {
+        tracing::info!(
+            action = "close",
+            family = %removed.key.family,
+            protocol = %removed.key.protocol,
+            external_port = removed.key.external_port,
+            was = %removed.was,
+            "forward closed"
+        );
+    }
+}

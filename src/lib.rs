@@ -1,0 +1,16 @@
+//! kube-port-forward: forwards router ports to Kubernetes Services' LoadBalancer addresses.
+//!
+//! The core ([`annotation`], [`service`], [`plan`], [`ruleset`]) is pure and synchronous;
+//! [`nft`] is the adapter to the kernel and [`manifest`] reads Service manifests from files.
+#![forbid(unsafe_code)]
+
+pub mod annotation;
+pub mod audit;
+pub mod cli;
+pub mod manifest;
+pub mod model;
+pub mod nft;
+pub mod output;
+pub mod plan;
+pub mod ruleset;
+pub mod service;

@@ -1,0 +1,298 @@
+//! The adapter to the kernel: runs `nft` with JSON, behind [`Firewall`] so everything above
+//! it can be tested without a kernel, and [`Engine`], which applies a [`Ruleset`] with as
+//! little as possible sent.
+
+use std::ffi::OsString;
+
+use nftables::helper::{self, NftablesError};
+use nftables::schema::{NfListObject, NfObject, Nftables};
+
+use std::collections::BTreeSet;
+
+use crate::model::{Forward, ForwardKey};
+use crate::ruleset::{Change, KernelTable, Ruleset, TableConfig, owner_comment};
+
+/// A failed `nft` run.
+#[derive(Debug, thiserror::Error)]
+pub enum NftError {
+    #[error("could not run {program:?}")]
+    Spawn {
+        program: OsString,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{command} failed: {stderr}")]
+    Failed { command: String, stderr: String },
+    #[error("{command} printed JSON this program cannot read")]
+    Output {
+        command: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// What the engine needs from the kernel.
+pub trait Firewall {
+    /// `nft -j list table inet NAME`, or `None` when there is no such table.
+    fn list_table(&mut self, table: &str) -> Result<Option<Nftables<'static>>, NftError>;
+    /// `nft -j list chain inet NAME prerouting`, or `None` when there is no such chain.
+    fn list_chain(&mut self, table: &str) -> Result<Option<Nftables<'static>>, NftError>;
+    /// Runs one JSON transaction with `nft -j -f -`.
+    fn apply(&mut self, transaction: &str) -> Result<(), NftError>;
+}
+
+/// [`Firewall`] through the `nft` program, found in `PATH` unless named.
+#[derive(Clone, Debug, Default)]
+pub struct NftCli {
+    program: Option<OsString>,
+}
+
+impl NftCli {
+    pub fn new(program: Option<OsString>) -> NftCli {
+        NftCli { program }
+    }
+
+    fn program(&self) -> OsString {
+        self.program.clone().unwrap_or_else(|| "nft".into())
+    }
+
+    fn list(&mut self, args: &[&str]) -> Result<Option<Nftables<'static>>, NftError> {
+        let command = format!("{} -j {}", self.program().to_string_lossy(), args.join(" "));
+        tracing::debug!(%command, "reading the kernel table");
+        match helper::get_current_ruleset_raw(self.program.as_ref(), args) {
+            Ok(output) => serde_json::from_str(&output)
+                .map(Some)
+                .map_err(|source| NftError::Output { command, source }),
+            // nft says "No such file or directory" for a missing table or chain.
+            Err(NftablesError::NftFailed { stderr, .. })
+                if stderr.contains("No such file or directory") =>
+            {
+                Ok(None)
+            }
+            Err(err) => Err(self.error(command, err)),
+        }
+    }
+
+    fn error(&self, command: String, err: NftablesError) -> NftError {
+        match err {
+            NftablesError::NftExecution { program, inner } => NftError::Spawn {
+                program,
+                source: inner,
+            },
+            NftablesError::NftFailed { stderr, .. } => NftError::Failed {
+                command,
+                stderr: stderr.trim().to_owned(),
+            },
+            NftablesError::NftInvalidJson(source) => NftError::Output { command, source },
+            NftablesError::NftOutputEncoding { inner, .. } => NftError::Failed {
+                command,
+                stderr: inner.to_string(),
+            },
+        }
+    }
+}
+
+impl Firewall for NftCli {
+    fn list_table(&mut self, table: &str) -> Result<Option<Nftables<'static>>, NftError> {
+        self.list(&["list", "table", "inet", table])
+    }
+
+    fn list_chain(&mut self, table: &str) -> Result<Option<Nftables<'static>>, NftError> {
+        self.list(&["list", "chain", "inet", table, "prerouting"])
+    }
+
+    fn apply(&mut self, transaction: &str) -> Result<(), NftError> {
+        let command = format!("{} -j -f -", self.program().to_string_lossy());
+        tracing::debug!(%command, bytes = transaction.len(), "applying a transaction");
+        helper::apply_ruleset_raw(
+            transaction,
+            self.program.as_ref(),
+            std::iter::empty::<&str>(),
+        )
+        .map(drop)
+        .map_err(|err| self.error(command, err))
+    }
+}
+
+/// A forward that left the table, as far as the previous state tells.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Removed {
+    pub key: ForwardKey,
+    /// The owner comment and target it had, e.g. `ns/web:http uid=... -> 10.0.0.5:80`.
+    pub was: String,
+}
+
+/// What one apply did to the router.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Applied {
+    /// `None`: nothing was sent.
+    pub rebuilt: Option<String>,
+    pub sent: bool,
+    pub added: Vec<Forward>,
+    pub removed: Vec<Removed>,
+}
+
+/// The state the engine diffs against, for describing what was removed.
+enum Previous<'a> {
+    Nothing,
+    Applied(&'a Ruleset),
+    Kernel(&'a KernelTable),
+}
+
+impl Previous<'_> {
+    fn describe(&self, key: &ForwardKey) -> String {
+        let described = match self {
+            Previous::Nothing => None,
+            Previous::Applied(ruleset) => ruleset
+                .forwards
+                .get(key)
+                .map(|f| format!("{} -> {}", owner_comment(f), f.target)),
+            Previous::Kernel(table) => table.addrs.get(key).map(|addr| {
+                let port = table.ports.get(key).map(|p| p.value.to_string());
+                format!(
+                    "{} -> {}:{}",
+                    addr.comment.as_deref().unwrap_or("(no owner)"),
+                    addr.value,
+                    port.as_deref().unwrap_or("?")
+                )
+            }),
+        };
+        described.unwrap_or_else(|| "(unknown)".to_owned())
+    }
+}
+
+/// Applies rulesets to one table. Between applies it remembers what it applied, so a change
+/// costs one cheap probe of the chain plus the elements that differ, not a read of the whole
+/// table; [`Engine::forget`] forces the next apply to read the kernel in full.
+pub struct Engine<F> {
+    firewall: F,
+    applied: Option<Ruleset>,
+}
+
+impl<F: Firewall> Engine<F> {
+    pub fn new(firewall: F) -> Engine<F> {
+        Engine {
+            firewall,
+            applied: None,
+        }
+    }
+
+    pub fn firewall(&mut self) -> &mut F {
+        &mut self.firewall
+    }
+
+    /// Drop what the engine remembers; the next apply reads the kernel table in full.
+    pub fn forget(&mut self) {
+        self.applied = None;
+    }
+
+    /// Reads and parses the kernel table, checking its shape against `config` (`None`: any
+    /// configuration of this daemon).
+    pub fn read(
+        &mut self,
+        table: &str,
+        config: Option<&TableConfig>,
+    ) -> Result<Option<KernelTable>, NftError> {
+        Ok(self
+            .firewall
+            .list_table(table)?
+            .map(|listing| KernelTable::from_nftables(config, &listing)))
+    }
+
+    /// Makes the kernel table hold `desired`, in one transaction, sending nothing when it
+    /// already does. On any error the engine forgets, so the next apply reads the kernel.
+    pub fn apply(&mut self, desired: &Ruleset) -> Result<Applied, NftError> {
+        let remembered = match self.applied.take() {
+            Some(applied) if self.chain_intact(&applied.config)? => Some(applied),
+            _ => None,
+        };
+        let kernel = match remembered {
+            Some(_) => None,
+            None => self.read(&desired.config.table, Some(&desired.config))?,
+        };
+        let empty = KernelTable::default();
+        let (change, delta, previous) = match (&remembered, &kernel) {
+            (Some(applied), _) => (
+                desired.diff_applied(applied),
+                desired.delta_applied(applied),
+                Previous::Applied(applied),
+            ),
+            (None, Some(table)) => (
+                desired.diff(Some(table)),
+                desired.delta(table),
+                Previous::Kernel(table),
+            ),
+            (None, None) => (desired.diff(None), desired.delta(&empty), Previous::Nothing),
+        };
+        let rebuilt = self.send(desired, &change)?;
+        let removed: BTreeSet<&ForwardKey> = delta
+            .delete_addrs
+            .iter()
+            .chain(&delta.delete_ports)
+            .filter(|key| !desired.forwards.contains_key(key))
+            .collect();
+        let applied = Applied {
+            sent: change != Change::Nothing,
+            rebuilt,
+            added: delta
+                .add
+                .iter()
+                .map(|key| desired.forwards[key].clone())
+                .collect(),
+            removed: removed
+                .into_iter()
+                .map(|key| Removed {
+                    key: *key,
+                    was: previous.describe(key),
+                })
+                .collect(),
+        };
+        self.applied = Some(desired.clone());
+        Ok(applied)
+    }
+
+    fn chain_intact(&mut self, config: &TableConfig) -> Result<bool, NftError> {
+        Ok(match self.firewall.list_chain(&config.table)? {
+            Some(listing) => rule_comments(&listing) == config.rule_comments(),
+            None => false,
+        })
+    }
+
+    /// Sends the change; returns why the table was rebuilt, if it was.
+    fn send(&mut self, desired: &Ruleset, change: &Change) -> Result<Option<String>, NftError> {
+        let Some(transaction) = desired.transaction(change) else {
+            return Ok(None);
+        };
+        match (self.firewall.apply(&transaction), change) {
+            (Ok(()), Change::Rebuild(reason)) => Ok(Some(reason.clone())),
+            (Ok(()), _) => Ok(None),
+            (Err(err), Change::Update(_)) => {
+                // The table changed under us since it was read or remembered. Replace it
+                // whole, still in one transaction.
+                tracing::warn!(error = %err, "incremental update failed; rebuilding the table");
+                let reason = format!("incremental update failed: {err}");
+                let rebuild = Change::Rebuild(reason.clone());
+                let transaction = desired
+                    .transaction(&rebuild)
+                    .expect("a rebuild has a transaction");
+                self.firewall.apply(&transaction)?;
+                Ok(Some(reason))
+            }
+            (Err(err), _) => Err(err),
+        }
+    }
+}
+
+/// Comments of the rules in a listing, in order.
+fn rule_comments(listing: &Nftables<'_>) -> Vec<String> {
+    listing
+        .objects
+        .iter()
+        .filter_map(|object| match object {
+            NfObject::ListObject(NfListObject::Rule(rule)) => {
+                Some(rule.comment.as_deref().unwrap_or_default().to_owned())
+            }
+            _ => None,
+        })
+        .collect()
+}

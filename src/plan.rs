@@ -1,0 +1,611 @@
+//! From Services to forwards: resolve each annotation entry against the Service's ports and
+//! addresses, then choose one winner per (family, protocol, external port).
+//!
+//! Pure: no clock, no I/O. The result is deterministic for a given set of Services, whatever
+//! their order, so a restart arrives at the same forwards.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+
+use serde::Serialize;
+
+use crate::annotation::{self, PortRef};
+use crate::model::{Family, Forward, ForwardKey, Owner, Protocol, Target};
+use crate::service::{Service, ServicePort};
+
+/// What happens to one annotation entry (for one Service port and family).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    /// The forward is (or would be) in the router's table.
+    Forwarding,
+    /// Another Service holds the same external port; `reason` names it.
+    Conflict,
+    /// The entry or the Service is at fault; `reason` says how.
+    Invalid,
+    /// The Service has no address to forward to yet.
+    Waiting,
+}
+
+/// One line of the plan: an entry, what it resolved to, and its state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Outcome {
+    pub namespace: String,
+    pub name: String,
+    /// The annotation entry as written, or the field at fault for a Service-wide refusal.
+    pub entry: String,
+    pub key: Option<ForwardKey>,
+    pub target: Option<Target>,
+    pub service_port: Option<String>,
+    pub state: State,
+    pub reason: Option<String>,
+    /// For a conflict: the `namespace/name` of the Service that holds the port.
+    pub winner: Option<String>,
+}
+
+/// The planner's answer: every outcome for the user, and the forwards for the router.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Sorted by namespace, name, then entry order.
+    pub outcomes: Vec<Outcome>,
+    pub forwards: BTreeMap<ForwardKey, Forward>,
+}
+
+impl Plan {
+    pub fn count(&self, state: State) -> usize {
+        self.outcomes.iter().filter(|o| o.state == state).count()
+    }
+}
+
+/// Rank for conflicts: oldest creationTimestamp first (a Service without one ranks after all
+/// that have one), then namespace/name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Rank {
+    missing_timestamp: bool,
+    created: String,
+    namespace: String,
+    name: String,
+}
+
+struct Candidate {
+    rank: Rank,
+    outcome: usize,
+    forward: Forward,
+}
+
+/// Plans the forwards for a set of Services. Services without the mapping annotation are
+/// not part of the plan.
+pub fn plan<'a>(services: impl IntoIterator<Item = &'a Service>) -> Plan {
+    let mut services: Vec<&Service> = services
+        .into_iter()
+        .filter(|s| s.mapping.is_some())
+        .collect();
+    services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+
+    let mut outcomes = Vec::new();
+    let mut candidates = Vec::new();
+    for service in services {
+        resolve_service(service, &mut outcomes, &mut candidates);
+    }
+
+    candidates.sort_by(|a, b| a.rank.cmp(&b.rank));
+    let mut forwards: BTreeMap<ForwardKey, Forward> = BTreeMap::new();
+    for candidate in candidates {
+        match forwards.get(&candidate.forward.key) {
+            Some(winner) => {
+                let outcome = &mut outcomes[candidate.outcome];
+                outcome.state = State::Conflict;
+                outcome.winner = Some(winner.owner.service());
+                outcome.reason = Some(format!(
+                    "external port {} is held by {} (older, or first by namespace/name)",
+                    candidate.forward.key,
+                    winner.owner.service()
+                ));
+            }
+            None => {
+                forwards.insert(candidate.forward.key, candidate.forward);
+            }
+        }
+    }
+    Plan { outcomes, forwards }
+}
+
+fn resolve_service(
+    service: &Service,
+    outcomes: &mut Vec<Outcome>,
+    candidates: &mut Vec<Candidate>,
+) {
+    let blank = Outcome {
+        namespace: service.namespace.clone(),
+        name: service.name.clone(),
+        entry: String::new(),
+        key: None,
+        target: None,
+        service_port: None,
+        state: State::Invalid,
+        reason: None,
+        winner: None,
+    };
+    let refuse = |field: &str, reason: String| Outcome {
+        entry: field.to_owned(),
+        reason: Some(reason),
+        ..blank.clone()
+    };
+    if let Err((field, reason)) = check_identity(service) {
+        outcomes.push(refuse(field, reason));
+        return;
+    }
+    if service.service_type.as_deref() == Some("ExternalName") {
+        outcomes.push(refuse(
+            "spec.type",
+            "an ExternalName Service has no address to forward to".into(),
+        ));
+        return;
+    }
+    let targets = match targets(service) {
+        Ok(targets) => targets,
+        Err((field, reason)) => {
+            outcomes.push(refuse(&field, reason));
+            return;
+        }
+    };
+    let rank = Rank {
+        missing_timestamp: service.created.is_none(),
+        created: service.created.clone().unwrap_or_default(),
+        namespace: service.namespace.clone(),
+        name: service.name.clone(),
+    };
+    let owner = |port: &ServicePort| Owner {
+        namespace: service.namespace.clone(),
+        name: service.name.clone(),
+        uid: service.uid.clone(),
+        service_port: port.name.clone().unwrap_or_else(|| port.port.to_string()),
+    };
+
+    // (protocol, external port) → the entry that took it first within this Service.
+    let mut taken: HashMap<(Protocol, u16), String> = HashMap::new();
+    let mapping = service.mapping.as_deref().unwrap_or_default();
+    for parsed in annotation::parse(mapping) {
+        let entry = match parsed {
+            Ok(entry) => entry,
+            Err(err) => {
+                outcomes.push(Outcome {
+                    entry: err.entry,
+                    reason: Some(err.reason),
+                    ..blank.clone()
+                });
+                continue;
+            }
+        };
+        let with_entry = Outcome {
+            entry: entry.text.clone(),
+            ..blank.clone()
+        };
+        let selected = match select_ports(service, &entry.service_port) {
+            Ok(selected) => selected,
+            Err(reason) => {
+                outcomes.push(Outcome {
+                    reason: Some(reason),
+                    ..with_entry
+                });
+                continue;
+            }
+        };
+        for (port, number, protocol) in selected {
+            let external_port = entry.external_port.unwrap_or(number);
+            let described = Outcome {
+                service_port: Some(owner(port).service_port),
+                ..with_entry.clone()
+            };
+            if let Some(first) = taken.get(&(protocol, external_port)) {
+                outcomes.push(Outcome {
+                    reason: Some(format!(
+                        "external port {external_port}/{protocol} is already used by entry \"{first}\" of this Service"
+                    )),
+                    ..described
+                });
+                continue;
+            }
+            taken.insert((protocol, external_port), entry.text.clone());
+            if targets.is_empty() {
+                outcomes.push(Outcome {
+                    state: State::Waiting,
+                    reason: Some("waiting for a LoadBalancer address".into()),
+                    ..described
+                });
+                continue;
+            }
+            for &addr in &targets {
+                let key = ForwardKey {
+                    family: Family::of(addr),
+                    protocol,
+                    external_port,
+                };
+                let target = Target { addr, port: number };
+                candidates.push(Candidate {
+                    rank: rank.clone(),
+                    outcome: outcomes.len(),
+                    forward: Forward {
+                        key,
+                        target,
+                        owner: owner(port),
+                    },
+                });
+                outcomes.push(Outcome {
+                    key: Some(key),
+                    target: Some(target),
+                    state: State::Forwarding,
+                    ..described.clone()
+                });
+            }
+        }
+    }
+}
+
+/// The Service ports an entry selects, with their validated number and protocol.
+fn select_ports<'s>(
+    service: &'s Service,
+    wanted: &PortRef,
+) -> Result<Vec<(&'s ServicePort, u16, Protocol)>, String> {
+    let mut selected = Vec::new();
+    for (index, port) in service.ports.iter().enumerate() {
+        let matches = match wanted {
+            PortRef::Name(name) => port.name.as_deref() == Some(name.as_str()),
+            PortRef::Number(number) => port.port == i64::from(*number),
+        };
+        if !matches {
+            continue;
+        }
+        let number = u16::try_from(port.port)
+            .ok()
+            .filter(|n| *n != 0)
+            .ok_or_else(|| {
+                format!(
+                    "spec.ports[{index}].port: {} is not a valid port",
+                    port.port
+                )
+            })?;
+        let protocol = Protocol::from_kubernetes(&port.protocol).ok_or_else(|| {
+            format!(
+                "spec.ports[{index}].protocol: \"{}\" is not TCP, UDP or SCTP",
+                printable(&port.protocol)
+            )
+        })?;
+        selected.push((port, number, protocol));
+    }
+    if selected.is_empty() {
+        return Err(match wanted {
+            PortRef::Name(name) => format!("no port named \"{name}\" in spec.ports"),
+            PortRef::Number(number) => format!("no port {number} in spec.ports"),
+        });
+    }
+    Ok(selected)
+}
+
+/// The addresses to forward to: the first IPv4 and first IPv6 of the LoadBalancer ingress,
+/// else of `spec.externalIPs`.
+fn targets(service: &Service) -> Result<Vec<IpAddr>, (String, String)> {
+    let (field, list) = if service.ingress_ips.is_empty() {
+        ("spec.externalIPs", &service.external_ips)
+    } else {
+        ("status.loadBalancer.ingress", &service.ingress_ips)
+    };
+    let mut v4 = None;
+    let mut v6 = None;
+    for (index, text) in list.iter().enumerate() {
+        let field = if field == "spec.externalIPs" {
+            format!("{field}[{index}]")
+        } else {
+            format!("{field}[{index}].ip")
+        };
+        let addr: IpAddr = text.parse().map_err(|_| {
+            (
+                field.clone(),
+                format!("\"{}\" is not an IP address", printable(text)),
+            )
+        })?;
+        if !usable_target(addr) {
+            return Err((field, format!("{addr} cannot be a forward target")));
+        }
+        match addr {
+            IpAddr::V4(_) => v4 = v4.or(Some(addr)),
+            IpAddr::V6(_) => v6 = v6.or(Some(addr)),
+        }
+    }
+    Ok(v4.into_iter().chain(v6).collect())
+}
+
+/// Addresses that can never receive a forwarded flow.
+fn usable_target(addr: IpAddr) -> bool {
+    match addr {
+        IpAddr::V4(a) => {
+            !(a.is_unspecified() || a.is_loopback() || a.is_multicast() || a.is_broadcast())
+        }
+        IpAddr::V6(a) => !(a.is_unspecified() || a.is_loopback() || a.is_multicast()),
+    }
+}
+
+/// Namespace, name, uid and creationTimestamp reach the kernel (in element comments) and
+/// the logs, so they must be what the API server allows, whatever a manifest says.
+fn check_identity(service: &Service) -> Result<(), (&'static str, String)> {
+    if !is_dns_label(&service.namespace) {
+        return Err((
+            "metadata.namespace",
+            format!(
+                "\"{}\" is not a valid namespace",
+                printable(&service.namespace)
+            ),
+        ));
+    }
+    if !is_dns_label(&service.name) {
+        return Err((
+            "metadata.name",
+            format!(
+                "\"{}\" is not a valid Service name",
+                printable(&service.name)
+            ),
+        ));
+    }
+    if let Some(uid) = &service.uid {
+        let ok = !uid.is_empty()
+            && uid.len() <= 64
+            && uid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        if !ok {
+            return Err((
+                "metadata.uid",
+                format!("\"{}\" is not a valid uid", printable(uid)),
+            ));
+        }
+    }
+    if let Some(created) = &service.created
+        && !is_kubernetes_time(created)
+    {
+        return Err((
+            "metadata.creationTimestamp",
+            format!(
+                "\"{}\" is not of the form 2006-01-02T15:04:05Z",
+                printable(created)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// An RFC 1123 label: what Kubernetes requires of namespaces and Service names.
+pub fn is_dns_label(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 63
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        && bytes[0] != b'-'
+        && bytes[bytes.len() - 1] != b'-'
+}
+
+/// `metadata.creationTimestamp` as the API server writes it: RFC 3339, UTC, whole seconds.
+/// In that fixed form, text order is time order, so no date library is needed to rank.
+fn is_kubernetes_time(text: &str) -> bool {
+    let b = text.as_bytes();
+    let digits = |range: std::ops::Range<usize>| b[range].iter().all(u8::is_ascii_digit);
+    b.len() == 20
+        && digits(0..4)
+        && b[4] == b'-'
+        && digits(5..7)
+        && b[7] == b'-'
+        && digits(8..10)
+        && b[10] == b'T'
+        && digits(11..13)
+        && b[13] == b':'
+        && digits(14..16)
+        && b[16] == b':'
+        && digits(17..19)
+        && b[19] == b'Z'
+}
+
+/// Text from a Service as it may appear in a message: printable ASCII, at most 64 chars.
+fn printable(text: &str) -> String {
+    text.chars()
+        .take(64)
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::service::ServicePort;
+
+    fn port(name: Option<&str>, port: i64, protocol: &str) -> ServicePort {
+        ServicePort {
+            name: name.map(Into::into),
+            port,
+            protocol: protocol.into(),
+        }
+    }
+
+    fn svc(ns: &str, name: &str, mapping: &str, ip: &str) -> Service {
+        Service {
+            namespace: ns.into(),
+            name: name.into(),
+            mapping: Some(mapping.into()),
+            ports: vec![
+                port(Some("http"), 80, "TCP"),
+                port(Some("dns-tcp"), 53, "TCP"),
+                port(Some("dns"), 53, "UDP"),
+            ],
+            ingress_ips: if ip.is_empty() {
+                vec![]
+            } else {
+                vec![ip.into()]
+            },
+            ..Service::default()
+        }
+    }
+
+    fn key(external_port: u16, protocol: Protocol) -> ForwardKey {
+        ForwardKey {
+            family: Family::Ipv4,
+            protocol,
+            external_port,
+        }
+    }
+
+    #[test]
+    fn name_number_and_external_port() {
+        let plan = plan([&svc("a", "web", "http, 53, 8080:http", "10.0.0.1")]);
+        assert_eq!(plan.count(State::Forwarding), 4);
+        let fwd = &plan.forwards[&key(8080, Protocol::Tcp)];
+        assert_eq!(fwd.target.port, 80);
+        assert!(plan.forwards.contains_key(&key(53, Protocol::Udp)));
+        assert!(plan.forwards.contains_key(&key(53, Protocol::Tcp)));
+        assert_eq!(
+            plan.forwards[&key(53, Protocol::Udp)].owner.service_port,
+            "dns"
+        );
+    }
+
+    #[test]
+    fn bad_entries_refused_others_forward() {
+        let plan = plan([&svc("a", "web", "http,nope,99,80:dns-tcp,0", "10.0.0.1")]);
+        assert_eq!(plan.count(State::Forwarding), 1);
+        assert_eq!(plan.count(State::Invalid), 4);
+        let reasons: Vec<_> = plan
+            .outcomes
+            .iter()
+            .filter_map(|o| o.reason.clone())
+            .collect();
+        assert!(reasons[0].contains("no port named \"nope\""));
+        assert!(reasons[1].contains("no port 99"));
+        assert!(reasons[2].contains("already used by entry \"http\""));
+        assert!(reasons[3].contains("port 0"));
+    }
+
+    #[test]
+    fn oldest_wins_then_name_and_loser_names_winner() {
+        let mut old = svc("z", "old", "http", "10.0.0.2");
+        old.created = Some("2020-01-01T00:00:00Z".into());
+        let mut new = svc("a", "new", "http", "10.0.0.1");
+        new.created = Some("2024-01-01T00:00:00Z".into());
+        let undated = svc("a", "aaa", "http", "10.0.0.3");
+        for order in [[&new, &old, &undated], [&undated, &old, &new]] {
+            let plan = plan(order);
+            assert_eq!(plan.forwards[&key(80, Protocol::Tcp)].owner.name, "old");
+            let losers: Vec<_> = plan
+                .outcomes
+                .iter()
+                .filter(|o| o.state == State::Conflict)
+                .collect();
+            assert_eq!(losers.len(), 2);
+            assert!(losers.iter().all(|o| o.winner.as_deref() == Some("z/old")));
+        }
+        let plan = plan([&new, &undated]);
+        assert_eq!(plan.forwards[&key(80, Protocol::Tcp)].owner.name, "new");
+        let plan_tie = super::plan([
+            &svc("b", "x", "http", "10.0.0.1"),
+            &svc("a", "y", "http", "10.0.0.2"),
+        ]);
+        assert_eq!(
+            plan_tie.forwards[&key(80, Protocol::Tcp)].owner.namespace,
+            "a"
+        );
+    }
+
+    #[test]
+    fn next_in_line_takes_over() {
+        let first = svc("a", "first", "http", "10.0.0.1");
+        let second = svc("b", "second", "http", "10.0.0.2");
+        assert_eq!(
+            plan([&first, &second]).forwards[&key(80, Protocol::Tcp)]
+                .owner
+                .name,
+            "first"
+        );
+        assert_eq!(
+            plan([&second]).forwards[&key(80, Protocol::Tcp)].owner.name,
+            "second"
+        );
+    }
+
+    #[test]
+    fn waiting_without_address() {
+        let plan = plan([&svc("a", "web", "http", "")]);
+        assert_eq!(plan.count(State::Waiting), 1);
+        assert!(plan.forwards.is_empty());
+    }
+
+    #[test]
+    fn dual_stack_forwards_each_family() {
+        let mut s = svc("a", "web", "http", "10.0.0.1");
+        s.ingress_ips.push("fd00::1".into());
+        s.ingress_ips.push("10.0.0.9".into());
+        let plan = plan([&s]);
+        assert_eq!(plan.forwards.len(), 2);
+        let v6 = ForwardKey {
+            family: Family::Ipv6,
+            ..key(80, Protocol::Tcp)
+        };
+        assert_eq!(plan.forwards[&v6].target.addr.to_string(), "fd00::1");
+        assert_eq!(
+            plan.forwards[&key(80, Protocol::Tcp)]
+                .target
+                .addr
+                .to_string(),
+            "10.0.0.1"
+        );
+    }
+
+    #[test]
+    fn external_ips_when_no_ingress() {
+        let mut s = svc("a", "web", "http", "");
+        s.external_ips = vec!["192.168.5.5".into()];
+        assert_eq!(plan([&s]).count(State::Forwarding), 1);
+    }
+
+    #[test]
+    fn service_wide_refusals_name_the_field() {
+        let mut bad_ip = svc("a", "web", "http", "not-an-ip");
+        bad_ip.name = "web".into();
+        let mut bad_name = svc("a", "Web\"; flush ruleset", "http", "10.0.0.1");
+        bad_name.namespace = "a".into();
+        let mut loopback = svc("a", "lo", "http", "127.0.0.1");
+        loopback.namespace = "a".into();
+        let mut bad_time = svc("a", "t", "http", "10.0.0.1");
+        bad_time.created = Some("yesterday".into());
+        let plan = plan([&bad_ip, &bad_name, &loopback, &bad_time]);
+        assert!(plan.forwards.is_empty());
+        let fields: Vec<_> = plan.outcomes.iter().map(|o| o.entry.as_str()).collect();
+        assert!(fields.contains(&"status.loadBalancer.ingress[0].ip"));
+        assert!(fields.contains(&"metadata.name"));
+        assert!(fields.contains(&"metadata.creationTimestamp"));
+    }
+
+    #[test]
+    fn bad_port_and_protocol_only_hurt_their_entries() {
+        let mut s = svc("a", "web", "http,odd,53", "10.0.0.1");
+        s.ports.push(port(Some("odd"), 70000, "TCP"));
+        s.ports[2].protocol = "ICMP".into();
+        let plan = plan([&s]);
+        assert_eq!(plan.forwards.len(), 1);
+        let reasons: Vec<_> = plan
+            .outcomes
+            .iter()
+            .filter_map(|o| o.reason.clone())
+            .collect();
+        assert!(reasons.iter().any(|r| r.contains("spec.ports[3].port")));
+        assert!(reasons.iter().any(|r| r.contains("spec.ports[2].protocol")));
+    }
+
+    #[test]
+    fn unannotated_services_are_not_planned() {
+        let mut s = svc("a", "web", "http", "10.0.0.1");
+        s.mapping = None;
+        assert!(plan([&s]).outcomes.is_empty());
+    }
+}
