@@ -115,9 +115,11 @@ fn resolve_service(
     outcomes: &mut Vec<Outcome>,
     candidates: &mut Vec<Candidate>,
 ) {
+    // Names are checked below; until then they may hold anything, so only printable text
+    // goes into the outcome that reports them.
     let blank = Outcome {
-        namespace: service.namespace.clone(),
-        name: service.name.clone(),
+        namespace: printable(&service.namespace),
+        name: printable(&service.name),
         entry: String::new(),
         key: None,
         target: None,

@@ -1,0 +1,98 @@
+//! The command line as a user meets it: exit codes and error messages. No kernel needed.
+
+use std::process::{Command, Output};
+
+const BIN: &str = env!("CARGO_BIN_EXE_kube-port-forward");
+
+fn run(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn plan_of_the_examples_succeeds_and_check_flags_problems() {
+    let output = run(&["plan", "-f", "examples/"]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let text = String::from_utf8_lossy(&output.stdout);
+    for state in ["forwarding", "conflict", "invalid", "waiting"] {
+        assert!(
+            text.contains(&format!("\n{state} ")),
+            "no {state} in:\n{text}"
+        );
+    }
+    assert_eq!(
+        run(&["plan", "--check", "-f", "examples/"]).status.code(),
+        Some(3)
+    );
+}
+
+#[test]
+fn check_passes_on_clean_manifests_from_stdin() {
+    let yaml = "kind: Service\nmetadata: {name: ok, annotations: {kube-port-forward-controller/mapping: http}}\nspec: {ports: [{name: http, port: 80}]}\nstatus: {loadBalancer: {ingress: [{ip: 10.0.0.1}]}}\n";
+    let mut child = Command::new(BIN)
+        .args(["plan", "--check", "-o", "json", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(yaml.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    let plan: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(plan["forwards"][0]["state"], "forwarding");
+    assert!(plan["nft_json"]["nftables"].is_array());
+}
+
+#[test]
+fn unreadable_and_malformed_files_exit_2_naming_the_file() {
+    let output = run(&["plan", "-f", "does/not/exist.yaml"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("does/not/exist.yaml"),
+        "{}",
+        stderr(&output)
+    );
+
+    let dir = std::env::temp_dir().join(format!("kpf-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.yaml");
+    std::fs::write(&bad, "kind: Service\nmetadata: [unclosed\n").unwrap();
+    let output = run(&["plan", "-f", bad.to_str().unwrap()]);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("bad.yaml"), "{}", stderr(&output));
+}
+
+#[test]
+fn bad_flags_exit_2_with_the_reason() {
+    let output = run(&["plan", "-f", "examples/", "--table", "bad name"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("table name \"bad name\""),
+        "{}",
+        stderr(&output)
+    );
+    let output = run(&["plan", "-f", "examples/", "--wan-address", "not-an-ip"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("--wan-address"),
+        "{}",
+        stderr(&output)
+    );
+    let output = run(&["apply", "-f", "examples/"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("--wan-interface or --wan-address"));
+}

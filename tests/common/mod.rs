@@ -1,0 +1,317 @@
+//! Test hosts in network namespaces: a client on the WAN side, the router that runs the
+//! daemon's rules, and a server on the LAN side. Needs root (CAP_SYS_ADMIN, CAP_NET_ADMIN).
+#![allow(dead_code)] // Each test binary uses its own part of this module.
+
+use std::fs::File;
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+pub const ROUTER_WAN4: &str = "203.0.113.1";
+pub const CLIENT4: &str = "203.0.113.2";
+pub const ROUTER_WAN6: &str = "2001:db8:1::1";
+pub const CLIENT6: &str = "2001:db8:1::2";
+pub const SERVER4: &str = "192.168.50.10";
+pub const SERVER6: &str = "fd00:50::10";
+
+/// Runs a command and returns its output, panicking with its stderr when it fails.
+pub fn run(program: &str, args: &[&str]) -> String {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    check(program, args, &output);
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Runs a command line split on whitespace (no quoting), panicking when it fails.
+pub fn run_line(line: &str) -> String {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    run(words[0], &words[1..])
+}
+
+fn check(program: &str, args: &[&str], output: &Output) {
+    assert!(
+        output.status.success(),
+        "{program} {} failed: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr),
+        String::from_utf8_lossy(&output.stdout)
+    );
+}
+
+/// Waits for `condition` to hold, polling; panics after a generous deadline.
+pub fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+/// A network namespace, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Netns {
+        let name = format!(
+            "kpf{}-{}-{tag}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        );
+        run("ip", &["netns", "add", &name]);
+        let ns = Netns { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Runs a program inside the namespace and returns its output, whatever its status.
+    pub fn output(&self, program: &str, args: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.name, program])
+            .args(args)
+            .output()
+            .expect("ip netns exec runs")
+    }
+
+    /// Runs a program inside the namespace, panicking when it fails.
+    pub fn exec(&self, program: &str, args: &[&str]) -> String {
+        let output = self.output(program, args);
+        check(program, args, &output);
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    pub fn ip(&self, args: &[&str]) -> String {
+        run("ip", &[&["-n", &self.name], args].concat())
+    }
+
+    pub fn nft(&self, args: &[&str]) -> String {
+        self.exec("nft", args)
+    }
+
+    /// Runs `f` on a thread that has entered the namespace: sockets it creates and
+    /// processes it starts live there.
+    pub fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let file = File::open(&path).expect("the namespace file opens");
+            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
+                .expect("setns into the test namespace");
+            f()
+        })
+        .join()
+        .expect("the thread in the namespace finishes")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+/// client --(WAN 203.0.113.0/24, 2001:db8:1::/64)-- router --(LAN 192.168.50.0/24,
+/// fd00:50::/64)-- server. The router forwards but has no rules of its own.
+pub struct Topology {
+    pub client: Netns,
+    pub router: Netns,
+    pub server: Netns,
+}
+
+impl Topology {
+    pub fn new() -> Topology {
+        let client = Netns::new("c");
+        let router = Netns::new("r");
+        let server = Netns::new("s");
+        let (r, c, s) = (&router.name, &client.name, &server.name);
+        run_line(&format!(
+            "ip link add wan netns {r} type veth peer name eth0 netns {c}"
+        ));
+        run_line(&format!(
+            "ip link add lan netns {r} type veth peer name eth0 netns {s}"
+        ));
+        let addr = |ns: &Netns, dev: &str, cidr: &str| {
+            let mut args = vec!["addr", "add", cidr, "dev", dev];
+            if cidr.contains(':') {
+                args.push("nodad");
+            }
+            ns.ip(&args);
+        };
+        addr(&router, "wan", "203.0.113.1/24");
+        addr(&router, "wan", "2001:db8:1::1/64");
+        addr(&router, "lan", "192.168.50.1/24");
+        addr(&router, "lan", "fd00:50::1/64");
+        addr(&client, "eth0", "203.0.113.2/24");
+        addr(&client, "eth0", "2001:db8:1::2/64");
+        addr(&server, "eth0", "192.168.50.10/24");
+        addr(&server, "eth0", "fd00:50::10/64");
+        for (ns, dev) in [
+            (&router, "wan"),
+            (&router, "lan"),
+            (&client, "eth0"),
+            (&server, "eth0"),
+        ] {
+            ns.ip(&["link", "set", dev, "up"]);
+        }
+        server.ip(&["route", "add", "default", "via", "192.168.50.1"]);
+        server.ip(&["-6", "route", "add", "default", "via", "fd00:50::1"]);
+        router.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+        router.exec("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"]);
+        Topology {
+            client,
+            router,
+            server,
+        }
+    }
+}
+
+/// A TCP server that greets each connection with `hello <port>` and counts them; a UDP
+/// server that echoes. Both stop when dropped.
+pub struct Server {
+    stop: Arc<AtomicBool>,
+    pub accepted: Arc<AtomicUsize>,
+}
+
+impl Server {
+    pub fn start(ns: &Netns, port: u16) -> Server {
+        let (tcp, udp) = ns.enter(move || {
+            let tcp = TcpListener::bind(("::", port)).expect("TCP listener binds");
+            let udp = UdpSocket::bind(("::", port)).expect("UDP socket binds");
+            (tcp, udp)
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        tcp.set_nonblocking(true).unwrap();
+        let (tcp_stop, counter) = (stop.clone(), accepted.clone());
+        std::thread::spawn(move || {
+            while !tcp_stop.load(Ordering::SeqCst) {
+                match tcp.accept() {
+                    Ok((mut stream, _)) => {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                        use std::io::Write;
+                        let _ = stream.set_nonblocking(false);
+                        let _ = writeln!(stream, "hello {port}");
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        udp.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let udp_stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 1500];
+            while !udp_stop.load(Ordering::SeqCst) {
+                if let Ok((n, peer)) = udp.recv_from(&mut buf) {
+                    let mut reply = format!("echo {port} ").into_bytes();
+                    reply.extend_from_slice(&buf[..n]);
+                    let _ = udp.send_to(&reply, peer);
+                }
+            }
+        });
+        Server { stop, accepted }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Connects from `ns` to `addr` over TCP and returns the greeting line.
+pub fn tcp_greeting(ns: &Netns, addr: SocketAddr) -> std::io::Result<String> {
+    ns.enter(move || {
+        use std::io::Read;
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text)?;
+        Ok(text.trim().to_owned())
+    })
+}
+
+/// Sends one datagram from a fresh socket in `ns` to `addr` and returns the reply.
+pub fn udp_echo(ns: &Netns, addr: SocketAddr, payload: &str) -> std::io::Result<String> {
+    let payload = payload.to_owned();
+    ns.enter(move || {
+        let local: SocketAddr = if addr.is_ipv4() {
+            "0.0.0.0:0".parse().unwrap()
+        } else {
+            "[::]:0".parse().unwrap()
+        };
+        let socket = UdpSocket::bind(local)?;
+        socket.connect(addr)?;
+        socket.set_read_timeout(Some(Duration::from_secs(10)))?;
+        socket.send(payload.as_bytes())?;
+        let mut buf = [0u8; 1500];
+        let n = socket.recv(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    })
+}
+
+/// A Service manifest, LoadBalancer type, with the given mapping, ports and addresses.
+pub fn service_yaml(
+    namespace: &str,
+    name: &str,
+    mapping: &str,
+    ports: &[(&str, u16, &str)],
+    ips: &[&str],
+) -> String {
+    let ports: String = ports
+        .iter()
+        .map(|(n, p, proto)| format!("    - {{name: {n}, port: {p}, protocol: {proto}}}\n"))
+        .collect();
+    let ingress: String = ips
+        .iter()
+        .map(|ip| format!("      - ip: \"{ip}\"\n"))
+        .collect();
+    let status = if ips.is_empty() {
+        String::new()
+    } else {
+        format!("status:\n  loadBalancer:\n    ingress:\n{ingress}")
+    };
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {namespace}\n  uid: 00000000-0000-4000-8000-{:012x}\n  annotations:\n    kube-port-forward-controller/mapping: \"{mapping}\"\nspec:\n  type: LoadBalancer\n  ports:\n{ports}{status}---\n",
+        name.bytes()
+            .fold(7u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)))
+            & 0xffff_ffff_ffff
+    )
+}
+
+/// A fresh temporary folder, removed on drop.
+pub struct TempDir {
+    pub path: std::path::PathBuf,
+}
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        let path = std::env::temp_dir().join(format!(
+            "kpf-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir { path }
+    }
+
+    pub fn write(&self, name: &str, text: &str) -> String {
+        let path = self.path.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}

@@ -1,0 +1,159 @@
+//! The data path through the real kernel: a client on the WAN side connects to the router's
+//! WAN address, the daemon's table DNATs the flow, and it arrives at the server on the LAN.
+//! Runs the real binary's `apply` inside the router namespace. Needs root.
+
+mod common;
+
+use std::io::ErrorKind;
+use std::net::SocketAddr;
+
+use common::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_kube-port-forward");
+
+fn apply(topology: &Topology, files: &str, wan_args: &[&str]) {
+    topology
+        .router
+        .exec(BIN, &[&["apply", "-f", files], wan_args].concat());
+}
+
+fn sock(addr: &str, port: u16) -> SocketAddr {
+    format!(
+        "{}:{port}",
+        if addr.contains(':') {
+            format!("[{addr}]")
+        } else {
+            addr.to_owned()
+        }
+    )
+    .parse()
+    .unwrap()
+}
+
+#[test]
+fn tcp_and_udp_over_ipv4_and_ipv6_reach_the_server_until_removed() {
+    let topology = Topology::new();
+    let server = Server::start(&topology.server, 8080);
+    let dir = TempDir::new();
+    let manifest = service_yaml(
+        "apps",
+        "web",
+        "80:http,5353:dns",
+        &[("http", 8080, "TCP"), ("dns", 8080, "UDP")],
+        &[SERVER4, SERVER6],
+    );
+    let file = dir.write("web.yaml", &manifest);
+    let wan = [
+        "--wan-interface",
+        "wan",
+        "--wan-address",
+        "203.0.113.1,2001:db8:1::1",
+    ];
+    apply(&topology, &file, &wan);
+
+    for router in [ROUTER_WAN4, ROUTER_WAN6] {
+        assert_eq!(
+            tcp_greeting(&topology.client, sock(router, 80)).unwrap(),
+            "hello 8080"
+        );
+        assert_eq!(
+            udp_echo(&topology.client, sock(router, 5353), "ping").unwrap(),
+            "echo 8080 ping"
+        );
+    }
+    assert_eq!(server.accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+
+    // The counters in the kernel saw the new flows.
+    let status = topology.router.exec(BIN, &["status", "--output", "json"]);
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let forwards = status["forwards"].as_array().unwrap();
+    assert_eq!(forwards.len(), 4);
+    assert!(
+        forwards.iter().all(|f| f["packets"].as_u64().unwrap() >= 1),
+        "{status}"
+    );
+    assert!(
+        forwards
+            .iter()
+            .all(|f| f["owner"].as_str().unwrap().starts_with("apps/web:"))
+    );
+
+    // Remove the forwards: the same connections are now refused by the router itself.
+    let empty = dir.write("empty.yaml", "");
+    apply(&topology, &empty, &wan);
+    for router in [ROUTER_WAN4, ROUTER_WAN6] {
+        let err = tcp_greeting(&topology.client, sock(router, 80)).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{err}");
+        let err = udp_echo(&topology.client, sock(router, 5353), "ping").unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{err}");
+    }
+    assert_eq!(server.accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
+#[test]
+fn only_the_wan_side_is_forwarded() {
+    let topology = Topology::new();
+    let _server = Server::start(&topology.server, 8080);
+    let dir = TempDir::new();
+    let file = dir.write(
+        "web.yaml",
+        &service_yaml(
+            "apps",
+            "web",
+            "80:http",
+            &[("http", 8080, "TCP")],
+            &[SERVER4],
+        ),
+    );
+    // Interface only: packets to any router address arriving on `wan`.
+    apply(&topology, &file, &["--wan-interface", "wan"]);
+    assert_eq!(
+        tcp_greeting(&topology.client, sock(ROUTER_WAN4, 80)).unwrap(),
+        "hello 8080"
+    );
+    // The server itself is on the LAN side: port 80 of the router's LAN address is not
+    // forwarded for it, so the router refuses the connection.
+    let err = tcp_greeting(&topology.server, sock("192.168.50.1", 80)).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{err}");
+}
+
+#[test]
+fn a_changed_target_port_takes_effect_and_the_old_external_port_closes() {
+    let topology = Topology::new();
+    let _a = Server::start(&topology.server, 8080);
+    let _b = Server::start(&topology.server, 9090);
+    let dir = TempDir::new();
+    let wan = ["--wan-address", ROUTER_WAN4];
+    let first = dir.write(
+        "a.yaml",
+        &service_yaml(
+            "apps",
+            "web",
+            "80:http",
+            &[("http", 8080, "TCP")],
+            &[SERVER4],
+        ),
+    );
+    apply(&topology, &first, &wan);
+    assert_eq!(
+        tcp_greeting(&topology.client, sock(ROUTER_WAN4, 80)).unwrap(),
+        "hello 8080"
+    );
+    let second = dir.write(
+        "b.yaml",
+        &service_yaml(
+            "apps",
+            "web",
+            "81:http",
+            &[("http", 9090, "TCP")],
+            &[SERVER4],
+        ),
+    );
+    apply(&topology, &second, &wan);
+    assert_eq!(
+        tcp_greeting(&topology.client, sock(ROUTER_WAN4, 81)).unwrap(),
+        "hello 9090"
+    );
+    let err = tcp_greeting(&topology.client, sock(ROUTER_WAN4, 80)).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{err}");
+}
