@@ -111,7 +111,17 @@ fn parse_into(out: &mut Manifests, file: &str, text: &str) -> Result<(), Manifes
             .collect::<Result<_, _>>()
             .map_err(|e| syntax(e.to_string()))?
     } else {
-        serde_saphyr::from_multiple(text).map_err(|e| syntax(e.to_string()))?
+        // The parser's default budget (1,024 documents, 250,000 nodes) is made for config
+        // files; a dump of a cluster's Services is larger. These limits still bound the
+        // work a hostile file can cause, at about 100 times what 10,000 Services need.
+        let options = serde_saphyr::options! {
+            budget: serde_saphyr::budget! {
+                max_documents: 1_000_000,
+                max_nodes: 50_000_000,
+                max_events: 100_000_000,
+            },
+        };
+        serde_saphyr::from_multiple_with_options(text, options).map_err(|e| syntax(e.to_string()))?
     };
     for document in documents {
         collect(out, file, document, None);

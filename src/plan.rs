@@ -4,7 +4,7 @@
 //! Pure: no clock, no I/O. The result is deterministic for a given set of Services, whatever
 //! their order, so a restart arrives at the same forwards.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use serde::Serialize;
@@ -57,20 +57,18 @@ impl Plan {
     }
 }
 
-/// Rank for conflicts: oldest creationTimestamp first (a Service without one ranks after all
-/// that have one), then namespace/name.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-struct Rank {
-    missing_timestamp: bool,
-    created: String,
-    namespace: String,
-    name: String,
-}
+/// Rank for conflicts, lowest first: a Service with a creationTimestamp before one without,
+/// older before newer, then by position in namespace/name order. Borrowed, so ranking
+/// 20,000 candidates allocates nothing.
+type Rank<'a> = (bool, &'a str, usize);
 
-struct Candidate {
-    rank: Rank,
+struct Candidate<'a> {
+    rank: Rank<'a>,
     outcome: usize,
-    forward: Forward,
+    key: ForwardKey,
+    target: Target,
+    service: &'a Service,
+    port: &'a ServicePort,
 }
 
 /// Plans the forwards for a set of Services. Services without the mapping annotation are
@@ -84,137 +82,133 @@ pub fn plan<'a>(services: impl IntoIterator<Item = &'a Service>) -> Plan {
 
     let mut outcomes = Vec::new();
     let mut candidates = Vec::new();
-    for service in services {
-        resolve_service(service, &mut outcomes, &mut candidates);
+    for (position, service) in services.into_iter().enumerate() {
+        resolve_service(position, service, &mut outcomes, &mut candidates);
     }
 
-    candidates.sort_by(|a, b| a.rank.cmp(&b.rank));
+    candidates.sort_unstable_by_key(|c| c.rank);
     let mut forwards: BTreeMap<ForwardKey, Forward> = BTreeMap::new();
     for candidate in candidates {
-        match forwards.get(&candidate.forward.key) {
+        match forwards.get(&candidate.key) {
             Some(winner) => {
                 let outcome = &mut outcomes[candidate.outcome];
                 outcome.state = State::Conflict;
                 outcome.winner = Some(winner.owner.service());
                 outcome.reason = Some(format!(
                     "external port {} is held by {} (older, or first by namespace/name)",
-                    candidate.forward.key,
+                    candidate.key,
                     winner.owner.service()
                 ));
             }
             None => {
-                forwards.insert(candidate.forward.key, candidate.forward);
+                let forward = Forward {
+                    key: candidate.key,
+                    target: candidate.target,
+                    owner: owner(candidate.service, candidate.port),
+                };
+                forwards.insert(candidate.key, forward);
             }
         }
     }
     Plan { outcomes, forwards }
 }
 
-fn resolve_service(
-    service: &Service,
+fn owner(service: &Service, port: &ServicePort) -> Owner {
+    Owner {
+        namespace: service.namespace.clone(),
+        name: service.name.clone(),
+        uid: service.uid.clone(),
+        service_port: port_label(port),
+    }
+}
+
+/// A Service port's name, or its number when it has none.
+fn port_label(port: &ServicePort) -> String {
+    port.name.clone().unwrap_or_else(|| port.port.to_string())
+}
+
+fn resolve_service<'a>(
+    position: usize,
+    service: &'a Service,
     outcomes: &mut Vec<Outcome>,
-    candidates: &mut Vec<Candidate>,
+    candidates: &mut Vec<Candidate<'a>>,
 ) {
     // Names are checked below; until then they may hold anything, so only printable text
-    // goes into the outcome that reports them.
-    let blank = Outcome {
+    // goes into the outcomes that report them.
+    let outcome = |entry: &str, state: State, reason: Option<String>| Outcome {
         namespace: printable(&service.namespace),
         name: printable(&service.name),
-        entry: String::new(),
+        entry: entry.to_owned(),
         key: None,
         target: None,
         service_port: None,
-        state: State::Invalid,
-        reason: None,
+        state,
+        reason,
         winner: None,
     };
-    let refuse = |field: &str, reason: String| Outcome {
-        entry: field.to_owned(),
-        reason: Some(reason),
-        ..blank.clone()
-    };
     if let Err((field, reason)) = check_identity(service) {
-        outcomes.push(refuse(field, reason));
+        outcomes.push(outcome(field, State::Invalid, Some(reason)));
         return;
     }
     if service.service_type.as_deref() == Some("ExternalName") {
-        outcomes.push(refuse(
-            "spec.type",
-            "an ExternalName Service has no address to forward to".into(),
-        ));
+        let reason = "an ExternalName Service has no address to forward to";
+        outcomes.push(outcome("spec.type", State::Invalid, Some(reason.into())));
         return;
     }
     let targets = match targets(service) {
         Ok(targets) => targets,
         Err((field, reason)) => {
-            outcomes.push(refuse(&field, reason));
+            outcomes.push(outcome(&field, State::Invalid, Some(reason)));
             return;
         }
     };
-    let rank = Rank {
-        missing_timestamp: service.created.is_none(),
-        created: service.created.clone().unwrap_or_default(),
-        namespace: service.namespace.clone(),
-        name: service.name.clone(),
-    };
-    let owner = |port: &ServicePort| Owner {
-        namespace: service.namespace.clone(),
-        name: service.name.clone(),
-        uid: service.uid.clone(),
-        service_port: port.name.clone().unwrap_or_else(|| port.port.to_string()),
-    };
+    let rank = (
+        service.created.is_none(),
+        service.created.as_deref().unwrap_or_default(),
+        position,
+    );
 
     // (protocol, external port) → the entry that took it first within this Service.
-    let mut taken: HashMap<(Protocol, u16), String> = HashMap::new();
+    let mut taken: Vec<(Protocol, u16, &str)> = Vec::new();
     let mapping = service.mapping.as_deref().unwrap_or_default();
-    for parsed in annotation::parse(mapping) {
+    let parsed: Vec<_> = annotation::parse(mapping);
+    for parsed in &parsed {
         let entry = match parsed {
             Ok(entry) => entry,
             Err(err) => {
-                outcomes.push(Outcome {
-                    entry: err.entry,
-                    reason: Some(err.reason),
-                    ..blank.clone()
-                });
+                outcomes.push(outcome(&err.entry, State::Invalid, Some(err.reason.clone())));
                 continue;
             }
-        };
-        let with_entry = Outcome {
-            entry: entry.text.clone(),
-            ..blank.clone()
         };
         let selected = match select_ports(service, &entry.service_port) {
             Ok(selected) => selected,
             Err(reason) => {
-                outcomes.push(Outcome {
-                    reason: Some(reason),
-                    ..with_entry
-                });
+                outcomes.push(outcome(&entry.text, State::Invalid, Some(reason)));
                 continue;
             }
         };
         for (port, number, protocol) in selected {
             let external_port = entry.external_port.unwrap_or(number);
-            let described = Outcome {
-                service_port: Some(owner(port).service_port),
-                ..with_entry.clone()
+            let described = |state: State, reason: Option<String>| Outcome {
+                service_port: Some(port_label(port)),
+                ..outcome(&entry.text, state, reason)
             };
-            if let Some(first) = taken.get(&(protocol, external_port)) {
-                outcomes.push(Outcome {
-                    reason: Some(format!(
+            if let Some((_, _, first)) = taken
+                .iter()
+                .find(|(p, e, _)| *p == protocol && *e == external_port)
+            {
+                outcomes.push(described(
+                    State::Invalid,
+                    Some(format!(
                         "external port {external_port}/{protocol} is already used by entry \"{first}\" of this Service"
                     )),
-                    ..described
-                });
+                ));
                 continue;
             }
-            taken.insert((protocol, external_port), entry.text.clone());
+            taken.push((protocol, external_port, &entry.text));
             if targets.is_empty() {
-                outcomes.push(Outcome {
-                    state: State::Waiting,
-                    reason: Some("waiting for a LoadBalancer address".into()),
-                    ..described
-                });
+                let reason = "waiting for a LoadBalancer address";
+                outcomes.push(described(State::Waiting, Some(reason.into())));
                 continue;
             }
             for &addr in &targets {
@@ -225,19 +219,17 @@ fn resolve_service(
                 };
                 let target = Target { addr, port: number };
                 candidates.push(Candidate {
-                    rank: rank.clone(),
+                    rank,
                     outcome: outcomes.len(),
-                    forward: Forward {
-                        key,
-                        target,
-                        owner: owner(port),
-                    },
+                    key,
+                    target,
+                    service,
+                    port,
                 });
                 outcomes.push(Outcome {
                     key: Some(key),
                     target: Some(target),
-                    state: State::Forwarding,
-                    ..described.clone()
+                    ..described(State::Forwarding, None)
                 });
             }
         }

@@ -325,37 +325,32 @@ impl Ruleset {
 
     /// The elements that differ between `current` and this ruleset, whatever its shape.
     pub fn delta(&self, current: &KernelTable) -> Update {
-        let desired = self.as_kernel();
         let mut update = Update::default();
-        let keys: BTreeSet<&ForwardKey> = desired
-            .addrs
-            .keys()
-            .chain(current.addrs.keys())
-            .chain(current.ports.keys())
-            .collect();
-        for key in keys {
-            let want_addr = desired.addrs.get(key);
-            let want_port = desired.ports.get(key);
-            let have_addr = current.addrs.get(key);
-            let have_port = current.ports.get(key);
-            if want_addr == have_addr && want_port == have_port {
+        for (key, forward) in &self.forwards {
+            let comment = Some(owner_comment(forward));
+            let addr = current.addrs.get(key);
+            let port = current.ports.get(key);
+            let addr_same =
+                addr.is_some_and(|a| a.value == forward.target.addr && a.comment == comment);
+            let port_same =
+                port.is_some_and(|p| p.value == forward.target.port && p.comment == comment);
+            if addr_same && port_same {
                 continue;
             }
-            if have_addr.is_some() {
+            if addr.is_some() {
                 update.delete_addrs.push(*key);
             }
-            if have_port.is_some() {
+            if port.is_some() {
                 update.delete_ports.push(*key);
             }
-            if want_addr.is_some() {
-                update.add.push(*key);
-            }
+            update.add.push(*key);
         }
-        update.set_wan(
-            &self.config,
-            &current.wan_interfaces,
-            &current.wan_addresses,
-        );
+        let stale = |key: &&ForwardKey| !self.forwards.contains_key(key);
+        update.delete_addrs.extend(current.addrs.keys().filter(stale));
+        update.delete_ports.extend(current.ports.keys().filter(stale));
+        update.delete_addrs.sort_unstable();
+        update.delete_ports.sort_unstable();
+        update.set_wan(&self.config, &current.wan_interfaces, &current.wan_addresses);
         update
     }
 
@@ -686,29 +681,33 @@ fn map_lookup(name: &'static str) -> Expression<'static> {
     })))
 }
 
-/// Serializes commands for `nft -j -f -`. The `nftables` crate has no field for a map's
-/// statements, so the per-element `counter` of the address maps is added to the JSON here.
+/// Serializes commands for `nft -j -f -`, one command at a time so no JSON tree of the
+/// whole batch is built. The `nftables` crate has no field for a map's statements, so the
+/// per-element `counter` of the address maps is added to their declarations here.
 fn to_json(commands: Vec<NfCmd<'_>>) -> String {
-    let nftables = Nftables {
-        objects: Cow::Owned(commands.into_iter().map(NfObject::CmdObject).collect()),
-    };
-    let mut value = serde_json::to_value(&nftables).expect("nft commands serialize to JSON");
-    if let Some(objects) = value["nftables"].as_array_mut() {
-        for object in objects {
-            let Some(map) = object
-                .get_mut("add")
-                .and_then(|add| add.get_mut("map"))
-                .and_then(serde_json::Value::as_object_mut)
-            else {
-                continue;
-            };
-            let name = map.get("name").and_then(serde_json::Value::as_str);
-            if FAMILIES.iter().any(|f| name == Some(addr_map(*f))) {
-                map.insert("stmt".into(), serde_json::json!([{ "counter": null }]));
-            }
+    let mut out = String::from("{\"nftables\":[");
+    for (index, command) in commands.into_iter().enumerate() {
+        if index > 0 {
+            out.push(',');
         }
+        let counted_map = match &command {
+            NfCmd::Add(NfListObject::Map(map)) => {
+                FAMILIES.iter().any(|f| map.name == addr_map(*f))
+            }
+            _ => false,
+        };
+        let object = NfObject::CmdObject(command);
+        let text = if counted_map {
+            let mut value = serde_json::to_value(&object).expect("nft commands serialize");
+            value["add"]["map"]["stmt"] = serde_json::json!([{ "counter": null }]);
+            value.to_string()
+        } else {
+            serde_json::to_string(&object).expect("nft commands serialize")
+        };
+        out.push_str(&text);
     }
-    value.to_string()
+    out.push_str("]}");
+    out
 }
 
 impl KernelTable {
