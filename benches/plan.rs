@@ -61,9 +61,11 @@ fn main() {
         manifest::parse("bench.yaml", &yaml).unwrap()
     });
     let services: Vec<Service> = manifest::parse("bench.yaml", &yaml).unwrap().services;
-    measure("plan: parse annotations, resolve, choose winners", 11, || {
-        plan::plan(&services)
-    });
+    measure(
+        "plan: parse annotations, resolve, choose winners",
+        11,
+        || plan::plan(&services),
+    );
     let planned = plan::plan(&services);
     assert_eq!(planned.forwards.len(), 2 * SERVICES);
     let config = TableConfig::new(
@@ -83,17 +85,25 @@ fn main() {
         desired.config.clone(),
         plan::plan(&changed_services).forwards,
     );
-    measure("diff against the applied ruleset (one Service changed)", 11, || {
-        let Change::Update(update) = changed.diff_applied(&desired) else {
-            panic!("expected an update")
-        };
-        assert_eq!(update.add.len(), 2);
-    });
+    measure(
+        "diff against the applied ruleset (one Service changed)",
+        11,
+        || {
+            let Change::Update(update) = changed.diff_applied(&desired) else {
+                panic!("expected an update")
+            };
+            assert_eq!(update.add.len(), 2);
+        },
+    );
     measure("build the transaction for one changed Service", 11, || {
         changed.transaction(&changed.diff_applied(&desired))
     });
-    measure("build the full transaction (JSON, 20,000 elements)", 5, || {
-        desired.transaction(&Change::Rebuild(String::new()))
+    measure(
+        "build the full transaction (JSON, 20,000 elements)",
+        5,
+        || desired.transaction(&Change::Rebuild(String::new())),
+    );
+    measure("render the nft script (20,000 elements)", 5, || {
+        desired.render()
     });
-    measure("render the nft script (20,000 elements)", 5, || desired.render());
 }

@@ -191,13 +191,11 @@ pub fn run(command: Command) -> Result<u8, CommandError> {
                     "entry not forwarded"
                 );
             }
-            let mut engine = Engine::new(NftCli::default());
-            let applied = engine.apply(&ruleset)?;
-            audit::record(&ruleset.config.table, &applied);
+            let (table, count) = (ruleset.config.table.clone(), ruleset.forwards.len());
+            let applied = Engine::new(NftCli::default()).apply(ruleset)?;
+            audit::record(&table, &applied);
             println!(
-                "{} forwards in table inet {}: {} opened, {} closed{}",
-                ruleset.forwards.len(),
-                ruleset.config.table,
+                "{count} forwards in table inet {table}: {} opened, {} closed{}",
                 applied.added.len(),
                 applied.removed.len(),
                 if applied.sent {

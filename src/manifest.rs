@@ -121,7 +121,8 @@ fn parse_into(out: &mut Manifests, file: &str, text: &str) -> Result<(), Manifes
                 max_events: 100_000_000,
             },
         };
-        serde_saphyr::from_multiple_with_options(text, options).map_err(|e| syntax(e.to_string()))?
+        serde_saphyr::from_multiple_with_options(text, options)
+            .map_err(|e| syntax(e.to_string()))?
     };
     for document in documents {
         collect(out, file, document, None);

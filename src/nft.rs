@@ -5,12 +5,12 @@
 use std::ffi::OsString;
 
 use nftables::helper::{self, NftablesError};
-use nftables::schema::{NfListObject, NfObject, Nftables};
+use nftables::schema::Nftables;
 
 use std::collections::BTreeSet;
 
 use crate::model::{Forward, ForwardKey};
-use crate::ruleset::{Change, KernelTable, Ruleset, TableConfig, owner_comment};
+use crate::ruleset::{Change, KernelTable, Ruleset, TableConfig, Update, owner_comment};
 
 /// A failed `nft` run.
 #[derive(Debug, thiserror::Error)]
@@ -35,10 +35,10 @@ pub enum NftError {
 pub trait Firewall {
     /// `nft -j list table inet NAME`, or `None` when there is no such table.
     fn list_table(&mut self, table: &str) -> Result<Option<Nftables<'static>>, NftError>;
-    /// `nft -j list chain inet NAME prerouting`, or `None` when there is no such chain.
-    fn list_chain(&mut self, table: &str) -> Result<Option<Nftables<'static>>, NftError>;
     /// Runs one JSON transaction with `nft -j -f -`.
     fn apply(&mut self, transaction: &str) -> Result<(), NftError>;
+    /// Has the kernel check a transaction without committing it (`nft -c -j -f -`).
+    fn check(&mut self, transaction: &str) -> Result<(), NftError>;
 }
 
 /// [`Firewall`] through the `nft` program, found in `PATH` unless named.
@@ -97,20 +97,26 @@ impl Firewall for NftCli {
         self.list(&["list", "table", "inet", table])
     }
 
-    fn list_chain(&mut self, table: &str) -> Result<Option<Nftables<'static>>, NftError> {
-        self.list(&["list", "chain", "inet", table, "prerouting"])
+    fn apply(&mut self, transaction: &str) -> Result<(), NftError> {
+        self.send(transaction, &[])
     }
 
-    fn apply(&mut self, transaction: &str) -> Result<(), NftError> {
-        let command = format!("{} -j -f -", self.program().to_string_lossy());
-        tracing::debug!(%command, bytes = transaction.len(), "applying a transaction");
-        helper::apply_ruleset_raw(
-            transaction,
-            self.program.as_ref(),
-            std::iter::empty::<&str>(),
-        )
-        .map(drop)
-        .map_err(|err| self.error(command, err))
+    fn check(&mut self, transaction: &str) -> Result<(), NftError> {
+        self.send(transaction, &["-c"])
+    }
+}
+
+impl NftCli {
+    fn send(&mut self, transaction: &str, args: &[&str]) -> Result<(), NftError> {
+        let mut command = self.program().to_string_lossy().into_owned();
+        for arg in args.iter().chain(&["-j", "-f", "-"]) {
+            command.push(' ');
+            command.push_str(arg);
+        }
+        tracing::debug!(%command, bytes = transaction.len(), "sending a transaction");
+        helper::apply_ruleset_raw(transaction, self.program.as_ref(), args)
+            .map(drop)
+            .map_err(|err| self.error(command, err))
     }
 }
 
@@ -161,9 +167,13 @@ impl Previous<'_> {
     }
 }
 
-/// Applies rulesets to one table. Between applies it remembers what it applied, so a change
-/// costs one cheap probe of the chain plus the elements that differ, not a read of the whole
-/// table; [`Engine::forget`] forces the next apply to read the kernel in full.
+/// Applies rulesets to one table. Between applies it remembers what it applied and sends
+/// only the elements that differ, so a change costs the same with 10 or 10,000 forwards:
+/// every `nft` listing loads the whole table, so the kernel is read in full only on the first
+/// apply, after [`Engine::forget`] (a resync, or a change to the table seen from outside),
+/// and after a failed transaction. A table deleted from outside makes the next transaction
+/// fail and is rebuilt; when nothing changed, an uncommitted check of the table's base chain
+/// (`nft -c`) finds a missing table just as well.
 pub struct Engine<F> {
     firewall: F,
     applied: Option<Ruleset>,
@@ -201,30 +211,34 @@ impl<F: Firewall> Engine<F> {
 
     /// Makes the kernel table hold `desired`, in one transaction, sending nothing when it
     /// already does. On any error the engine forgets, so the next apply reads the kernel.
-    pub fn apply(&mut self, desired: &Ruleset) -> Result<Applied, NftError> {
-        let remembered = match self.applied.take() {
-            Some(applied) if self.chain_intact(&applied.config)? => Some(applied),
-            _ => None,
-        };
+    pub fn apply(&mut self, desired: Ruleset) -> Result<Applied, NftError> {
+        let mut remembered = None;
+        if let Some(applied) = self.applied.take() {
+            let change = desired.diff_applied(&applied);
+            if change != Change::Nothing || self.table_present(&applied) {
+                remembered = Some((applied, change));
+            }
+        }
         let kernel = match remembered {
             Some(_) => None,
             None => self.read(&desired.config.table, Some(&desired.config))?,
         };
         let empty = KernelTable::default();
-        let (change, delta, previous) = match (&remembered, &kernel) {
-            (Some(applied), _) => (
-                desired.diff_applied(applied),
-                desired.delta_applied(applied),
-                Previous::Applied(applied),
-            ),
-            (None, Some(table)) => (
-                desired.diff(Some(table)),
-                desired.delta(table),
-                Previous::Kernel(table),
-            ),
-            (None, None) => (desired.diff(None), desired.delta(&empty), Previous::Nothing),
+        // `delta` is what differs element by element, for the report, even when the
+        // change is a rebuild.
+        let (change, previous) = match (remembered.as_ref(), kernel.as_ref()) {
+            (Some((applied, change)), _) => (change.clone(), Previous::Applied(applied)),
+            (None, Some(table)) => (desired.diff(Some(table)), Previous::Kernel(table)),
+            (None, None) => (desired.diff(None), Previous::Nothing),
         };
-        let rebuilt = self.send(desired, &change)?;
+        let delta = match (&change, &previous) {
+            (Change::Update(update), _) => update.clone(),
+            (Change::Nothing, _) => Update::default(),
+            (Change::Rebuild(_), Previous::Applied(applied)) => desired.delta_applied(applied),
+            (Change::Rebuild(_), Previous::Kernel(table)) => desired.delta(table),
+            (Change::Rebuild(_), Previous::Nothing) => desired.delta(&empty),
+        };
+        let rebuilt = self.send(&desired, &change)?;
         let removed: BTreeSet<&ForwardKey> = delta
             .delete_addrs
             .iter()
@@ -247,15 +261,19 @@ impl<F: Firewall> Engine<F> {
                 })
                 .collect(),
         };
-        self.applied = Some(desired.clone());
+        self.applied = Some(desired);
         Ok(applied)
     }
 
-    fn chain_intact(&mut self, config: &TableConfig) -> Result<bool, NftError> {
-        Ok(match self.firewall.list_chain(&config.table)? {
-            Some(listing) => rule_comments(&listing) == config.rule_comments(),
-            None => false,
-        })
+    /// Whether the table and its base chain are still there, checked without committing.
+    fn table_present(&mut self, applied: &Ruleset) -> bool {
+        match self.firewall.check(&applied.probe()) {
+            Ok(()) => true,
+            Err(err) => {
+                tracing::warn!(error = %err, "the table is gone or changed; reading it in full");
+                false
+            }
+        }
     }
 
     /// Sends the change; returns why the table was rebuilt, if it was.
@@ -281,18 +299,4 @@ impl<F: Firewall> Engine<F> {
             (Err(err), _) => Err(err),
         }
     }
-}
-
-/// Comments of the rules in a listing, in order.
-fn rule_comments(listing: &Nftables<'_>) -> Vec<String> {
-    listing
-        .objects
-        .iter()
-        .filter_map(|object| match object {
-            NfObject::ListObject(NfListObject::Rule(rule)) => {
-                Some(rule.comment.as_deref().unwrap_or_default().to_owned())
-            }
-            _ => None,
-        })
-        .collect()
 }

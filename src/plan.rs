@@ -176,7 +176,11 @@ fn resolve_service<'a>(
         let entry = match parsed {
             Ok(entry) => entry,
             Err(err) => {
-                outcomes.push(outcome(&err.entry, State::Invalid, Some(err.reason.clone())));
+                outcomes.push(outcome(
+                    &err.entry,
+                    State::Invalid,
+                    Some(err.reason.clone()),
+                ));
                 continue;
             }
         };

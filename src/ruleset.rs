@@ -346,11 +346,19 @@ impl Ruleset {
             update.add.push(*key);
         }
         let stale = |key: &&ForwardKey| !self.forwards.contains_key(key);
-        update.delete_addrs.extend(current.addrs.keys().filter(stale));
-        update.delete_ports.extend(current.ports.keys().filter(stale));
+        update
+            .delete_addrs
+            .extend(current.addrs.keys().filter(stale));
+        update
+            .delete_ports
+            .extend(current.ports.keys().filter(stale));
         update.delete_addrs.sort_unstable();
         update.delete_ports.sort_unstable();
-        update.set_wan(&self.config, &current.wan_interfaces, &current.wan_addresses);
+        update.set_wan(
+            &self.config,
+            &current.wan_interfaces,
+            &current.wan_addresses,
+        );
         update
     }
 
@@ -539,6 +547,27 @@ impl Ruleset {
         [addrs, ports]
     }
 
+    /// A transaction that only re-declares the base chain: `nft -c` accepts it exactly when
+    /// the table and chain exist, and it changes nothing even if committed.
+    pub fn probe(&self) -> String {
+        to_json(vec![NfCmd::Add(self.chain())])
+    }
+
+    fn chain(&self) -> NfListObject<'_> {
+        NfListObject::Chain(schema::Chain {
+            family: NfFamily::INet,
+            table: Cow::Borrowed(&self.config.table),
+            name: Cow::Borrowed(CHAIN),
+            newname: None,
+            handle: None,
+            _type: Some(NfChainType::NAT),
+            hook: Some(NfHook::Prerouting),
+            prio: Some(DSTNAT_PRIORITY),
+            dev: None,
+            policy: Some(NfChainPolicy::Accept),
+        })
+    }
+
     fn rebuild_commands(&self) -> Vec<NfCmd<'_>> {
         let table = || NfListObject::Table(self.table());
         // `add` then `delete` makes the delete valid whether or not the table exists; the
@@ -562,18 +591,7 @@ impl Ruleset {
                 self.map_decl(port_map(family), SetType::InetService),
             ));
         }
-        cmds.push(NfCmd::Add(NfListObject::Chain(schema::Chain {
-            family: NfFamily::INet,
-            table: Cow::Borrowed(&self.config.table),
-            name: Cow::Borrowed(CHAIN),
-            newname: None,
-            handle: None,
-            _type: Some(NfChainType::NAT),
-            hook: Some(NfHook::Prerouting),
-            prio: Some(DSTNAT_PRIORITY),
-            dev: None,
-            policy: Some(NfChainPolicy::Accept),
-        })));
+        cmds.push(NfCmd::Add(self.chain()));
         for family in FAMILIES {
             cmds.push(NfCmd::Add(self.rule(family)));
         }
@@ -691,9 +709,7 @@ fn to_json(commands: Vec<NfCmd<'_>>) -> String {
             out.push(',');
         }
         let counted_map = match &command {
-            NfCmd::Add(NfListObject::Map(map)) => {
-                FAMILIES.iter().any(|f| map.name == addr_map(*f))
-            }
+            NfCmd::Add(NfListObject::Map(map)) => FAMILIES.iter().any(|f| map.name == addr_map(*f)),
             _ => false,
         };
         let object = NfObject::CmdObject(command);

@@ -23,12 +23,12 @@ impl Firewall for Recording {
     fn list_table(&mut self, table: &str) -> Result<Option<Nftables<'static>>, NftError> {
         self.inner.list_table(table)
     }
-    fn list_chain(&mut self, table: &str) -> Result<Option<Nftables<'static>>, NftError> {
-        self.inner.list_chain(table)
-    }
     fn apply(&mut self, transaction: &str) -> Result<(), NftError> {
         self.sent.push(transaction.to_owned());
         self.inner.apply(transaction)
+    }
+    fn check(&mut self, transaction: &str) -> Result<(), NftError> {
+        self.inner.check(transaction)
     }
 }
 
@@ -101,15 +101,15 @@ fn first_apply_creates_and_an_unchanged_reapply_sends_nothing() {
     ns.enter(|| {
         let desired = ruleset(many(50));
         let mut engine = Engine::new(Recording::default());
-        let first = engine.apply(&desired).unwrap();
+        let first = engine.apply(desired.clone()).unwrap();
         assert!(first.rebuilt.is_some() && first.sent);
         assert_eq!(first.added.len(), 50);
         assert_eq!(kernel_diff(&desired), Change::Nothing);
         // Same engine (remembers), then a new one (reads the kernel): nothing sent either way.
-        let again = engine.apply(&desired).unwrap();
+        let again = engine.apply(desired.clone()).unwrap();
         assert!(!again.sent && again.added.is_empty() && again.removed.is_empty());
         let mut fresh = Engine::new(Recording::default());
-        assert!(!fresh.apply(&desired).unwrap().sent);
+        assert!(!fresh.apply(desired.clone()).unwrap().sent);
         assert_eq!(engine.firewall().sent.len(), 1);
         assert!(fresh.firewall().sent.is_empty());
     });
@@ -127,11 +127,11 @@ fn one_change_among_many_sends_only_that_change() {
     ns.enter(|| {
         let forwards = many(300);
         let mut engine = Engine::new(Recording::default());
-        engine.apply(&ruleset(forwards.clone())).unwrap();
+        engine.apply(ruleset(forwards.clone())).unwrap();
         let mut changed = forwards.clone();
         changed[150].target.port = 9999;
         let desired = ruleset(changed);
-        let applied = engine.apply(&desired).unwrap();
+        let applied = engine.apply(desired.clone()).unwrap();
         assert!(applied.rebuilt.is_none());
         assert_eq!(
             applied.added,
@@ -161,10 +161,10 @@ fn removed_forwards_leave_the_kernel() {
     ns.enter(|| {
         let forwards = many(40);
         let mut engine = Engine::new(NftCli::default());
-        engine.apply(&ruleset(forwards.clone())).unwrap();
+        engine.apply(ruleset(forwards.clone())).unwrap();
         let kept: Vec<Forward> = forwards.iter().step_by(2).cloned().collect();
         let desired = ruleset(kept);
-        let applied = engine.apply(&desired).unwrap();
+        let applied = engine.apply(desired.clone()).unwrap();
         assert_eq!(applied.removed.len(), 20);
         assert!(
             applied.removed[0].was.contains("uid="),
@@ -173,7 +173,7 @@ fn removed_forwards_leave_the_kernel() {
         );
         assert_eq!(kernel_diff(&desired), Change::Nothing);
         let empty = ruleset([]);
-        engine.apply(&empty).unwrap();
+        engine.apply(empty.clone()).unwrap();
         assert_eq!(kernel_diff(&empty), Change::Nothing);
     });
     let listing = ns.nft(&["list", "table", "inet", DEFAULT_TABLE]);
@@ -190,13 +190,28 @@ fn a_table_deleted_from_outside_is_rebuilt_on_the_next_apply() {
     ns.enter(move || {
         let desired = ruleset(many(20));
         let mut engine = Engine::new(NftCli::default());
-        engine.apply(&desired).unwrap();
+        engine.apply(desired.clone()).unwrap();
         run("ip", &["netns", "exec", &name, "nft", "flush", "ruleset"]);
         assert!(matches!(kernel_diff(&desired), Change::Rebuild(_)));
-        let applied = engine.apply(&desired).unwrap();
+        let applied = engine.apply(desired.clone()).unwrap();
         assert!(applied.rebuilt.unwrap().contains("missing"));
         assert_eq!(applied.added.len(), 20);
         assert_eq!(kernel_diff(&desired), Change::Nothing);
+
+        // Deleted again, and this time the next apply has a change to send: the incremental
+        // transaction fails and the table is rebuilt whole.
+        run_line(&format!(
+            "ip netns exec {name} nft delete table inet {DEFAULT_TABLE}"
+        ));
+        let changed = ruleset(many(21));
+        let applied = engine.apply(changed.clone()).unwrap();
+        assert!(
+            applied
+                .rebuilt
+                .unwrap()
+                .contains("incremental update failed")
+        );
+        assert_eq!(kernel_diff(&changed), Change::Nothing);
     });
 }
 
@@ -207,11 +222,13 @@ fn a_rule_added_to_our_chain_from_outside_is_removed() {
     ns.enter(move || {
         let desired = ruleset(many(5));
         let mut engine = Engine::new(NftCli::default());
-        engine.apply(&desired).unwrap();
+        engine.apply(desired.clone()).unwrap();
         run_line(&format!(
             "ip netns exec {name} nft add rule inet {DEFAULT_TABLE} prerouting tcp dport 22 dnat ip to 10.9.9.9"
         ));
-        let applied = engine.apply(&desired).unwrap();
+        // A resync (or, later, a netlink notification) makes the engine read the table.
+        engine.forget();
+        let applied = engine.apply(desired.clone()).unwrap();
         assert!(applied.rebuilt.is_some());
         assert!(applied.added.is_empty(), "nothing new was opened: {:?}", applied.added);
         assert_eq!(kernel_diff(&desired), Change::Nothing);
@@ -250,12 +267,12 @@ table ip nat {
     );
     ns.enter(|| {
         let mut engine = Engine::new(NftCli::default());
-        engine.apply(&ruleset(many(30))).unwrap();
-        engine.apply(&ruleset(many(10))).unwrap();
+        engine.apply(ruleset(many(30))).unwrap();
+        engine.apply(ruleset(many(10))).unwrap();
         engine.forget();
         let mut other = ruleset(many(3));
         other.config = TableConfig::new(DEFAULT_TABLE, [], []).unwrap();
-        assert!(engine.apply(&other).unwrap().rebuilt.is_some());
+        assert!(engine.apply(other.clone()).unwrap().rebuilt.is_some());
     });
     let after = (
         ns.nft(&["-a", "list", "table", "inet", "fw4"]),
@@ -274,7 +291,9 @@ fn the_rendered_script_loads_into_the_same_table_as_the_transaction() {
     from_text.nft(&["-f", &script]);
     let json_desired = desired.clone();
     from_json.enter(move || {
-        Engine::new(NftCli::default()).apply(&json_desired).unwrap();
+        Engine::new(NftCli::default())
+            .apply(json_desired.clone())
+            .unwrap();
     });
     assert_eq!(
         from_text.nft(&["list", "ruleset"]),
