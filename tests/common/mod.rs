@@ -2,6 +2,8 @@
 //! daemon's rules, and a server on the LAN side. Needs root (CAP_SYS_ADMIN, CAP_NET_ADMIN).
 #![allow(dead_code)] // Each test binary uses its own part of this module.
 
+pub mod apiserver;
+
 use std::fs::File;
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::{Command, Output};
