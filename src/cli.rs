@@ -2,13 +2,16 @@
 
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::daemon::{self, DaemonError};
 use crate::manifest::{self, ManifestError, Manifests};
 use crate::nft::{Engine, NftCli, NftError};
 use crate::plan::{self, Plan, State};
 use crate::ruleset::{ConfigError, DEFAULT_TABLE, Ruleset, TableConfig};
+use crate::watched::WatchedService;
 use crate::{audit, output};
 
 /// Exit codes, documented in README.
@@ -59,6 +62,35 @@ pub enum Command {
         #[command(flatten)]
         table: TableArgs,
     },
+    /// Run the daemon: watch Services and keep the router's forwards in step.
+    Run {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+        /// This router's finalizer; a second router needs its own.
+        #[arg(long, default_value = daemon::DEFAULT_FINALIZER)]
+        finalizer: String,
+        /// This router's condition type on each Service; a second router needs its own.
+        #[arg(long, default_value = daemon::DEFAULT_CONDITION)]
+        condition_type: String,
+        /// This router's name in events (default: the host name).
+        #[arg(long)]
+        instance: Option<String>,
+        /// Seconds a failing cleanup may take before the finalizer is released anyway.
+        #[arg(long, default_value_t = 300)]
+        cleanup_deadline: u64,
+        /// Seconds between full reads of the kernel table.
+        #[arg(long, default_value_t = 300)]
+        resync: u64,
+        #[command(flatten)]
+        table: TableArgs,
+    },
+    /// Remove this router's finalizer from every Service (before uninstalling).
+    ReleaseFinalizers {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+        #[arg(long, default_value = daemon::DEFAULT_FINALIZER)]
+        finalizer: String,
+    },
     /// List what the kernel table holds now: forwards, owners, counters.
     Status {
         /// Name of the inet table.
@@ -67,6 +99,22 @@ pub enum Command {
         #[arg(short, long, value_enum, default_value_t = Format::Text)]
         output: Format,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct ClusterArgs {
+    /// kubeconfig file (default: KUBECONFIG, then ~/.kube/config).
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// kubeconfig context (default: its current context).
+    #[arg(long)]
+    pub context: Option<String>,
+    /// Watch only this namespace (repeat, or separate with commas); default: all.
+    #[arg(long = "namespace", value_delimiter = ',')]
+    pub namespaces: Vec<String>,
+    /// Watch only Services with these labels (`key=value,...`).
+    #[arg(long)]
+    pub selector: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -112,12 +160,21 @@ pub enum CommandError {
     NoWan,
     #[error(transparent)]
     Nft(#[from] NftError),
+    #[error(transparent)]
+    Daemon(#[from] DaemonError),
+    #[error("cannot start the async runtime")]
+    Runtime(#[source] std::io::Error),
+    #[error("listing Services failed")]
+    Kube(#[source] kube::Error),
 }
 
 impl CommandError {
     pub fn exit_code(&self) -> u8 {
         match self {
-            CommandError::Nft(_) => exit::FAILED,
+            CommandError::Nft(_)
+            | CommandError::Runtime(_)
+            | CommandError::Kube(_)
+            | CommandError::Daemon(DaemonError::Client(_) | DaemonError::Worker) => exit::FAILED,
             _ => exit::BAD_INPUT,
         }
     }
@@ -206,6 +263,38 @@ pub fn run(command: Command) -> Result<u8, CommandError> {
             );
             Ok(exit::OK)
         }
+        Command::Run {
+            cluster,
+            finalizer,
+            condition_type,
+            instance,
+            cleanup_deadline,
+            resync,
+            table,
+        } => {
+            if table.wan_interfaces.is_empty() && table.wan_addresses.is_empty() {
+                return Err(CommandError::NoWan);
+            }
+            let settings = daemon::Settings {
+                kubeconfig: cluster.kubeconfig,
+                context: cluster.context,
+                namespaces: cluster.namespaces,
+                selector: cluster.selector,
+                finalizer,
+                condition_type,
+                instance: instance.unwrap_or_else(host_name),
+                table: table.config()?,
+                cleanup_deadline: Duration::from_secs(cleanup_deadline),
+                resync: Duration::from_secs(resync.max(1)),
+            };
+            runtime()?.block_on(daemon::run(settings, shutdown_signal()))?;
+            Ok(exit::OK)
+        }
+        Command::ReleaseFinalizers { cluster, finalizer } => {
+            let released = runtime()?.block_on(release_finalizers(cluster, finalizer))?;
+            println!("released the finalizer of {released} Services");
+            Ok(exit::OK)
+        }
         Command::Status { table, output } => {
             TableConfig::new(&table, [], [])?;
             let current = Engine::new(NftCli::default()).read(&table, None)?;
@@ -219,4 +308,100 @@ pub fn run(command: Command) -> Result<u8, CommandError> {
             Ok(exit::OK)
         }
     }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, CommandError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(CommandError::Runtime)
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "router".into())
+}
+
+/// Completes on the first SIGTERM or SIGINT; a second one ends the process at once.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("stopping after the current round; a second signal stops at once");
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        std::process::exit(i32::from(exit::FAILED));
+    });
+}
+
+/// Removes `finalizer` from every Service in scope, each guarded by a JSON Patch `test`.
+async fn release_finalizers(
+    cluster: ClusterArgs,
+    finalizer: String,
+) -> Result<usize, CommandError> {
+    let settings = daemon::Settings {
+        kubeconfig: cluster.kubeconfig,
+        context: cluster.context,
+        namespaces: Vec::new(),
+        selector: cluster.selector.clone(),
+        finalizer: finalizer.clone(),
+        condition_type: String::new(),
+        instance: String::new(),
+        table: TableConfig::new(DEFAULT_TABLE, [], [])?,
+        cleanup_deadline: Duration::ZERO,
+        resync: Duration::ZERO,
+    };
+    let client = daemon::client(&settings).await?;
+    let scopes: Vec<Option<String>> = if cluster.namespaces.is_empty() {
+        vec![None]
+    } else {
+        cluster.namespaces.into_iter().map(Some).collect()
+    };
+    let mut released = 0;
+    for scope in scopes {
+        let api: kube::Api<WatchedService> = match &scope {
+            Some(ns) => kube::Api::namespaced(client.clone(), ns),
+            None => kube::Api::all(client.clone()),
+        };
+        let mut params = kube::api::ListParams::default();
+        if let Some(selector) = &cluster.selector {
+            params = params.labels(selector);
+        }
+        let list = api.list(&params).await.map_err(CommandError::Kube)?;
+        for service in list.items {
+            let Some(index) = service.finalizer_index(&finalizer) else {
+                continue;
+            };
+            let (ns, name) = service.key();
+            let path = format!("/metadata/finalizers/{index}");
+            let patch: json_patch::Patch = serde_json::from_value(serde_json::json!([
+                {"op": "test", "path": path, "value": finalizer},
+                {"op": "remove", "path": path},
+            ]))
+            .expect("a valid JSON Patch");
+            kube::Api::<WatchedService>::namespaced(client.clone(), &ns)
+                .patch(
+                    &name,
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Json::<()>(patch),
+                )
+                .await
+                .map_err(CommandError::Kube)?;
+            tracing::info!(action = "finalizer", namespace = %ns, name = %name, "finalizer released");
+            released += 1;
+        }
+    }
+    Ok(released)
 }

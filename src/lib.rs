@@ -7,6 +7,8 @@
 pub mod annotation;
 pub mod audit;
 pub mod cli;
+pub mod controller;
+pub mod daemon;
 pub mod manifest;
 pub mod model;
 pub mod nft;
@@ -14,3 +16,4 @@ pub mod output;
 pub mod plan;
 pub mod ruleset;
 pub mod service;
+pub mod watched;

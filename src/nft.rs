@@ -124,6 +124,8 @@ impl NftCli {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Removed {
     pub key: ForwardKey,
+    /// The uid of the Service that owned it, when known.
+    pub uid: Option<String>,
     /// The owner comment and target it had, e.g. `ns/web:http uid=... -> 10.0.0.5:80`.
     pub was: String,
 }
@@ -146,6 +148,17 @@ enum Previous<'a> {
 }
 
 impl Previous<'_> {
+    fn owner_uid(&self, key: &ForwardKey) -> Option<String> {
+        match self {
+            Previous::Nothing => None,
+            Previous::Applied(ruleset) => ruleset.forwards.get(key)?.owner.uid.clone(),
+            Previous::Kernel(table) => {
+                let comment = table.addrs.get(key)?.comment.as_deref()?;
+                Some(comment.rsplit_once(" uid=")?.1.to_owned())
+            }
+        }
+    }
+
     fn describe(&self, key: &ForwardKey) -> String {
         let described = match self {
             Previous::Nothing => None,
@@ -257,6 +270,7 @@ impl<F: Firewall> Engine<F> {
                 .into_iter()
                 .map(|key| Removed {
                     key: *key,
+                    uid: previous.owner_uid(key),
                     was: previous.describe(key),
                 })
                 .collect(),

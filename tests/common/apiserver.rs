@@ -78,7 +78,19 @@ impl ApiServer {
 
     /// Listens on 127.0.0.1 inside `ns` (or the test's own namespace) until [`stop`].
     pub fn listen(&self, ns: Option<&Netns>) -> SocketAddr {
-        let bind = || std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        self.listen_at(ns, 0)
+    }
+
+    /// Listens on a given port (0: any), waiting for a previous listener on it to close.
+    pub fn listen_at(&self, ns: Option<&Netns>, port: u16) -> SocketAddr {
+        let bind = move || {
+            let mut listener = None;
+            super::wait_for("the API server's port to be free", || {
+                listener = std::net::TcpListener::bind(("127.0.0.1", port)).ok();
+                listener.is_some()
+            });
+            listener.unwrap()
+        };
         let listener = match ns {
             Some(ns) => ns.enter(bind),
             None => bind(),

@@ -1,0 +1,234 @@
+//! What the daemon should do, given the Services it has seen: which forwards to apply,
+//! whose finalizer to add or release, and what to tell each Service. Pure: the daemon does
+//! the I/O.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::plan::{self, Plan, State};
+use crate::watched::WatchedService;
+
+/// Services by namespace and name.
+pub type Store = BTreeMap<(String, String), WatchedService>;
+
+/// What one Service is told, in an event and in its condition. Published when it changes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Summary {
+    /// `True` when every entry forwards.
+    pub status: &'static str,
+    /// `Forwarded`, `PartlyForwarded`, `Conflict`, `Invalid` or `Waiting`.
+    pub reason: &'static str,
+    pub message: String,
+    /// Whether the event is a Warning.
+    pub warning: bool,
+}
+
+/// The decision for one round.
+#[derive(Debug, Default)]
+pub struct Decision {
+    pub plan: Plan,
+    /// Services whose forwards are in the plan and that lack this router's finalizer.
+    pub add_finalizer: Vec<(String, String)>,
+    /// Services that hold this router's finalizer but have no forward any more (deleted,
+    /// annotation removed, no address, lost a conflict, not decodable).
+    pub release: Vec<(String, String)>,
+    pub summaries: BTreeMap<(String, String), Summary>,
+}
+
+/// Plans the Services that may forward: decoded, annotated, not being deleted.
+pub fn decide(store: &Store, finalizer: &str) -> Decision {
+    let eligible = store
+        .values()
+        .filter(|w| !w.terminating)
+        .filter_map(|w| w.service.as_ref().ok());
+    let plan = plan::plan(eligible);
+    let owners: BTreeSet<&str> = plan
+        .forwards
+        .values()
+        .filter_map(|f| f.owner.uid.as_deref())
+        .collect();
+    let mut decision = Decision::default();
+    for (key, watched) in store {
+        let forwards = owners.contains(watched.uid());
+        let ours = watched.has_finalizer(finalizer);
+        if forwards && !ours && !watched.terminating {
+            decision.add_finalizer.push(key.clone());
+        }
+        if ours && !forwards {
+            decision.release.push(key.clone());
+        }
+        if let Err(error) = &watched.service
+            && watched.annotated
+            && !watched.terminating
+        {
+            decision.summaries.insert(
+                key.clone(),
+                Summary {
+                    status: "False",
+                    reason: "Invalid",
+                    message: format!("field {}: {}", error.field, error.message),
+                    warning: true,
+                },
+            );
+        }
+    }
+    let mut by_service: BTreeMap<(String, String), Vec<&plan::Outcome>> = BTreeMap::new();
+    for outcome in &plan.outcomes {
+        by_service
+            .entry((outcome.namespace.clone(), outcome.name.clone()))
+            .or_default()
+            .push(outcome);
+    }
+    for (key, outcomes) in by_service {
+        decision.summaries.insert(key, summarize(&outcomes));
+    }
+    decision.plan = plan;
+    decision
+}
+
+fn summarize(outcomes: &[&plan::Outcome]) -> Summary {
+    let count = |state| outcomes.iter().filter(|o| o.state == state).count();
+    let (forwarding, conflict, invalid, waiting) = (
+        count(State::Forwarding),
+        count(State::Conflict),
+        count(State::Invalid),
+        count(State::Waiting),
+    );
+    let lines: Vec<String> = outcomes
+        .iter()
+        .map(|o| match (o.state, o.key, o.target) {
+            (State::Forwarding, Some(key), Some(target)) => format!("{key} -> {target}"),
+            _ => format!(
+                "\"{}\": {}",
+                o.entry,
+                o.reason.as_deref().unwrap_or_default()
+            ),
+        })
+        .collect();
+    let (status, reason) = match () {
+        _ if invalid > 0 && forwarding == 0 => ("False", "Invalid"),
+        _ if conflict > 0 && forwarding == 0 => ("False", "Conflict"),
+        _ if waiting > 0 && forwarding == 0 => ("False", "Waiting"),
+        _ if invalid + conflict + waiting > 0 => ("False", "PartlyForwarded"),
+        _ => ("True", "Forwarded"),
+    };
+    Summary {
+        status,
+        reason,
+        message: lines.join("; "),
+        warning: invalid + conflict > 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn watched(
+        name: &str,
+        uid: &str,
+        mapping: Option<&str>,
+        finalizers: &[&str],
+        deleting: bool,
+    ) -> WatchedService {
+        let mut annotations = json!({});
+        if let Some(mapping) = mapping {
+            annotations[crate::annotation::MAPPING] = json!(mapping);
+        }
+        let mut value = json!({
+            "metadata": {"name": name, "namespace": "ns", "uid": uid, "finalizers": finalizers,
+                "annotations": annotations, "creationTimestamp": "2026-01-01T00:00:00Z"},
+            "spec": {"ports": [{"name": "http", "port": 80}]},
+            "status": {"loadBalancer": {"ingress": [{"ip": "10.0.0.1"}]}}
+        });
+        if deleting {
+            value["metadata"]["deletionTimestamp"] = json!("2026-01-02T00:00:00Z");
+        }
+        WatchedService::from_value(value)
+    }
+
+    fn store(services: Vec<WatchedService>) -> Store {
+        services.into_iter().map(|w| (w.key(), w)).collect()
+    }
+
+    const F: &str = "kube-port-forward-controller/finalizer";
+
+    #[test]
+    fn finalizer_follows_live_forwards() {
+        let s = store(vec![
+            watched("new", "u1", Some("http"), &[], false),
+            watched("kept", "u2", Some("8080:http"), &[F], false),
+            watched(
+                "gone",
+                "u3",
+                Some("8081:http"),
+                &[F, "other/router-b"],
+                true,
+            ),
+            watched("unannotated", "u4", None, &[F], false),
+            watched("plain", "u5", None, &[], false),
+        ]);
+        let d = decide(&s, F);
+        assert_eq!(d.plan.forwards.len(), 2);
+        assert_eq!(d.add_finalizer, vec![("ns".into(), "new".into())]);
+        assert_eq!(
+            d.release,
+            vec![
+                ("ns".into(), "gone".into()),
+                ("ns".into(), "unannotated".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn the_loser_of_a_conflict_releases_and_is_warned() {
+        let s = store(vec![
+            watched("a", "u1", Some("http"), &[F], false),
+            watched("b", "u2", Some("http"), &[F], false),
+        ]);
+        let d = decide(&s, F);
+        assert_eq!(d.release, vec![("ns".into(), "b".into())]);
+        let summary = &d.summaries[&("ns".into(), "b".into())];
+        assert_eq!(
+            (summary.status, summary.reason, summary.warning),
+            ("False", "Conflict", true)
+        );
+        assert!(
+            summary.message.contains("held by ns/a"),
+            "{}",
+            summary.message
+        );
+        assert_eq!(d.summaries[&("ns".into(), "a".into())].reason, "Forwarded");
+    }
+
+    #[test]
+    fn another_routers_finalizer_is_not_ours() {
+        let s = store(vec![watched(
+            "x",
+            "u1",
+            Some("http"),
+            &["other/router-b"],
+            false,
+        )]);
+        let d = decide(&s, F);
+        assert_eq!(d.add_finalizer.len(), 1);
+        assert!(d.release.is_empty());
+    }
+
+    #[test]
+    fn undecodable_annotated_services_are_reported_and_released() {
+        let mut bad = watched("bad", "u9", Some("http"), &[F], false);
+        bad.service = Err(crate::service::DecodeError {
+            object: "ns/bad".into(),
+            field: "spec.ports".into(),
+            message: "invalid type".into(),
+        });
+        let d = decide(
+            &store(vec![bad, watched("good", "u1", Some("http"), &[], false)]),
+            F,
+        );
+        assert_eq!(d.plan.forwards.len(), 1);
+        assert_eq!(d.release, vec![("ns".into(), "bad".into())]);
+        assert!(d.summaries[&("ns".into(), "bad".into())].warning);
+    }
+}

@@ -1,0 +1,618 @@
+//! The daemon: watches Services through a kubeconfig, keeps the kernel table in step, and
+//! owns this router's finalizer on every Service it forwards.
+//!
+//! Fail static: nothing is applied before the first complete list, and a watch error, an API
+//! outage or a restart never removes a rule; only a complete list or a watch event that says
+//! a Service changed or went does.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use futures::{FutureExt, StreamExt};
+use kube::Resource;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::watcher::{self, Event};
+use serde_json::json;
+use tokio::time::Instant;
+
+use crate::audit;
+use crate::controller::{self, Store, Summary};
+use crate::nft::{Applied, Engine, NftCli};
+use crate::ruleset::{Ruleset, TableConfig};
+use crate::watched::WatchedService;
+
+pub const DEFAULT_FINALIZER: &str = "kube-port-forward-controller/finalizer";
+pub const DEFAULT_CONDITION: &str = "kube-port-forward-controller/Forwarded";
+/// Event notes longer than this are cut; the API server refuses notes over 1 kB.
+const NOTE_MAX: usize = 1000;
+
+/// How the daemon runs.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub kubeconfig: Option<PathBuf>,
+    pub context: Option<String>,
+    /// Watch only these namespaces; empty: all.
+    pub namespaces: Vec<String>,
+    pub selector: Option<String>,
+    pub finalizer: String,
+    pub condition_type: String,
+    /// This router's name in events (`reportingInstance`).
+    pub instance: String,
+    pub table: TableConfig,
+    /// How long a Service's cleanup may fail before its finalizer is released anyway.
+    pub cleanup_deadline: Duration,
+    /// How often the kernel table is read in full and compared.
+    pub resync: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("cannot read kubeconfig {path}")]
+    Kubeconfig {
+        path: PathBuf,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    #[error("cannot find a kubeconfig (give --kubeconfig or set KUBECONFIG)")]
+    Infer(#[source] kube::config::InferConfigError),
+    #[error("cannot set up the Kubernetes client")]
+    Client(#[source] kube::Error),
+    #[error(
+        "finalizer \"{0}\" is not a qualified name (prefix/name, name of letters, digits, '-', '_', '.')"
+    )]
+    Finalizer(String),
+    #[error("the nft worker stopped")]
+    Worker,
+}
+
+/// Builds the Kubernetes client from the kubeconfig named, or the usual places.
+pub async fn client(settings: &Settings) -> Result<kube::Client, DaemonError> {
+    let options = kube::config::KubeConfigOptions {
+        context: settings.context.clone(),
+        ..Default::default()
+    };
+    let config = match &settings.kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path).map_err(|source| {
+                DaemonError::Kubeconfig {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &options)
+                .await
+                .map_err(|source| DaemonError::Kubeconfig {
+                    path: path.clone(),
+                    source,
+                })?
+        }
+        None if settings.context.is_some() => kube::Config::from_kubeconfig(&options)
+            .await
+            .map_err(|source| DaemonError::Kubeconfig {
+                path: "(KUBECONFIG)".into(),
+                source,
+            })?,
+        None => kube::Config::infer().await.map_err(DaemonError::Infer)?,
+    };
+    kube::Client::try_from(config).map_err(DaemonError::Client)
+}
+
+/// Whether `finalizer` is a name the API server accepts (transcript 06).
+pub fn valid_finalizer(finalizer: &str) -> bool {
+    let Some((prefix, name)) = finalizer.split_once('/') else {
+        return false;
+    };
+    let prefix_ok = !prefix.is_empty()
+        && prefix.len() <= 253
+        && prefix.split('.').all(crate::plan::is_dns_label);
+    let name_ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name.as_bytes()[name.len() - 1].is_ascii_alphanumeric();
+    prefix_ok && name_ok
+}
+
+struct Daemon {
+    settings: Settings,
+    client: kube::Client,
+    recorder: Recorder,
+    /// One scope per watch: `None` is every namespace.
+    scopes: Vec<Option<String>>,
+    store: Store,
+    buffers: Vec<Option<Store>>,
+    synced: Vec<bool>,
+    engine: Option<Engine<NftCli>>,
+    published: HashMap<(String, String), Summary>,
+    /// Since when a Service's forwards have refused to leave the kernel.
+    cleanup_since: HashMap<String, Instant>,
+    ready: bool,
+    failures: u32,
+}
+
+/// Runs until `shutdown` completes; a reconcile in progress finishes first.
+pub async fn run(
+    settings: Settings,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), DaemonError> {
+    if !valid_finalizer(&settings.finalizer) {
+        return Err(DaemonError::Finalizer(settings.finalizer.clone()));
+    }
+    let client = client(&settings).await?;
+    let scopes: Vec<Option<String>> = if settings.namespaces.is_empty() {
+        vec![None]
+    } else {
+        settings.namespaces.iter().cloned().map(Some).collect()
+    };
+    let streams = scopes.iter().enumerate().map(|(index, scope)| {
+        let api: Api<WatchedService> = match scope {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        };
+        let mut config = watcher::Config::default();
+        if let Some(selector) = &settings.selector {
+            config = config.labels(selector);
+        }
+        watcher::watcher(api, config)
+            .default_backoff()
+            .map(move |event| (index, event))
+            .boxed()
+    });
+    let mut events = futures::stream::select_all(streams);
+    let reporter = Reporter {
+        controller: "kube-port-forward-controller".into(),
+        instance: Some(settings.instance.clone()),
+    };
+    let mut daemon = Daemon {
+        recorder: Recorder::new(client.clone(), reporter),
+        client,
+        buffers: vec![None; scopes.len()],
+        synced: vec![false; scopes.len()],
+        scopes,
+        store: Store::new(),
+        engine: Some(Engine::new(NftCli::default())),
+        published: HashMap::new(),
+        cleanup_since: HashMap::new(),
+        ready: false,
+        failures: 0,
+        settings,
+    };
+    tracing::info!(
+        finalizer = %daemon.settings.finalizer,
+        table = %daemon.settings.table.table,
+        "starting; the kernel table stays as it is until the first complete list"
+    );
+    let mut resync = tokio::time::interval(daemon.settings.resync);
+    resync.tick().await;
+    let mut retry_at: Option<Instant> = None;
+    tokio::pin!(shutdown);
+    loop {
+        let mut dirty = false;
+        tokio::select! {
+            _ = &mut shutdown => break,
+            event = events.next() => {
+                let Some((index, event)) = event else { break };
+                dirty |= daemon.handle(index, event);
+                // Take what else is ready before reconciling, so a burst costs one apply.
+                while let Some(Some((index, event))) = events.next().now_or_never() {
+                    dirty |= daemon.handle(index, event);
+                }
+            }
+            _ = sleep_until(retry_at), if retry_at.is_some() => {
+                retry_at = None;
+                dirty = true;
+            }
+            _ = resync.tick() => {
+                if let Some(engine) = daemon.engine.as_mut() {
+                    engine.forget();
+                }
+                dirty = true;
+            }
+        }
+        if dirty && daemon.synced.iter().all(|s| *s) {
+            match daemon.reconcile().await? {
+                Some(delay) => retry_at = Some(Instant::now() + delay),
+                None => retry_at = None,
+            }
+        }
+    }
+    tracing::info!("stopped; the kernel table stays as it is");
+    Ok(())
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Daemon {
+    /// Takes one watch event; returns whether the Services changed.
+    fn handle(
+        &mut self,
+        index: usize,
+        event: Result<Event<WatchedService>, watcher::Error>,
+    ) -> bool {
+        match event {
+            Ok(Event::Init) => {
+                self.buffers[index] = Some(Store::new());
+                false
+            }
+            Ok(Event::InitApply(service)) => {
+                if let Some(buffer) = self.buffers[index].as_mut() {
+                    buffer.insert(service.key(), service);
+                }
+                false
+            }
+            Ok(Event::InitDone) => {
+                let listed = self.buffers[index].take().unwrap_or_default();
+                match &self.scopes[index] {
+                    Some(ns) => self.store.retain(|(n, _), _| n != ns),
+                    None => self.store.clear(),
+                }
+                tracing::info!(services = listed.len(), "complete list of Services");
+                self.store.extend(listed);
+                self.synced[index] = true;
+                true
+            }
+            Ok(Event::Apply(service)) => {
+                self.store.insert(service.key(), service);
+                true
+            }
+            Ok(Event::Delete(service)) => {
+                self.store.remove(&service.key());
+                true
+            }
+            Err(error) => {
+                tracing::warn!(%error, "watching Services failed; rules stay, retrying");
+                false
+            }
+        }
+    }
+
+    /// One round: apply, then finalizers, events and conditions. Returns when to try again
+    /// if something is left to do.
+    async fn reconcile(&mut self) -> Result<Option<Duration>, DaemonError> {
+        let finalizer = self.settings.finalizer.clone();
+        let decision = controller::decide(&self.store, &finalizer);
+        let ruleset = Ruleset::new(self.settings.table.clone(), decision.plan.forwards.clone());
+        let applied = match self
+            .with_engine(move |engine| engine.apply(ruleset))
+            .await?
+        {
+            Ok(applied) => applied,
+            Err(error) => {
+                self.failures += 1;
+                tracing::error!(%error, "applying the table failed; retrying");
+                for key in &decision.release {
+                    self.warn(
+                        key,
+                        "CleanupFailed",
+                        &format!("removing this Service's forwards failed: {error}"),
+                    )
+                    .await;
+                }
+                return Ok(Some(self.backoff()));
+            }
+        };
+        self.failures = 0;
+        audit::record(&self.settings.table.table, &applied);
+        self.report_changes(&applied).await;
+        for key in &decision.add_finalizer {
+            self.add_finalizer(key).await;
+        }
+        let mut retry = None;
+        if !decision.release.is_empty() {
+            retry = self.release(&decision.release).await?;
+        }
+        for (key, summary) in decision.summaries {
+            if self.published.get(&key) != Some(&summary) {
+                self.publish(&key, &summary).await;
+                self.published.insert(key, summary);
+            }
+        }
+        self.published.retain(|key, _| self.store.contains_key(key));
+        if !self.ready {
+            self.ready = true;
+            tracing::info!(
+                services = self.store.len(),
+                forwards = decision.plan.forwards.len(),
+                "ready: first complete list seen and first apply done"
+            );
+        }
+        Ok(retry)
+    }
+
+    fn backoff(&self) -> Duration {
+        Duration::from_millis(200 * 2u64.pow(self.failures.min(8)))
+    }
+
+    /// Runs `f` with the engine on a blocking thread (it spawns `nft`).
+    async fn with_engine<T: Send + 'static>(
+        &mut self,
+        f: impl FnOnce(&mut Engine<NftCli>) -> T + Send + 'static,
+    ) -> Result<T, DaemonError> {
+        let mut engine = self.engine.take().ok_or(DaemonError::Worker)?;
+        let (engine, result) = tokio::task::spawn_blocking(move || {
+            let result = f(&mut engine);
+            (engine, result)
+        })
+        .await
+        .map_err(|_| DaemonError::Worker)?;
+        self.engine = Some(engine);
+        Ok(result)
+    }
+
+    fn api(&self, ns: &str) -> Api<WatchedService> {
+        Api::namespaced(self.client.clone(), ns)
+    }
+
+    /// Adds this router's finalizer, guarded so no other finalizer is rewritten.
+    async fn add_finalizer(&mut self, key: &(String, String)) {
+        let Some(watched) = self.store.get(key) else {
+            return;
+        };
+        let patch = match &watched.metadata.finalizers {
+            None => json!([
+                {"op": "test", "path": "/metadata/finalizers", "value": null},
+                {"op": "add", "path": "/metadata/finalizers", "value": [self.settings.finalizer]},
+            ]),
+            Some(list) => json!([
+                {"op": "test", "path": "/metadata/finalizers", "value": list},
+                {"op": "add", "path": "/metadata/finalizers/-", "value": self.settings.finalizer},
+            ]),
+        };
+        self.patch_finalizers(key, patch, "added").await;
+    }
+
+    async fn remove_finalizer(&mut self, key: &(String, String)) -> bool {
+        let Some(index) = self
+            .store
+            .get(key)
+            .and_then(|w| w.finalizer_index(&self.settings.finalizer))
+        else {
+            return false;
+        };
+        let path = format!("/metadata/finalizers/{index}");
+        let patch = json!([
+            {"op": "test", "path": path, "value": self.settings.finalizer},
+            {"op": "remove", "path": path},
+        ]);
+        self.patch_finalizers(key, patch, "removed").await
+    }
+
+    async fn patch_finalizers(
+        &mut self,
+        key: &(String, String),
+        patch: serde_json::Value,
+        what: &str,
+    ) -> bool {
+        let patch: json_patch::Patch = serde_json::from_value(patch).expect("a valid JSON Patch");
+        let result = self
+            .api(&key.0)
+            .patch(&key.1, &PatchParams::default(), &Patch::Json::<()>(patch))
+            .await;
+        match result {
+            Ok(updated) => {
+                tracing::info!(
+                    action = "finalizer",
+                    namespace = %key.0,
+                    name = %key.1,
+                    finalizer = %self.settings.finalizer,
+                    "finalizer {what}"
+                );
+                if updated.metadata.name.is_some() {
+                    self.store.insert(key.clone(), updated);
+                }
+                true
+            }
+            // The Service changed meanwhile (the guard failed, it is being deleted, or it is
+            // gone); its watch event brings the next round.
+            Err(error) => {
+                tracing::debug!(%error, namespace = %key.0, name = %key.1, "finalizer not {what}");
+                false
+            }
+        }
+    }
+
+    /// Releases finalizers of Services whose forwards are verified gone from the kernel.
+    async fn release(
+        &mut self,
+        keys: &[(String, String)],
+    ) -> Result<Option<Duration>, DaemonError> {
+        let config = self.settings.table.clone();
+        let read = self
+            .with_engine(move |engine| engine.read(&config.table.clone(), Some(&config)))
+            .await?;
+        let present: BTreeSet<String> = match read {
+            Ok(table) => table
+                .map(|t| {
+                    t.addrs
+                        .values()
+                        .filter_map(|e| e.comment.as_deref())
+                        .chain(t.ports.values().filter_map(|e| e.comment.as_deref()))
+                        .filter_map(|c| c.rsplit_once(" uid=").map(|(_, uid)| uid.to_owned()))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            Err(error) => {
+                tracing::error!(%error, "cannot read the table to verify cleanup");
+                return Ok(Some(self.backoff()));
+            }
+        };
+        let mut retry = None;
+        for key in keys {
+            let Some(uid) = self.store.get(key).map(|w| w.uid().to_owned()) else {
+                continue;
+            };
+            if !present.contains(&uid) {
+                self.cleanup_since.remove(&uid);
+                self.remove_finalizer(key).await;
+                continue;
+            }
+            let since = *self
+                .cleanup_since
+                .entry(uid.clone())
+                .or_insert_with(Instant::now);
+            if since.elapsed() >= self.settings.cleanup_deadline {
+                tracing::error!(
+                    action = "release-anyway",
+                    namespace = %key.0,
+                    name = %key.1,
+                    uid = %uid,
+                    "cleanup kept failing; releasing the finalizer anyway: rules owned by this uid may remain in the table until the next successful apply"
+                );
+                self.remove_finalizer(key).await;
+            } else {
+                self.warn(
+                    key,
+                    "CleanupPending",
+                    "this Service's forwards are still in the router's table; retrying",
+                )
+                .await;
+                retry = Some(self.backoff());
+            }
+        }
+        Ok(retry)
+    }
+
+    /// Normal events for forwards opened and closed, one per Service.
+    async fn report_changes(&mut self, applied: &Applied) {
+        let by_uid: HashMap<&str, &(String, String)> =
+            self.store.iter().map(|(k, w)| (w.uid(), k)).collect();
+        let mut notes: BTreeMap<(String, String), (Vec<String>, Vec<String>)> = BTreeMap::new();
+        for forward in &applied.added {
+            if let Some(key) = forward.owner.uid.as_deref().and_then(|u| by_uid.get(u)) {
+                notes
+                    .entry((*key).clone())
+                    .or_default()
+                    .0
+                    .push(format!("{} -> {}", forward.key, forward.target));
+            }
+        }
+        for removed in &applied.removed {
+            if let Some(key) = removed.uid.as_deref().and_then(|u| by_uid.get(u)) {
+                notes
+                    .entry((*key).clone())
+                    .or_default()
+                    .1
+                    .push(removed.key.to_string());
+            }
+        }
+        for (key, (opened, closed)) in notes {
+            if !opened.is_empty() {
+                let note = format!(
+                    "opened on router {}: {}",
+                    self.settings.instance,
+                    opened.join(", ")
+                );
+                self.event(&key, EventType::Normal, "PortsOpened", "Forward", &note)
+                    .await;
+            }
+            if !closed.is_empty() {
+                let note = format!(
+                    "closed on router {}: {}",
+                    self.settings.instance,
+                    closed.join(", ")
+                );
+                self.event(&key, EventType::Normal, "PortsClosed", "Forward", &note)
+                    .await;
+            }
+        }
+    }
+
+    async fn warn(&mut self, key: &(String, String), reason: &str, note: &str) {
+        self.event(key, EventType::Warning, reason, "Forward", note)
+            .await;
+    }
+
+    async fn event(
+        &self,
+        key: &(String, String),
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: &str,
+    ) {
+        let Some(watched) = self.store.get(key) else {
+            return;
+        };
+        let mut note = note.to_owned();
+        if note.len() > NOTE_MAX {
+            let mut cut = NOTE_MAX;
+            while !note.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            note.truncate(cut);
+        }
+        let event = KubeEvent {
+            type_,
+            reason: reason.to_owned(),
+            note: Some(note),
+            action: action.to_owned(),
+            secondary: None,
+        };
+        if let Err(error) = self
+            .recorder
+            .publish(&event, &watched.object_ref(&()))
+            .await
+        {
+            tracing::warn!(%error, namespace = %key.0, name = %key.1, "cannot publish an event");
+        }
+    }
+
+    /// The event and this router's condition for a Service whose summary changed.
+    async fn publish(&self, key: &(String, String), summary: &Summary) {
+        let type_ = if summary.warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        };
+        self.event(key, type_, summary.reason, "Plan", &summary.message)
+            .await;
+        let now = k8s_openapi::jiff::Timestamp::now()
+            .strftime("%Y-%m-%dT%H:%M:%SZ")
+            .to_string();
+        let condition = json!({"status": {"conditions": [{
+            "type": self.settings.condition_type,
+            "status": summary.status,
+            "reason": summary.reason,
+            "message": format!("router {}: {}", self.settings.instance, summary.message),
+            "lastTransitionTime": now,
+        }]}});
+        // A strategic merge keys conditions by type, so each router's stays its own.
+        let result = self
+            .api(&key.0)
+            .patch_status(
+                &key.1,
+                &PatchParams::default(),
+                &Patch::Strategic(condition),
+            )
+            .await;
+        if let Err(error) = result {
+            tracing::debug!(%error, namespace = %key.0, name = %key.1, "condition not written");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finalizer_names_are_qualified() {
+        assert!(valid_finalizer(DEFAULT_FINALIZER));
+        assert!(valid_finalizer("kube-port-forward-controller/router-b"));
+        assert!(!valid_finalizer(
+            "kube-port-forward-controller/finalizer:port1=80"
+        ));
+        assert!(!valid_finalizer("no-prefix"));
+        assert!(!valid_finalizer("Upper.Case/x"));
+    }
+}

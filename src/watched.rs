@@ -1,0 +1,137 @@
+//! The Service type the daemon watches: only what forwarding and the finalizer need, decoded
+//! so that no Service can fail the watch.
+//!
+//! kube-rs decodes a whole list page with one call, so one Service a strict type refuses
+//! (transcript 18: a condition with `lastTransitionTime: null`) would stop the daemon from
+//! seeing any. Here decoding never fails: a Service that cannot be read is kept as such, with
+//! the reason, and reported on.
+
+use std::borrow::Cow;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde::{Deserialize, Deserializer};
+
+use crate::service::{DecodeError, Service};
+
+/// A Service as the watch delivers it.
+#[derive(Clone, Debug)]
+pub struct WatchedService {
+    /// Name, namespace, uid, resourceVersion and finalizers only.
+    pub metadata: ObjectMeta,
+    /// `metadata.deletionTimestamp` is set.
+    pub terminating: bool,
+    /// The mapping annotation is present (known even when the rest cannot be decoded).
+    pub annotated: bool,
+    pub service: Result<Service, DecodeError>,
+}
+
+impl WatchedService {
+    pub fn from_value(value: serde_json::Value) -> WatchedService {
+        let meta = &value["metadata"];
+        let text = |field: &str| meta[field].as_str().map(str::to_owned);
+        let metadata = ObjectMeta {
+            name: text("name"),
+            namespace: text("namespace"),
+            uid: text("uid"),
+            resource_version: text("resourceVersion"),
+            finalizers: meta["finalizers"].as_array().map(|list| {
+                list.iter()
+                    .filter_map(|f| f.as_str().map(str::to_owned))
+                    .collect()
+            }),
+            ..ObjectMeta::default()
+        };
+        let terminating = !meta["deletionTimestamp"].is_null();
+        let annotated = !meta["annotations"][crate::annotation::MAPPING].is_null();
+        WatchedService {
+            metadata,
+            terminating,
+            annotated,
+            service: Service::decode(value),
+        }
+    }
+
+    pub fn key(&self) -> (String, String) {
+        (
+            self.metadata.namespace.clone().unwrap_or_default(),
+            self.metadata.name.clone().unwrap_or_default(),
+        )
+    }
+
+    pub fn uid(&self) -> &str {
+        self.metadata.uid.as_deref().unwrap_or_default()
+    }
+
+    pub fn has_finalizer(&self, finalizer: &str) -> bool {
+        self.metadata
+            .finalizers
+            .as_ref()
+            .is_some_and(|list| list.iter().any(|f| f == finalizer))
+    }
+
+    /// Position of `finalizer` in the list, for a JSON Patch that removes exactly it.
+    pub fn finalizer_index(&self, finalizer: &str) -> Option<usize> {
+        self.metadata
+            .finalizers
+            .as_ref()?
+            .iter()
+            .position(|f| f == finalizer)
+    }
+}
+
+impl<'de> Deserialize<'de> for WatchedService {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        serde_json::Value::deserialize(deserializer).map(WatchedService::from_value)
+    }
+}
+
+impl kube::Resource for WatchedService {
+    type DynamicType = ();
+    type Scope = k8s_openapi::NamespaceResourceScope;
+
+    fn kind(_: &()) -> Cow<'_, str> {
+        Cow::Borrowed("Service")
+    }
+
+    fn group(_: &()) -> Cow<'_, str> {
+        Cow::Borrowed("")
+    }
+
+    fn version(_: &()) -> Cow<'_, str> {
+        Cow::Borrowed("v1")
+    }
+
+    fn plural(_: &()) -> Cow<'_, str> {
+        Cow::Borrowed("services")
+    }
+
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn undecodable_services_are_kept_with_their_reason() {
+        let list: Vec<WatchedService> = serde_json::from_value(json!([
+            {"metadata": {"name": "ok", "namespace": "a", "uid": "1", "resourceVersion": "5",
+                "finalizers": ["x/y"], "deletionTimestamp": "2026-01-01T00:00:00Z"},
+             "status": {"conditions": [{"type": "T", "status": "Yes", "lastTransitionTime": null}]}},
+            {"metadata": {"name": "bad", "namespace": "a"}, "spec": {"ports": "eighty"}}
+        ]))
+        .unwrap();
+        assert!(list[0].service.is_ok());
+        assert!(list[0].terminating && list[0].has_finalizer("x/y"));
+        assert_eq!(list[0].finalizer_index("x/y"), Some(0));
+        assert_eq!(list[1].service.as_ref().unwrap_err().field, "spec.ports");
+        assert_eq!(list[1].key(), ("a".to_owned(), "bad".to_owned()));
+    }
+}

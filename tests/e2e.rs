@@ -1,0 +1,397 @@
+//! The daemon end to end: the real binary runs `run` in the router namespace with a
+//! kubeconfig pointing at the test API server (listening in that namespace too), and a
+//! client on the WAN side connects through the forwards to the server on the LAN side.
+//! Needs root.
+
+mod common;
+
+use std::io::ErrorKind;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+
+use common::apiserver::ApiServer;
+use common::*;
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_kube-port-forward");
+const FINALIZER: &str = "kube-port-forward-controller/finalizer";
+
+/// A running daemon, killed (SIGKILL) on drop; its log is kept for failure messages.
+struct Daemon {
+    child: Child,
+    log: String,
+}
+
+impl Daemon {
+    fn start(
+        router: &Netns,
+        dir: &TempDir,
+        api: SocketAddr,
+        name: &str,
+        finalizer: &str,
+    ) -> Daemon {
+        let kubeconfig = dir.write(&format!("{name}.kubeconfig"), &ApiServer::kubeconfig(api));
+        let log = dir.path.join(format!("{name}.log")).display().to_string();
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &router.name,
+                BIN,
+                "-v",
+                "run",
+                "--kubeconfig",
+                &kubeconfig,
+            ])
+            .args(["--wan-interface", "wan", "--wan-address", ROUTER_WAN4])
+            .args(["--instance", name, "--finalizer", finalizer])
+            .args([
+                "--condition-type",
+                &format!("kube-port-forward-controller/{name}"),
+            ])
+            .args(["--resync", "5", "--cleanup-deadline", "60"])
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        Daemon { child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn wait_log(&self, text: &str) {
+        wait_for(&format!("\"{text}\" in the daemon's log"), || {
+            self.log().contains(text)
+        });
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("--- daemon log {} ---\n{}", self.log, self.log());
+        }
+    }
+}
+
+fn service(name: &str, mapping: &str, port: u16) -> Value {
+    let metadata = json!({"name": name, "namespace": "apps",
+        "annotations": {"kube-port-forward-controller/mapping": mapping}});
+    json!({"apiVersion": "v1", "kind": "Service", "metadata": metadata,
+        "spec": {"type": "LoadBalancer", "ports": [{"name": "http", "port": port, "protocol": "TCP"}]}})
+}
+
+fn wan(port: u16) -> SocketAddr {
+    format!("{ROUTER_WAN4}:{port}").parse().unwrap()
+}
+
+fn greets(topology: &Topology, port: u16, greeting: &str) -> bool {
+    tcp_greeting(&topology.client, wan(port)).is_ok_and(|g| g == greeting)
+}
+
+fn refused(topology: &Topology, port: u16) -> bool {
+    tcp_greeting(&topology.client, wan(port))
+        .is_err_and(|e| e.kind() == ErrorKind::ConnectionRefused)
+}
+
+fn finalizers(api: &ApiServer, name: &str) -> Vec<String> {
+    api.get("apps", name)
+        .and_then(|s| serde_json::from_value(s["metadata"]["finalizers"].clone()).ok())
+        .unwrap_or_default()
+}
+
+fn table_forwards(topology: &Topology) -> usize {
+    let status = topology.router.exec(BIN, &["status", "--output", "json"]);
+    let status: Value = serde_json::from_str(&status).unwrap();
+    status["forwards"].as_array().map_or(0, Vec::len)
+}
+
+#[test]
+fn lifecycle_create_address_remap_delete() {
+    let topology = Topology::new();
+    let _server = Server::start(&topology.server, 8080);
+    let api = ApiServer::new();
+    let addr = api.listen(Some(&topology.router));
+    let dir = TempDir::new();
+    let daemon = Daemon::start(&topology.router, &dir, addr, "router-a", FINALIZER);
+    daemon.wait_log("ready");
+
+    api.create(service("web", "80:http", 8080));
+    // No address yet: waiting, no forward, no finalizer; the condition says so.
+    wait_for("the Waiting condition", || {
+        api.get("apps", "web").unwrap()["status"]["conditions"][0]["reason"] == "Waiting"
+    });
+    assert!(finalizers(&api, "web").is_empty());
+
+    api.set_lb_ips("apps", "web", &[SERVER4]);
+    wait_for("port 80 to reach the server", || {
+        greets(&topology, 80, "hello 8080")
+    });
+    wait_for("the finalizer", || finalizers(&api, "web") == [FINALIZER]);
+    wait_for("the Forwarded condition", || {
+        let s = api.get("apps", "web").unwrap();
+        let c = &s["status"]["conditions"][0];
+        c["type"] == "kube-port-forward-controller/router-a" && c["status"] == "True"
+    });
+
+    api.merge_patch(
+        "apps",
+        "web",
+        json!({"metadata": {"annotations": {"kube-port-forward-controller/mapping": "81:http"}}}),
+        false,
+    );
+    wait_for("port 81 to reach the server", || {
+        greets(&topology, 81, "hello 8080")
+    });
+    assert!(refused(&topology, 80));
+
+    assert_eq!(api.delete("apps", "web"), http::StatusCode::OK);
+    wait_for("the Service to go", || api.get("apps", "web").is_none());
+    // The finalizer was released only after the rule left the kernel.
+    assert_eq!(table_forwards(&topology), 0);
+    assert!(refused(&topology, 81));
+    let reasons: Vec<String> = api
+        .events()
+        .iter()
+        .map(|e| e["reason"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    for reason in ["Waiting", "PortsOpened", "PortsClosed", "Forwarded"] {
+        assert!(
+            reasons.iter().any(|r| r == reason),
+            "no {reason} event in {reasons:?}"
+        );
+    }
+    assert!(daemon.log().contains("action=\"open\""), "no audit line");
+}
+
+#[test]
+fn killed_and_restarted_the_daemon_keeps_rules_and_finishes_cleanup() {
+    let topology = Topology::new();
+    let _server = Server::start(&topology.server, 8080);
+    let api = ApiServer::new();
+    let addr = api.listen(Some(&topology.router));
+    let dir = TempDir::new();
+    api.create(service("web", "80:http", 8080));
+    api.set_lb_ips("apps", "web", &[SERVER4]);
+    api.create(service("kept", "82:http", 8080));
+    api.set_lb_ips("apps", "kept", &[SERVER4]);
+    let mut daemon = Daemon::start(&topology.router, &dir, addr, "router-a", FINALIZER);
+    wait_for("the finalizers", || {
+        finalizers(&api, "web") == [FINALIZER] && finalizers(&api, "kept") == [FINALIZER]
+    });
+    assert!(greets(&topology, 80, "hello 8080"));
+
+    daemon.kill();
+    // While the daemon is down, the rules stay and the Service cannot go.
+    assert_eq!(api.delete("apps", "web"), http::StatusCode::OK);
+    assert!(greets(&topology, 80, "hello 8080"));
+    assert_eq!(finalizers(&api, "web"), [FINALIZER]);
+
+    // A restart changes nothing until the list is complete, then finishes the cleanup.
+    let daemon = Daemon::start(&topology.router, &dir, addr, "router-a", FINALIZER);
+    wait_for("the Service to go", || api.get("apps", "web").is_none());
+    assert!(refused(&topology, 80));
+    assert!(greets(&topology, 82, "hello 8080"));
+    assert_eq!(table_forwards(&topology), 1);
+    drop(daemon);
+}
+
+#[test]
+fn a_service_deleted_and_force_released_while_down_is_swept_at_start() {
+    let topology = Topology::new();
+    let _server = Server::start(&topology.server, 8080);
+    let api = ApiServer::new();
+    let addr = api.listen(Some(&topology.router));
+    let dir = TempDir::new();
+    api.create(service("web", "80:http", 8080));
+    api.set_lb_ips("apps", "web", &[SERVER4]);
+    let mut daemon = Daemon::start(&topology.router, &dir, addr, "router-a", FINALIZER);
+    wait_for("port 80 to reach the server", || {
+        greets(&topology, 80, "hello 8080")
+    });
+    wait_for("the finalizer", || finalizers(&api, "web") == [FINALIZER]);
+    daemon.kill();
+
+    api.delete("apps", "web");
+    api.force_remove_finalizers("apps", "web");
+    assert!(api.get("apps", "web").is_none());
+    assert!(
+        greets(&topology, 80, "hello 8080"),
+        "the orphan is still there while down"
+    );
+
+    let daemon = Daemon::start(&topology.router, &dir, addr, "router-a", FINALIZER);
+    wait_for("the orphan to be swept", || refused(&topology, 80));
+    daemon.wait_log("action=\"close\"");
+}
+
+#[test]
+fn an_api_outage_keeps_the_rules_and_a_fresh_history_recovers() {
+    let topology = Topology::new();
+    let _server = Server::start(&topology.server, 8080);
+    let api = ApiServer::new();
+    let addr = api.listen(Some(&topology.router));
+    let dir = TempDir::new();
+    api.create(service("web", "80:http", 8080));
+    api.set_lb_ips("apps", "web", &[SERVER4]);
+    let daemon = Daemon::start(&topology.router, &dir, addr, "router-a", FINALIZER);
+    wait_for("port 80 to reach the server", || {
+        greets(&topology, 80, "hello 8080")
+    });
+
+    api.stop();
+    daemon.wait_log("watching Services failed");
+    assert!(
+        greets(&topology, 80, "hello 8080"),
+        "rules stay while the API is away"
+    );
+
+    // The API server comes back having forgotten its history: the daemon's version is too
+    // old (410), it lists again, and carries on.
+    api.forget_history();
+    api.listen_at(Some(&topology.router), addr.port());
+    api.create(service("new", "83:http", 8080));
+    api.set_lb_ips("apps", "new", &[SERVER4]);
+    wait_for("port 83 to reach the server", || {
+        greets(&topology, 83, "hello 8080")
+    });
+    assert!(greets(&topology, 80, "hello 8080"));
+}
+
+#[test]
+fn two_routers_each_clean_their_own_and_the_service_waits_for_both() {
+    let a = Topology::new();
+    let b = Topology::new();
+    let _sa = Server::start(&a.server, 8080);
+    let _sb = Server::start(&b.server, 8080);
+    let api = ApiServer::new();
+    let addr_a = api.listen(Some(&a.router));
+    let addr_b = api.listen(Some(&b.router));
+    let dir = TempDir::new();
+    const FINALIZER_B: &str = "kube-port-forward-controller/router-b";
+    let _da = Daemon::start(&a.router, &dir, addr_a, "router-a", FINALIZER);
+    let mut db = Daemon::start(&b.router, &dir, addr_b, "router-b", FINALIZER_B);
+    api.create(service("web", "80:http", 8080));
+    api.set_lb_ips("apps", "web", &[SERVER4]);
+    wait_for("both finalizers", || {
+        let f = finalizers(&api, "web");
+        f.len() == 2 && f.iter().any(|x| x == FINALIZER) && f.iter().any(|x| x == FINALIZER_B)
+    });
+    assert!(greets(&a, 80, "hello 8080") && greets(&b, 80, "hello 8080"));
+    wait_for("both conditions", || {
+        api.get("apps", "web").unwrap()["status"]["conditions"]
+            .as_array()
+            .is_some_and(|c| c.len() == 2)
+    });
+
+    db.kill();
+    api.delete("apps", "web");
+    wait_for("router a to clean up and release", || {
+        finalizers(&api, "web") == [FINALIZER_B]
+    });
+    assert!(refused(&a, 80));
+    assert!(
+        greets(&b, 80, "hello 8080"),
+        "router b has not cleaned up yet"
+    );
+    assert!(api.get("apps", "web").is_some());
+
+    let _db = Daemon::start(&b.router, &dir, addr_b, "router-b", FINALIZER_B);
+    wait_for("the Service to go", || api.get("apps", "web").is_none());
+    assert!(refused(&b, 80));
+}
+
+#[test]
+fn the_older_service_wins_and_the_next_takes_over_when_it_goes() {
+    let topology = Topology::new();
+    let _s1 = Server::start(&topology.server, 8080);
+    let _s2 = Server::start(&topology.server, 9090);
+    let api = ApiServer::new();
+    let addr = api.listen(Some(&topology.router));
+    let dir = TempDir::new();
+    let _daemon = Daemon::start(&topology.router, &dir, addr, "router-a", FINALIZER);
+    // The API server sets creationTimestamp itself, to the second. "z-older" sorts after
+    // "a-newer" by name, so only its age can make it win.
+    let older = api.create(service("z-older", "80:http", 8080));
+    api.set_lb_ips("apps", "z-older", &[SERVER4]);
+    wait_for("the older Service on port 80", || {
+        greets(&topology, 80, "hello 8080")
+    });
+    let created = older["metadata"]["creationTimestamp"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    wait_for("the clock to pass the older Service's second", || {
+        jiff::Timestamp::now()
+            .strftime("%Y-%m-%dT%H:%M:%SZ")
+            .to_string()
+            > created
+    });
+    api.create(service("a-newer", "80:http", 9090));
+    api.set_lb_ips("apps", "a-newer", &[SERVER4]);
+    wait_for("the Conflict condition naming the winner", || {
+        let s = api.get("apps", "a-newer").unwrap();
+        let c = &s["status"]["conditions"][0];
+        c["reason"] == "Conflict"
+            && c["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("apps/z-older")
+    });
+    assert!(finalizers(&api, "a-newer").is_empty());
+    assert!(greets(&topology, 80, "hello 8080"));
+    assert!(
+        api.events()
+            .iter()
+            .any(|e| e["type"] == "Warning" && e["reason"] == "Conflict")
+    );
+
+    api.delete("apps", "z-older");
+    wait_for("the newer Service to take over", || {
+        greets(&topology, 80, "hello 9090")
+    });
+    wait_for("the older Service to go", || {
+        api.get("apps", "z-older").is_none()
+    });
+    wait_for("the newer Service's finalizer", || {
+        finalizers(&api, "a-newer") == [FINALIZER]
+    });
+}
+
+#[test]
+fn a_service_the_api_server_stored_oddly_does_not_stop_the_others() {
+    let topology = Topology::new();
+    let _server = Server::start(&topology.server, 8080);
+    let api = ApiServer::new();
+    let addr = api.listen(Some(&topology.router));
+    let dir = TempDir::new();
+    // Transcript 18: a condition a strict client cannot decode, stored as sent.
+    api.create(service("odd", "84:http", 8080));
+    api.merge_patch(
+        "apps",
+        "odd",
+        json!({"status": {"conditions": [{"type": "Forwarded on router a", "status": "Yes", "reason": "", "message": "x"}],
+            "loadBalancer": {"ingress": [{"ip": SERVER4}]}}}),
+        true,
+    );
+    api.create(service("web", "80:http", 8080));
+    api.set_lb_ips("apps", "web", &[SERVER4]);
+    let _daemon = Daemon::start(&topology.router, &dir, addr, "router-a", FINALIZER);
+    wait_for("both ports to reach the server", || {
+        greets(&topology, 80, "hello 8080") && greets(&topology, 84, "hello 8080")
+    });
+}
