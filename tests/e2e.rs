@@ -395,3 +395,79 @@ fn a_service_the_api_server_stored_oddly_does_not_stop_the_others() {
         greets(&topology, 80, "hello 8080") && greets(&topology, 84, "hello 8080")
     });
 }
+
+#[test]
+fn killed_between_any_two_steps_nothing_is_lost_or_orphaned() {
+    let topology = Topology::new();
+    let _s1 = Server::start(&topology.server, 8080);
+    let _s2 = Server::start(&topology.server, 9090);
+    let api = ApiServer::new();
+    let addr = api.listen(Some(&topology.router));
+    let dir = TempDir::new();
+    let mut daemon = Daemon::start(&topology.router, &dir, addr, "router-a", FINALIZER);
+    let restart = |daemon: &mut Daemon| {
+        daemon.kill();
+        *daemon = Daemon::start(&topology.router, &dir, addr, "router-a", FINALIZER);
+    };
+    api.create(service("web", "80:http", 8080));
+    restart(&mut daemon);
+    api.set_lb_ips("apps", "web", &[SERVER4]);
+    wait_for("port 80", || greets(&topology, 80, "hello 8080"));
+    restart(&mut daemon);
+    assert!(
+        greets(&topology, 80, "hello 8080"),
+        "a restart keeps the rule"
+    );
+    wait_for("the finalizer", || finalizers(&api, "web") == [FINALIZER]);
+    daemon.kill();
+    api.merge_patch(
+        "apps",
+        "web",
+        json!({"spec": {"ports": [{"name": "http", "port": 9090, "protocol": "TCP"}]},
+            "metadata": {"annotations": {"kube-port-forward-controller/mapping": "81:http"}}}),
+        false,
+    );
+    restart(&mut daemon);
+    wait_for("port 81 to the new port", || {
+        greets(&topology, 81, "hello 9090")
+    });
+    wait_for("port 80 to close", || refused(&topology, 80));
+    restart(&mut daemon);
+    assert!(greets(&topology, 81, "hello 9090"));
+    daemon.kill();
+    api.delete("apps", "web");
+    restart(&mut daemon);
+    wait_for("the Service to go", || api.get("apps", "web").is_none());
+    assert!(refused(&topology, 81));
+    assert_eq!(table_forwards(&topology), 0);
+}
+
+#[test]
+fn release_finalizers_frees_every_service_for_uninstall() {
+    let topology = Topology::new();
+    let api = ApiServer::new();
+    let addr = api.listen(Some(&topology.router));
+    let dir = TempDir::new();
+    for name in ["a", "b"] {
+        api.create(service(
+            name,
+            &format!("{}:http", if name == "a" { 80 } else { 81 }),
+            8080,
+        ));
+        api.set_lb_ips("apps", name, &[SERVER4]);
+    }
+    let mut daemon = Daemon::start(&topology.router, &dir, addr, "router-a", FINALIZER);
+    wait_for("the finalizers", || {
+        finalizers(&api, "a") == [FINALIZER] && finalizers(&api, "b") == [FINALIZER]
+    });
+    daemon.kill();
+    let kubeconfig = dir.write("release.kubeconfig", &ApiServer::kubeconfig(addr));
+    let out = topology
+        .router
+        .exec(BIN, &["release-finalizers", "--kubeconfig", &kubeconfig]);
+    assert!(
+        out.contains("released the finalizer of 2 Services"),
+        "{out}"
+    );
+    assert!(finalizers(&api, "a").is_empty() && finalizers(&api, "b").is_empty());
+}

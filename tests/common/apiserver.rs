@@ -526,9 +526,8 @@ impl ApiServer {
                 }
             }
         }
-        if object["status"].is_null() || object["status"]["loadBalancer"].is_null() {
-            object["status"]["loadBalancer"] = json!({});
-        }
+        // Status is the controllers' to write: a create starts with an empty one.
+        object["status"] = json!({"loadBalancer": {}});
         state.services.insert(key, object.clone());
         self.record(&mut state, "ADDED", &object);
         (StatusCode::CREATED, object)
