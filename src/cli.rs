@@ -381,7 +381,7 @@ async fn release_finalizers(
         }
         let list = api.list(&params).await.map_err(CommandError::Kube)?;
         for service in list.items {
-            let Some(index) = service.finalizer_index(&finalizer) else {
+            let Some(index) = service.tracked.finalizer_index(&finalizer) else {
                 continue;
             };
             let (ns, name) = service.key();

@@ -5,10 +5,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::plan::{self, Plan, State};
-use crate::watched::WatchedService;
+use crate::watched::Tracked;
 
 /// Services by namespace and name.
-pub type Store = BTreeMap<(String, String), WatchedService>;
+pub type Store = BTreeMap<(String, String), Tracked>;
 
 /// What one Service is told, in an event and in its condition. Published when it changes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -130,7 +130,7 @@ mod tests {
         mapping: Option<&str>,
         finalizers: &[&str],
         deleting: bool,
-    ) -> WatchedService {
+    ) -> (String, String, Tracked) {
         let mut annotations = json!({});
         if let Some(mapping) = mapping {
             annotations[crate::annotation::MAPPING] = json!(mapping);
@@ -144,11 +144,16 @@ mod tests {
         if deleting {
             value["metadata"]["deletionTimestamp"] = json!("2026-01-02T00:00:00Z");
         }
-        WatchedService::from_value(value)
+        let w = crate::watched::WatchedService::from_value(value);
+        let (ns, name) = w.key();
+        (ns, name, w.tracked)
     }
 
-    fn store(services: Vec<WatchedService>) -> Store {
-        services.into_iter().map(|w| (w.key(), w)).collect()
+    fn store(services: Vec<(String, String, Tracked)>) -> Store {
+        services
+            .into_iter()
+            .map(|(ns, n, t)| ((ns, n), t))
+            .collect()
     }
 
     const F: &str = "kube-port-forward-controller/finalizer";
@@ -218,7 +223,7 @@ mod tests {
     #[test]
     fn undecodable_annotated_services_are_reported_and_released() {
         let mut bad = watched("bad", "u9", Some("http"), &[F], false);
-        bad.service = Err(crate::service::DecodeError {
+        bad.2.service = Err(crate::service::DecodeError {
             object: "ns/bad".into(),
             field: "spec.ports".into(),
             message: "invalid type".into(),

@@ -10,7 +10,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
-use kube::Resource;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
@@ -20,6 +19,7 @@ use tokio::time::Instant;
 
 use crate::audit;
 use crate::controller::{self, Store, Summary};
+use crate::model::ForwardKey;
 use crate::nft::{Applied, Engine, NftCli};
 use crate::ruleset::{Ruleset, TableConfig};
 use crate::watched::WatchedService;
@@ -193,6 +193,8 @@ pub async fn run(
     tokio::pin!(shutdown);
     loop {
         let mut dirty = false;
+        // Set by a retry or a resync: apply even if the forwards look unchanged.
+        let mut force = false;
         tokio::select! {
             _ = &mut shutdown => break,
             event = events.next() => {
@@ -206,16 +208,18 @@ pub async fn run(
             _ = sleep_until(retry_at), if retry_at.is_some() => {
                 retry_at = None;
                 dirty = true;
+                force = true;
             }
             _ = resync.tick() => {
                 if let Some(engine) = daemon.engine.as_mut() {
                     engine.forget();
                 }
                 dirty = true;
+                force = true;
             }
         }
         if dirty && daemon.synced.iter().all(|s| *s) {
-            match daemon.reconcile().await? {
+            match daemon.reconcile(force).await? {
                 Some(delay) => retry_at = Some(Instant::now() + delay),
                 None => retry_at = None,
             }
@@ -245,8 +249,11 @@ impl Daemon {
                 false
             }
             Ok(Event::InitApply(service)) => {
-                if let Some(buffer) = self.buffers[index].as_mut() {
-                    buffer.insert(service.key(), service);
+                let key = service.key();
+                if let Some(buffer) = self.buffers[index].as_mut()
+                    && service.tracked.relevant(&self.settings.finalizer)
+                {
+                    buffer.insert(key, service.tracked);
                 }
                 false
             }
@@ -262,13 +269,15 @@ impl Daemon {
                 true
             }
             Ok(Event::Apply(service)) => {
-                self.store.insert(service.key(), service);
-                true
+                let key = service.key();
+                if service.tracked.relevant(&self.settings.finalizer) {
+                    self.store.insert(key, service.tracked);
+                    true
+                } else {
+                    self.store.remove(&key).is_some()
+                }
             }
-            Ok(Event::Delete(service)) => {
-                self.store.remove(&service.key());
-                true
-            }
+            Ok(Event::Delete(service)) => self.store.remove(&service.key()).is_some(),
             Err(error) => {
                 tracing::warn!(%error, "watching Services failed; rules stay, retrying");
                 false
@@ -277,15 +286,26 @@ impl Daemon {
     }
 
     /// One round: apply, then finalizers, events and conditions. Returns when to try again
-    /// if something is left to do.
-    async fn reconcile(&mut self) -> Result<Option<Duration>, DaemonError> {
+    /// if something is left to do. Unless `force`d, forwards equal to those applied last are
+    /// not sent again: most events (the daemon's own finalizer and condition writes among
+    /// them) change no forward.
+    async fn reconcile(&mut self, force: bool) -> Result<Option<Duration>, DaemonError> {
         let finalizer = self.settings.finalizer.clone();
         let decision = controller::decide(&self.store, &finalizer);
+        let unchanged = !force
+            && self
+                .engine
+                .as_ref()
+                .and_then(Engine::applied)
+                .is_some_and(|applied| applied.forwards == decision.plan.forwards);
         let ruleset = Ruleset::new(self.settings.table.clone(), decision.plan.forwards.clone());
-        let applied = match self
-            .with_engine(move |engine| engine.apply(ruleset))
-            .await?
-        {
+        let result = if unchanged {
+            Ok(Applied::default())
+        } else {
+            self.with_engine(move |engine| engine.apply(ruleset))
+                .await?
+        };
+        let applied = match result {
             Ok(applied) => applied,
             Err(error) => {
                 self.failures += 1;
@@ -303,21 +323,6 @@ impl Daemon {
         };
         self.failures = 0;
         audit::record(&self.settings.table.table, &applied);
-        self.report_changes(&applied).await;
-        for key in &decision.add_finalizer {
-            self.add_finalizer(key).await;
-        }
-        let mut retry = None;
-        if !decision.release.is_empty() {
-            retry = self.release(&decision.release).await?;
-        }
-        for (key, summary) in decision.summaries {
-            if self.published.get(&key) != Some(&summary) {
-                self.publish(&key, &summary).await;
-                self.published.insert(key, summary);
-            }
-        }
-        self.published.retain(|key, _| self.store.contains_key(key));
         if !self.ready {
             self.ready = true;
             tracing::info!(
@@ -326,6 +331,22 @@ impl Daemon {
                 "ready: first complete list seen and first apply done"
             );
         }
+        // Finalizers first: a deleted Service waits on the release, events wait on nobody.
+        let mut retry = None;
+        if !decision.release.is_empty() {
+            retry = self.release(&decision.release, &applied).await?;
+        }
+        for key in &decision.add_finalizer {
+            self.add_finalizer(key).await;
+        }
+        self.report_changes(&applied).await;
+        for (key, summary) in decision.summaries {
+            if self.published.get(&key) != Some(&summary) {
+                self.publish(&key, &summary).await;
+                self.published.insert(key, summary);
+            }
+        }
+        self.published.retain(|key, _| self.store.contains_key(key));
         Ok(retry)
     }
 
@@ -358,12 +379,12 @@ impl Daemon {
         let Some(watched) = self.store.get(key) else {
             return;
         };
-        let patch = match &watched.metadata.finalizers {
-            None => json!([
+        let patch = match watched.finalizers.as_slice() {
+            [] => json!([
                 {"op": "test", "path": "/metadata/finalizers", "value": null},
                 {"op": "add", "path": "/metadata/finalizers", "value": [self.settings.finalizer]},
             ]),
-            Some(list) => json!([
+            list => json!([
                 {"op": "test", "path": "/metadata/finalizers", "value": list},
                 {"op": "add", "path": "/metadata/finalizers/-", "value": self.settings.finalizer},
             ]),
@@ -408,7 +429,7 @@ impl Daemon {
                     "finalizer {what}"
                 );
                 if updated.metadata.name.is_some() {
-                    self.store.insert(key.clone(), updated);
+                    self.store.insert(key.clone(), updated.tracked);
                 }
                 true
             }
@@ -425,7 +446,39 @@ impl Daemon {
     async fn release(
         &mut self,
         keys: &[(String, String)],
+        applied: &Applied,
     ) -> Result<Option<Duration>, DaemonError> {
+        // Fast path: every Service released had its forwards removed by this round's
+        // transaction, and the kernel confirms those keys are absent. Otherwise, read the
+        // table and look for their uids.
+        let uids: BTreeSet<String> = keys
+            .iter()
+            .filter_map(|k| self.store.get(k).map(|t| t.uid.clone()))
+            .collect();
+        let removed: Vec<ForwardKey> = applied
+            .removed
+            .iter()
+            .filter(|r| r.uid.as_ref().is_some_and(|u| uids.contains(u)))
+            .map(|r| r.key)
+            .collect();
+        let removed_uids: BTreeSet<&str> = applied
+            .removed
+            .iter()
+            .filter_map(|r| r.uid.as_deref())
+            .collect();
+        if uids.iter().all(|u| removed_uids.contains(u.as_str()))
+            && self
+                .with_engine(move |engine| engine.confirmed_absent(&removed))
+                .await?
+        {
+            for key in keys {
+                if let Some(uid) = self.store.get(key).map(|t| t.uid.clone()) {
+                    self.cleanup_since.remove(&uid);
+                }
+                self.remove_finalizer(key).await;
+            }
+            return Ok(None);
+        }
         let config = self.settings.table.clone();
         let read = self
             .with_engine(move |engine| engine.read(&config.table.clone(), Some(&config)))
@@ -560,7 +613,7 @@ impl Daemon {
         };
         if let Err(error) = self
             .recorder
-            .publish(&event, &watched.object_ref(&()))
+            .publish(&event, &watched.object_ref(key))
             .await
         {
             tracing::warn!(%error, namespace = %key.0, name = %key.1, "cannot publish an event");

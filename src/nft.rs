@@ -131,7 +131,7 @@ pub struct Removed {
 }
 
 /// What one apply did to the router.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Applied {
     /// `None`: nothing was sent.
     pub rebuilt: Option<String>,
@@ -202,6 +202,20 @@ impl<F: Firewall> Engine<F> {
 
     pub fn firewall(&mut self) -> &mut F {
         &mut self.firewall
+    }
+
+    /// The ruleset applied last, if the engine remembers one.
+    pub fn applied(&self) -> Option<&Ruleset> {
+        self.applied.as_ref()
+    }
+
+    /// Whether the kernel confirms that none of `keys` is in the table, without reading it:
+    /// `false` when any is there, or when the check cannot tell (then read in full).
+    pub fn confirmed_absent(&mut self, keys: &[ForwardKey]) -> bool {
+        let Some(applied) = &self.applied else {
+            return false;
+        };
+        keys.is_empty() || self.firewall.check(&applied.absence_check(keys)).is_ok()
     }
 
     /// Drop what the engine remembers; the next apply reads the kernel table in full.

@@ -553,6 +553,32 @@ impl Ruleset {
         to_json(vec![NfCmd::Add(self.chain())])
     }
 
+    /// A transaction that `nft -c` accepts exactly when none of `keys` is in the address
+    /// maps: `create` fails on an element that exists. Nothing is committed.
+    pub fn absence_check(&self, keys: &[ForwardKey]) -> String {
+        let mut cmds = Vec::new();
+        for family in FAMILIES {
+            let unspecified = match family {
+                Family::Ipv4 => "0.0.0.0",
+                Family::Ipv6 => "::",
+            };
+            let elems: Vec<Expression<'_>> = keys
+                .iter()
+                .filter(|k| k.family == family)
+                .map(|k| {
+                    Expression::List(vec![
+                        elem(k, None),
+                        Expression::String(Cow::Borrowed(unspecified)),
+                    ])
+                })
+                .collect();
+            if !elems.is_empty() {
+                cmds.push(NfCmd::Create(self.element(addr_map(family), elems)));
+            }
+        }
+        to_json(cmds)
+    }
+
     fn chain(&self) -> NfListObject<'_> {
         NfListObject::Chain(schema::Chain {
             family: NfFamily::INet,

@@ -8,6 +8,7 @@
 
 use std::borrow::Cow;
 
+use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{Deserialize, Deserializer};
 
@@ -18,6 +19,16 @@ use crate::service::{DecodeError, Service};
 pub struct WatchedService {
     /// Name, namespace, uid, resourceVersion and finalizers only.
     pub metadata: ObjectMeta,
+    pub tracked: Tracked,
+}
+
+/// What the daemon keeps of a Service between events: no more than forwarding and the
+/// finalizer need.
+#[derive(Clone, Debug)]
+pub struct Tracked {
+    pub uid: String,
+    pub resource_version: Option<String>,
+    pub finalizers: Vec<String>,
     /// `metadata.deletionTimestamp` is set.
     pub terminating: bool,
     /// The mapping annotation is present (known even when the rest cannot be decoded).
@@ -29,26 +40,31 @@ impl WatchedService {
     pub fn from_value(value: serde_json::Value) -> WatchedService {
         let meta = &value["metadata"];
         let text = |field: &str| meta[field].as_str().map(str::to_owned);
+        let finalizers: Vec<String> = meta["finalizers"]
+            .as_array()
+            .map(|list| {
+                list.iter()
+                    .filter_map(|f| f.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
         let metadata = ObjectMeta {
             name: text("name"),
             namespace: text("namespace"),
             uid: text("uid"),
             resource_version: text("resourceVersion"),
-            finalizers: meta["finalizers"].as_array().map(|list| {
-                list.iter()
-                    .filter_map(|f| f.as_str().map(str::to_owned))
-                    .collect()
-            }),
+            finalizers: (!finalizers.is_empty()).then(|| finalizers.clone()),
             ..ObjectMeta::default()
         };
-        let terminating = !meta["deletionTimestamp"].is_null();
-        let annotated = !meta["annotations"][crate::annotation::MAPPING].is_null();
-        WatchedService {
-            metadata,
-            terminating,
-            annotated,
+        let tracked = Tracked {
+            uid: text("uid").unwrap_or_default(),
+            resource_version: text("resourceVersion"),
+            finalizers,
+            terminating: !meta["deletionTimestamp"].is_null(),
+            annotated: !meta["annotations"][crate::annotation::MAPPING].is_null(),
             service: Service::decode(value),
-        }
+        };
+        WatchedService { metadata, tracked }
     }
 
     pub fn key(&self) -> (String, String) {
@@ -57,25 +73,39 @@ impl WatchedService {
             self.metadata.name.clone().unwrap_or_default(),
         )
     }
+}
 
+impl Tracked {
     pub fn uid(&self) -> &str {
-        self.metadata.uid.as_deref().unwrap_or_default()
+        &self.uid
     }
 
     pub fn has_finalizer(&self, finalizer: &str) -> bool {
-        self.metadata
-            .finalizers
-            .as_ref()
-            .is_some_and(|list| list.iter().any(|f| f == finalizer))
+        self.finalizers.iter().any(|f| f == finalizer)
     }
 
     /// Position of `finalizer` in the list, for a JSON Patch that removes exactly it.
     pub fn finalizer_index(&self, finalizer: &str) -> Option<usize> {
-        self.metadata
-            .finalizers
-            .as_ref()?
-            .iter()
-            .position(|f| f == finalizer)
+        self.finalizers.iter().position(|f| f == finalizer)
+    }
+
+    /// Whether this router has any business with the Service: it asks for forwards, or it
+    /// still carries this router's finalizer. Others are not kept.
+    pub fn relevant(&self, finalizer: &str) -> bool {
+        self.annotated || self.has_finalizer(finalizer)
+    }
+
+    /// The reference events point at.
+    pub fn object_ref(&self, key: &(String, String)) -> ObjectReference {
+        ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Service".into()),
+            namespace: Some(key.0.clone()),
+            name: Some(key.1.clone()),
+            uid: Some(self.uid.clone()),
+            resource_version: self.resource_version.clone(),
+            ..ObjectReference::default()
+        }
     }
 }
 
@@ -128,10 +158,15 @@ mod tests {
             {"metadata": {"name": "bad", "namespace": "a"}, "spec": {"ports": "eighty"}}
         ]))
         .unwrap();
-        assert!(list[0].service.is_ok());
-        assert!(list[0].terminating && list[0].has_finalizer("x/y"));
-        assert_eq!(list[0].finalizer_index("x/y"), Some(0));
-        assert_eq!(list[1].service.as_ref().unwrap_err().field, "spec.ports");
+        let ok = &list[0].tracked;
+        assert!(ok.service.is_ok());
+        assert!(ok.terminating && ok.has_finalizer("x/y") && ok.relevant("x/y"));
+        assert_eq!(ok.finalizer_index("x/y"), Some(0));
+        assert!(!ok.relevant("other/z"));
+        assert_eq!(
+            list[1].tracked.service.as_ref().unwrap_err().field,
+            "spec.ports"
+        );
         assert_eq!(list[1].key(), ("a".to_owned(), "bad".to_owned()));
     }
 }

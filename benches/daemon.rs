@@ -1,0 +1,197 @@
+//! The daemon end to end against the test API server: how fast a new Service's port opens
+//! and a deleted Service is let go (200 Services), and the memory and start-up time with
+//! 10,000 Services of which 1,000 are annotated. Needs root.
+//! `cargo bench --bench daemon`
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::apiserver::ApiServer;
+use common::{Netns, Server, TempDir, Topology, wait_for};
+use serde_json::json;
+
+const BIN: &str = env!("CARGO_BIN_EXE_kube-port-forward");
+
+fn start(router: &Netns, dir: &TempDir, api: SocketAddr) -> (Child, String) {
+    let kubeconfig = dir.write("bench.kubeconfig", &ApiServer::kubeconfig(api));
+    let log = dir.path.join("daemon.log").display().to_string();
+    let file = std::fs::File::create(&log).unwrap();
+    let child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &router.name,
+            BIN,
+            "run",
+            "--kubeconfig",
+            &kubeconfig,
+        ])
+        .args([
+            "--wan-interface",
+            "wan",
+            "--wan-address",
+            common::ROUTER_WAN4,
+        ])
+        .args(["--instance", "bench"])
+        .stdin(Stdio::null())
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .spawn()
+        .unwrap();
+    (child, log)
+}
+
+fn service(name: &str, annotated: bool, port: u16) -> serde_json::Value {
+    let mut metadata = json!({"name": name, "namespace": format!("ns-{}", port % 20)});
+    if annotated {
+        metadata["annotations"] =
+            json!({"kube-port-forward-controller/mapping": format!("{port}:http")});
+    }
+    json!({"metadata": metadata, "spec": {"type": "LoadBalancer",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]}})
+}
+
+fn percentiles(mut values: Vec<Duration>) -> String {
+    values.sort();
+    let at = |p: usize| values[(values.len() * p / 100).min(values.len() - 1)].as_secs_f64() * 1e3;
+    format!(
+        "p50 {:6.1} ms  p99 {:6.1} ms  max {:6.1} ms  (n={})",
+        at(50),
+        at(99),
+        at(100),
+        values.len()
+    )
+}
+
+fn status_field(pid: u32, field: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .map(|l| l.split_whitespace().skip(1).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn latency() {
+    let topology = Topology::new();
+    let _server = Server::start(&topology.server, 8080);
+    let api = ApiServer::new();
+    let addr = api.listen(Some(&topology.router));
+    let dir = TempDir::new();
+    let (mut child, log) = start(&topology.router, &dir, addr);
+    wait_for("ready", || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("ready")
+    });
+    let mut opened = Vec::new();
+    let mut released = Vec::new();
+    for i in 0..200u16 {
+        let name = format!("svc-{i}");
+        let port = 20_000 + i;
+        let created = api.create(service(&name, true, port));
+        let ns = created["metadata"]["namespace"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let target: SocketAddr = format!("{}:{port}", common::ROUTER_WAN4).parse().unwrap();
+        let start = Instant::now();
+        api.set_lb_ips(&ns, &name, &[common::SERVER4]);
+        // Live in the kernel: a connection to the WAN port reaches the server.
+        opened.push(topology.client.enter(move || {
+            while TcpStream::connect_timeout(&target, Duration::from_secs(1)).is_err() {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            start.elapsed()
+        }));
+    }
+    wait_for("200 finalizers", || {
+        (0..200u16).all(|i| {
+            let ns = format!("ns-{}", (20_000 + i) % 20);
+            api.get(&ns, &format!("svc-{i}"))
+                .is_some_and(|s| !s["metadata"]["finalizers"].is_null())
+        })
+    });
+    for i in 0..200u16 {
+        let ns = format!("ns-{}", (20_000 + i) % 20);
+        let name = format!("svc-{i}");
+        let start = Instant::now();
+        api.delete(&ns, &name);
+        while api.get(&ns, &name).is_some() {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        released.push(start.elapsed());
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    println!(
+        "LoadBalancer address set -> port open on the WAN:       {}",
+        percentiles(opened)
+    );
+    println!(
+        "deletion requested -> finalizer released, Service gone: {}",
+        percentiles(released)
+    );
+}
+
+fn scale() {
+    let router = Netns::new("bench");
+    let api = ApiServer::new();
+    for i in 0..10_000u16 {
+        let annotated = i % 10 == 0;
+        let name = format!("svc-{i}");
+        let created = api.create(service(&name, annotated, 10_000 + i));
+        if annotated {
+            let ns = created["metadata"]["namespace"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+            let ip = format!("10.{}.{}.{}", i / 62_500, (i / 250) % 250, i % 250 + 1);
+            api.set_lb_ips(&ns, &name, &[&ip]);
+        }
+    }
+    let addr = api.listen(Some(&router));
+    let dir = TempDir::new();
+    let begin = Instant::now();
+    let (mut child, log) = start(&router, &dir, addr);
+    wait_for("ready", || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("ready")
+    });
+    let ready = begin.elapsed();
+    let rss_ready = status_field(child.id(), "VmRSS");
+    let settle = Instant::now();
+    wait_for("1,000 finalizers", || {
+        (0..10_000u16).step_by(10).all(|i| {
+            let ns = format!("ns-{}", (10_000 + i) % 20);
+            api.get(&ns, &format!("svc-{i}"))
+                .is_some_and(|s| !s["metadata"]["finalizers"].is_null())
+        })
+    });
+    let settled = settle.elapsed();
+    let pid = child.id();
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
+    assert!(comm.starts_with("kube-port-forw"), "measuring {comm}");
+    println!(
+        "10,000 Services (1,000 annotated): start -> ready {:.2} s; then 1,000 finalizers and conditions written in {:.2} s",
+        ready.as_secs_f64(),
+        settled.as_secs_f64()
+    );
+    println!(
+        "daemon memory: VmRSS at ready {rss_ready}, after settling {}, peak (VmHWM) {}",
+        status_field(pid, "VmRSS"),
+        status_field(pid, "VmHWM")
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn main() {
+    latency();
+    scale();
+}
