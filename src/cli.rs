@@ -35,6 +35,9 @@ pub struct Cli {
     /// Log at debug level (the nft commands run, among others).
     #[arg(short, long, global = true)]
     pub verbose: bool,
+    /// The nft program to run (default: `nft` from PATH).
+    #[arg(long, global = true, value_name = "PROGRAM")]
+    pub nft: Option<std::ffi::OsString>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -203,7 +206,7 @@ fn planned(
 }
 
 /// Runs a command; returns the exit code for success paths.
-pub fn run(command: Command) -> Result<u8, CommandError> {
+pub fn run(command: Command, nft: NftCli) -> Result<u8, CommandError> {
     match command {
         Command::Plan {
             files,
@@ -249,7 +252,7 @@ pub fn run(command: Command) -> Result<u8, CommandError> {
                 );
             }
             let (table, count) = (ruleset.config.table.clone(), ruleset.forwards.len());
-            let applied = Engine::new(NftCli::default()).apply(ruleset)?;
+            let applied = Engine::new(nft).apply(ruleset)?;
             audit::record(&table, &applied);
             println!(
                 "{count} forwards in table inet {table}: {} opened, {} closed{}",
@@ -286,6 +289,7 @@ pub fn run(command: Command) -> Result<u8, CommandError> {
                 table: table.config()?,
                 cleanup_deadline: Duration::from_secs(cleanup_deadline),
                 resync: Duration::from_secs(resync.max(1)),
+                nft,
             };
             runtime()?.block_on(daemon::run(settings, shutdown_signal()))?;
             Ok(exit::OK)
@@ -297,7 +301,7 @@ pub fn run(command: Command) -> Result<u8, CommandError> {
         }
         Command::Status { table, output } => {
             TableConfig::new(&table, [], [])?;
-            let current = Engine::new(NftCli::default()).read(&table, None)?;
+            let current = Engine::new(nft).read(&table, None)?;
             print!(
                 "{}",
                 match output {
@@ -362,6 +366,7 @@ async fn release_finalizers(
         table: TableConfig::new(DEFAULT_TABLE, [], [])?,
         cleanup_deadline: Duration::ZERO,
         resync: Duration::ZERO,
+        nft: NftCli::default(),
     };
     let client = daemon::client(&settings).await?;
     let scopes: Vec<Option<String>> = if cluster.namespaces.is_empty() {

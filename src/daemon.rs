@@ -46,6 +46,7 @@ pub struct Settings {
     pub cleanup_deadline: Duration,
     /// How often the kernel table is read in full and compared.
     pub resync: Duration,
+    pub nft: NftCli,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -175,7 +176,7 @@ pub async fn run(
         synced: vec![false; scopes.len()],
         scopes,
         store: Store::new(),
-        engine: Some(Engine::new(NftCli::default())),
+        engine: Some(Engine::new(settings.nft.clone())),
         published: HashMap::new(),
         cleanup_since: HashMap::new(),
         ready: false,
@@ -310,13 +311,13 @@ impl Daemon {
             Err(error) => {
                 self.failures += 1;
                 tracing::error!(%error, "applying the table failed; retrying");
+                let note = format!("removing this Service's forwards failed: {error}");
                 for key in &decision.release {
-                    self.warn(
-                        key,
-                        "CleanupFailed",
-                        &format!("removing this Service's forwards failed: {error}"),
-                    )
-                    .await;
+                    if self.cleanup_overdue(key) {
+                        self.release_anyway(key).await;
+                    } else {
+                        self.warn(key, "CleanupFailed", &note).await;
+                    }
                 }
                 return Ok(Some(self.backoff()));
             }
@@ -509,19 +510,8 @@ impl Daemon {
                 self.remove_finalizer(key).await;
                 continue;
             }
-            let since = *self
-                .cleanup_since
-                .entry(uid.clone())
-                .or_insert_with(Instant::now);
-            if since.elapsed() >= self.settings.cleanup_deadline {
-                tracing::error!(
-                    action = "release-anyway",
-                    namespace = %key.0,
-                    name = %key.1,
-                    uid = %uid,
-                    "cleanup kept failing; releasing the finalizer anyway: rules owned by this uid may remain in the table until the next successful apply"
-                );
-                self.remove_finalizer(key).await;
+            if self.cleanup_overdue(key) {
+                self.release_anyway(key).await;
             } else {
                 self.warn(
                     key,
@@ -533,6 +523,38 @@ impl Daemon {
             }
         }
         Ok(retry)
+    }
+
+    /// Whether a Service's cleanup has been failing for longer than the deadline, counted
+    /// from the first failure seen.
+    fn cleanup_overdue(&mut self, key: &(String, String)) -> bool {
+        let Some(uid) = self.store.get(key).map(|t| t.uid.clone()) else {
+            return false;
+        };
+        let since = *self.cleanup_since.entry(uid).or_insert_with(Instant::now);
+        since.elapsed() >= self.settings.cleanup_deadline
+    }
+
+    async fn release_anyway(&mut self, key: &(String, String)) {
+        let uid = self
+            .store
+            .get(key)
+            .map(|t| t.uid.clone())
+            .unwrap_or_default();
+        tracing::error!(
+            action = "release-anyway",
+            namespace = %key.0,
+            name = %key.1,
+            uid = %uid,
+            "cleanup kept failing past the deadline; releasing the finalizer anyway: forwards owned by this uid may remain until an apply succeeds"
+        );
+        self.warn(
+            key,
+            "CleanupAbandoned",
+            "cleanup kept failing past the deadline; the finalizer is released and the router keeps retrying",
+        )
+        .await;
+        self.remove_finalizer(key).await;
     }
 
     /// Normal events for forwards opened and closed, one per Service.

@@ -18,7 +18,8 @@ fn main() -> ExitCode {
         .with_target(false)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    match cli::run(cli.command) {
+    let nft = kube_port_forward::nft::NftCli::new(cli.nft);
+    match cli::run(cli.command, nft) {
         Ok(code) => ExitCode::from(code),
         Err(err) => {
             let mut message = format!("error: {err}");

@@ -30,6 +30,24 @@ impl Daemon {
         name: &str,
         finalizer: &str,
     ) -> Daemon {
+        Daemon::start_with(
+            router,
+            dir,
+            api,
+            name,
+            finalizer,
+            &["--cleanup-deadline", "60"],
+        )
+    }
+
+    fn start_with(
+        router: &Netns,
+        dir: &TempDir,
+        api: SocketAddr,
+        name: &str,
+        finalizer: &str,
+        extra: &[&str],
+    ) -> Daemon {
         let kubeconfig = dir.write(&format!("{name}.kubeconfig"), &ApiServer::kubeconfig(api));
         let log = dir.path.join(format!("{name}.log")).display().to_string();
         let file = std::fs::OpenOptions::new()
@@ -54,7 +72,8 @@ impl Daemon {
                 "--condition-type",
                 &format!("kube-port-forward-controller/{name}"),
             ])
-            .args(["--resync", "5", "--cleanup-deadline", "60"])
+            .args(["--resync", "5"])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(file.try_clone().unwrap())
             .stderr(file)
@@ -470,4 +489,63 @@ fn release_finalizers_frees_every_service_for_uninstall() {
         "{out}"
     );
     assert!(finalizers(&api, "a").is_empty() && finalizers(&api, "b").is_empty());
+}
+
+#[test]
+fn a_cleanup_that_keeps_failing_is_retried_warned_then_released_and_swept_later() {
+    let topology = Topology::new();
+    let _server = Server::start(&topology.server, 8080);
+    let api = ApiServer::new();
+    let addr = api.listen(Some(&topology.router));
+    let dir = TempDir::new();
+    // An nft that refuses every transaction deleting something while the marker exists.
+    let marker = dir.path.join("fail-deletes");
+    let wrapper = dir.write(
+        "nft-wrapper",
+        &format!(
+            "#!/bin/sh\ncase \" $* \" in\n*\" -f - \"*)\n  input=$(cat)\n  if [ -e {m} ] && printf '%s' \"$input\" | grep -q '\"delete\"'; then echo injected failure >&2; exit 1; fi\n  printf '%s' \"$input\" | exec nft \"$@\" ;;\n*) exec nft \"$@\" ;;\nesac\n",
+            m = marker.display()
+        ),
+    );
+    run("chmod", &["+x", &wrapper]);
+    let daemon = Daemon::start_with(
+        &topology.router,
+        &dir,
+        addr,
+        "router-a",
+        FINALIZER,
+        &["--cleanup-deadline", "3", "--nft", &wrapper],
+    );
+    api.create(service("web", "80:http", 8080));
+    api.set_lb_ips("apps", "web", &[SERVER4]);
+    wait_for("port 80", || greets(&topology, 80, "hello 8080"));
+    wait_for("the finalizer", || finalizers(&api, "web") == [FINALIZER]);
+
+    std::fs::write(&marker, "").unwrap();
+    api.delete("apps", "web");
+    let warned = |reason: &str| {
+        api.events()
+            .iter()
+            .any(|e| e["type"] == "Warning" && e["reason"] == reason)
+    };
+    wait_for("a CleanupFailed warning", || warned("CleanupFailed"));
+    assert_eq!(
+        finalizers(&api, "web"),
+        [FINALIZER],
+        "held while cleanup fails"
+    );
+    wait_for("the release past the deadline", || {
+        api.get("apps", "web").is_none()
+    });
+    assert!(warned("CleanupAbandoned"));
+    daemon.wait_log("release-anyway");
+    assert!(
+        greets(&topology, 80, "hello 8080"),
+        "the rule could not be removed yet"
+    );
+
+    std::fs::remove_file(&marker).unwrap();
+    wait_for("the orphan to be swept once nft works", || {
+        refused(&topology, 80)
+    });
 }
