@@ -450,8 +450,8 @@ impl Daemon {
         applied: &Applied,
     ) -> Result<Option<Duration>, DaemonError> {
         // Fast path: every Service released had its forwards removed by this round's
-        // transaction, and the kernel confirms those keys are absent. Otherwise, read the
-        // table and look for their uids.
+        // transaction, and the kernel's echo of that transaction reports those keys deleted.
+        // Otherwise, read the table and look for their uids.
         let uids: BTreeSet<String> = keys
             .iter()
             .filter_map(|k| self.store.get(k).map(|t| t.uid.clone()))
@@ -468,9 +468,9 @@ impl Daemon {
             .filter_map(|r| r.uid.as_deref())
             .collect();
         if uids.iter().all(|u| removed_uids.contains(u.as_str()))
-            && self
-                .with_engine(move |engine| engine.confirmed_absent(&removed))
-                .await?
+            && removed
+                .iter()
+                .all(|k| applied.confirmed_removed.contains(k))
         {
             for key in keys {
                 if let Some(uid) = self.store.get(key).map(|t| t.uid.clone()) {

@@ -35,8 +35,9 @@ pub enum NftError {
 pub trait Firewall {
     /// `nft -j list table inet NAME`, or `None` when there is no such table.
     fn list_table(&mut self, table: &str) -> Result<Option<Nftables<'static>>, NftError>;
-    /// Runs one JSON transaction with `nft -j -f -`.
-    fn apply(&mut self, transaction: &str) -> Result<(), NftError>;
+    /// Runs one JSON transaction with `nft -j -f -`; with `echo`, returns what the kernel
+    /// reported it did (`nft --echo`), else nothing.
+    fn apply(&mut self, transaction: &str, echo: bool) -> Result<String, NftError>;
     /// Has the kernel check a transaction without committing it (`nft -c -j -f -`).
     fn check(&mut self, transaction: &str) -> Result<(), NftError>;
 }
@@ -97,17 +98,17 @@ impl Firewall for NftCli {
         self.list(&["list", "table", "inet", table])
     }
 
-    fn apply(&mut self, transaction: &str) -> Result<(), NftError> {
-        self.send(transaction, &[])
+    fn apply(&mut self, transaction: &str, echo: bool) -> Result<String, NftError> {
+        self.send(transaction, if echo { &["--echo"] } else { &[] })
     }
 
     fn check(&mut self, transaction: &str) -> Result<(), NftError> {
-        self.send(transaction, &["-c"])
+        self.send(transaction, &["-c"]).map(drop)
     }
 }
 
 impl NftCli {
-    fn send(&mut self, transaction: &str, args: &[&str]) -> Result<(), NftError> {
+    fn send(&mut self, transaction: &str, args: &[&str]) -> Result<String, NftError> {
         let mut command = self.program().to_string_lossy().into_owned();
         for arg in args.iter().chain(&["-j", "-f", "-"]) {
             command.push(' ');
@@ -115,7 +116,6 @@ impl NftCli {
         }
         tracing::debug!(%command, bytes = transaction.len(), "sending a transaction");
         helper::apply_ruleset_raw(transaction, self.program.as_ref(), args)
-            .map(drop)
             .map_err(|err| self.error(command, err))
     }
 }
@@ -138,6 +138,9 @@ pub struct Applied {
     pub sent: bool,
     pub added: Vec<Forward>,
     pub removed: Vec<Removed>,
+    /// Keys the kernel reported deleted from the address maps in this transaction (its
+    /// `--echo`); empty after a rebuild, which is not echoed.
+    pub confirmed_removed: BTreeSet<ForwardKey>,
 }
 
 /// The state the engine diffs against, for describing what was removed.
@@ -209,15 +212,6 @@ impl<F: Firewall> Engine<F> {
         self.applied.as_ref()
     }
 
-    /// Whether the kernel confirms that none of `keys` is in the table, without reading it:
-    /// `false` when any is there, or when the check cannot tell (then read in full).
-    pub fn confirmed_absent(&mut self, keys: &[ForwardKey]) -> bool {
-        let Some(applied) = &self.applied else {
-            return false;
-        };
-        keys.is_empty() || self.firewall.check(&applied.absence_check(keys)).is_ok()
-    }
-
     /// Drop what the engine remembers; the next apply reads the kernel table in full.
     pub fn forget(&mut self) {
         self.applied = None;
@@ -265,7 +259,7 @@ impl<F: Firewall> Engine<F> {
             (Change::Rebuild(_), Previous::Kernel(table)) => desired.delta(table),
             (Change::Rebuild(_), Previous::Nothing) => desired.delta(&empty),
         };
-        let rebuilt = self.send(&desired, &change)?;
+        let (rebuilt, confirmed_removed) = self.send(&desired, &change)?;
         let removed: BTreeSet<&ForwardKey> = delta
             .delete_addrs
             .iter()
@@ -275,6 +269,7 @@ impl<F: Firewall> Engine<F> {
         let applied = Applied {
             sent: change != Change::Nothing,
             rebuilt,
+            confirmed_removed,
             added: delta
                 .add
                 .iter()
@@ -304,14 +299,21 @@ impl<F: Firewall> Engine<F> {
         }
     }
 
-    /// Sends the change; returns why the table was rebuilt, if it was.
-    fn send(&mut self, desired: &Ruleset, change: &Change) -> Result<Option<String>, NftError> {
+    /// Sends the change; returns why the table was rebuilt, if it was, and the keys the
+    /// kernel reported deleted.
+    fn send(
+        &mut self,
+        desired: &Ruleset,
+        change: &Change,
+    ) -> Result<(Option<String>, BTreeSet<ForwardKey>), NftError> {
         let Some(transaction) = desired.transaction(change) else {
-            return Ok(None);
+            return Ok((None, BTreeSet::new()));
         };
-        match (self.firewall.apply(&transaction), change) {
-            (Ok(()), Change::Rebuild(reason)) => Ok(Some(reason.clone())),
-            (Ok(()), _) => Ok(None),
+        // An update is small, so its echo is cheap; a rebuild's would list every element.
+        let echo = matches!(change, Change::Update(_));
+        match (self.firewall.apply(&transaction, echo), change) {
+            (Ok(_), Change::Rebuild(reason)) => Ok((Some(reason.clone()), BTreeSet::new())),
+            (Ok(echoed), _) => Ok((None, crate::ruleset::echoed_deletions(&echoed))),
             (Err(err), Change::Update(_)) => {
                 // The table changed under us since it was read or remembered. Replace it
                 // whole, still in one transaction.
@@ -321,8 +323,8 @@ impl<F: Firewall> Engine<F> {
                 let transaction = desired
                     .transaction(&rebuild)
                     .expect("a rebuild has a transaction");
-                self.firewall.apply(&transaction)?;
-                Ok(Some(reason))
+                self.firewall.apply(&transaction, false)?;
+                Ok((Some(reason), BTreeSet::new()))
             }
             (Err(err), _) => Err(err),
         }

@@ -553,32 +553,6 @@ impl Ruleset {
         to_json(vec![NfCmd::Add(self.chain())])
     }
 
-    /// A transaction that `nft -c` accepts exactly when none of `keys` is in the address
-    /// maps: `create` fails on an element that exists. Nothing is committed.
-    pub fn absence_check(&self, keys: &[ForwardKey]) -> String {
-        let mut cmds = Vec::new();
-        for family in FAMILIES {
-            let unspecified = match family {
-                Family::Ipv4 => "0.0.0.0",
-                Family::Ipv6 => "::",
-            };
-            let elems: Vec<Expression<'_>> = keys
-                .iter()
-                .filter(|k| k.family == family)
-                .map(|k| {
-                    Expression::List(vec![
-                        elem(k, None),
-                        Expression::String(Cow::Borrowed(unspecified)),
-                    ])
-                })
-                .collect();
-            if !elems.is_empty() {
-                cmds.push(NfCmd::Create(self.element(addr_map(family), elems)));
-            }
-        }
-        to_json(cmds)
-    }
-
     fn chain(&self) -> NfListObject<'_> {
         NfListObject::Chain(schema::Chain {
             family: NfFamily::INet,
@@ -750,6 +724,37 @@ fn to_json(commands: Vec<NfCmd<'_>>) -> String {
     }
     out.push_str("]}");
     out
+}
+
+/// The keys deleted from the address maps, as `nft --echo` reports a transaction: the
+/// kernel's own account of what it committed.
+pub fn echoed_deletions(echo: &str) -> BTreeSet<ForwardKey> {
+    let mut keys = BTreeSet::new();
+    let Ok(value) = serde_json::from_str::<serde_json::Value>(echo) else {
+        return keys;
+    };
+    for object in value["nftables"].as_array().into_iter().flatten() {
+        let element = &object["delete"]["element"];
+        let Some(family) = FAMILIES
+            .into_iter()
+            .find(|f| element["name"].as_str() == Some(addr_map(*f)))
+        else {
+            continue;
+        };
+        for item in element["elem"].as_array().into_iter().flatten() {
+            let parts = &item["concat"];
+            let protocol = parts[0].as_str().and_then(Protocol::from_nft_name);
+            let port = parts[1].as_u64().and_then(|p| u16::try_from(p).ok());
+            if let (Some(protocol), Some(external_port)) = (protocol, port) {
+                keys.insert(ForwardKey {
+                    family,
+                    protocol,
+                    external_port,
+                });
+            }
+        }
+    }
+    keys
 }
 
 impl KernelTable {
@@ -1309,6 +1314,35 @@ mod tests {
             KernelTable::from_nftables(None, &listing).shape_problem,
             None
         );
+    }
+
+    #[test]
+    fn echoed_deletions_are_read_from_address_maps_only() {
+        let echo = r#"{"nftables": [
+            {"delete": {"element": {"family": "inet", "table": "t", "name": "fwd_ipv4_addr",
+                "elem": [{"concat": ["tcp", 80]}, {"concat": ["udp", 53]}]}}},
+            {"delete": {"element": {"family": "inet", "table": "t", "name": "fwd_ipv4_port",
+                "elem": [{"concat": ["tcp", 81]}]}}},
+            {"delete": {"element": {"family": "inet", "table": "t", "name": "fwd_ipv6_addr",
+                "elem": [{"concat": ["tcp", 443]}]}}},
+            {"add": {"element": {"family": "inet", "table": "t", "name": "fwd_ipv4_addr",
+                "elem": [[{"concat": ["tcp", 8080]}, "10.0.0.1"]]}}}
+        ]}"#;
+        let keys = echoed_deletions(echo);
+        let key = |family, protocol, external_port| ForwardKey {
+            family,
+            protocol,
+            external_port,
+        };
+        assert_eq!(
+            keys,
+            BTreeSet::from([
+                key(Family::Ipv4, Protocol::Tcp, 80),
+                key(Family::Ipv4, Protocol::Udp, 53),
+                key(Family::Ipv6, Protocol::Tcp, 443),
+            ])
+        );
+        assert!(echoed_deletions("").is_empty());
     }
 
     #[test]

@@ -23,9 +23,9 @@ impl Firewall for Recording {
     fn list_table(&mut self, table: &str) -> Result<Option<Nftables<'static>>, NftError> {
         self.inner.list_table(table)
     }
-    fn apply(&mut self, transaction: &str) -> Result<(), NftError> {
+    fn apply(&mut self, transaction: &str, echo: bool) -> Result<String, NftError> {
         self.sent.push(transaction.to_owned());
-        self.inner.apply(transaction)
+        self.inner.apply(transaction, echo)
     }
     fn check(&mut self, transaction: &str) -> Result<(), NftError> {
         self.inner.check(transaction)
@@ -166,6 +166,10 @@ fn removed_forwards_leave_the_kernel() {
         let desired = ruleset(kept);
         let applied = engine.apply(desired.clone()).unwrap();
         assert_eq!(applied.removed.len(), 20);
+        // The kernel's echo of the transaction reports each removed key deleted.
+        let removed: std::collections::BTreeSet<ForwardKey> =
+            applied.removed.iter().map(|r| r.key).collect();
+        assert_eq!(applied.confirmed_removed, removed);
         assert!(
             applied.removed[0].was.contains("uid="),
             "{:?}",
