@@ -7,43 +7,12 @@
 mod common;
 
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::apiserver::ApiServer;
+use common::daemon::Daemon;
 use common::{Netns, Server, TempDir, Topology, wait_for};
 use serde_json::json;
-
-const BIN: &str = env!("CARGO_BIN_EXE_kube-port-forward");
-
-fn start(router: &Netns, dir: &TempDir, api: SocketAddr) -> (Child, String) {
-    let kubeconfig = dir.write("bench.kubeconfig", &ApiServer::kubeconfig(api));
-    let log = dir.path.join("daemon.log").display().to_string();
-    let file = std::fs::File::create(&log).unwrap();
-    let child = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &router.name,
-            BIN,
-            "run",
-            "--kubeconfig",
-            &kubeconfig,
-        ])
-        .args([
-            "--wan-interface",
-            "wan",
-            "--wan-address",
-            common::ROUTER_WAN4,
-        ])
-        .args(["--instance", "bench"])
-        .stdin(Stdio::null())
-        .stdout(file.try_clone().unwrap())
-        .stderr(file)
-        .spawn()
-        .unwrap();
-    (child, log)
-}
 
 fn service(name: &str, annotated: bool, port: u16) -> serde_json::Value {
     let mut metadata = json!({"name": name, "namespace": format!("ns-{}", port % 20)});
@@ -82,12 +51,8 @@ fn latency() {
     let api = ApiServer::new();
     let addr = api.listen(Some(&topology.router));
     let dir = TempDir::new();
-    let (mut child, log) = start(&topology.router, &dir, addr);
-    wait_for("ready", || {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("ready")
-    });
+    let mut daemon = Daemon::spawn(&topology.router, &dir, addr, "bench", &[]);
+    daemon.wait_log("ready");
     let mut opened = Vec::new();
     let mut released = Vec::new();
     for i in 0..200u16 {
@@ -126,8 +91,7 @@ fn latency() {
         }
         released.push(start.elapsed());
     }
-    let _ = child.kill();
-    let _ = child.wait();
+    daemon.kill();
     println!(
         "LoadBalancer address set -> port open on the WAN:       {}",
         percentiles(opened)
@@ -157,14 +121,10 @@ fn scale() {
     let addr = api.listen(Some(&router));
     let dir = TempDir::new();
     let begin = Instant::now();
-    let (mut child, log) = start(&router, &dir, addr);
-    wait_for("ready", || {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("ready")
-    });
+    let mut daemon = Daemon::spawn(&router, &dir, addr, "bench", &[]);
+    daemon.wait_log("ready");
     let ready = begin.elapsed();
-    let rss_ready = status_field(child.id(), "VmRSS");
+    let rss_ready = status_field(daemon.pid(), "VmRSS");
     let settle = Instant::now();
     wait_for("1,000 finalizers", || {
         (0..10_000u16).step_by(10).all(|i| {
@@ -174,7 +134,7 @@ fn scale() {
         })
     });
     let settled = settle.elapsed();
-    let pid = child.id();
+    let pid = daemon.pid();
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
     assert!(comm.starts_with("kube-port-forw"), "measuring {comm}");
     println!(
@@ -187,8 +147,7 @@ fn scale() {
         status_field(pid, "VmRSS"),
         status_field(pid, "VmHWM")
     );
-    let _ = child.kill();
-    let _ = child.wait();
+    daemon.kill();
 }
 
 fn main() {

@@ -7,103 +7,66 @@ mod common;
 
 use std::io::ErrorKind;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 
 use common::apiserver::ApiServer;
+use common::daemon::Daemon;
 use common::*;
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kube-port-forward");
 const FINALIZER: &str = "kube-port-forward-controller/finalizer";
 
-/// A running daemon, killed (SIGKILL) on drop; its log is kept for failure messages.
-struct Daemon {
-    child: Child,
-    log: String,
+/// Starts the daemon as router `name` with its own finalizer and condition type, resyncing
+/// every 5 s, plus `extra` flags (default: a 60 s cleanup deadline).
+fn start_daemon(
+    router: &Netns,
+    dir: &TempDir,
+    api: SocketAddr,
+    name: &str,
+    finalizer: &str,
+    extra: &[&str],
+) -> Daemon {
+    let condition = format!("kube-port-forward-controller/{name}");
+    let mut args = vec![
+        "--finalizer",
+        finalizer,
+        "--condition-type",
+        &condition,
+        "--resync",
+        "5",
+    ];
+    args.extend_from_slice(if extra.is_empty() {
+        &["--cleanup-deadline", "60"]
+    } else {
+        extra
+    });
+    Daemon::spawn(router, dir, api, name, &args)
 }
 
-impl Daemon {
-    fn start(
-        router: &Netns,
-        dir: &TempDir,
-        api: SocketAddr,
-        name: &str,
-        finalizer: &str,
-    ) -> Daemon {
-        Daemon::start_with(
-            router,
-            dir,
-            api,
-            name,
-            finalizer,
-            &["--cleanup-deadline", "60"],
-        )
-    }
-
-    fn start_with(
-        router: &Netns,
-        dir: &TempDir,
-        api: SocketAddr,
-        name: &str,
-        finalizer: &str,
-        extra: &[&str],
-    ) -> Daemon {
-        let kubeconfig = dir.write(&format!("{name}.kubeconfig"), &ApiServer::kubeconfig(api));
-        let log = dir.path.join(format!("{name}.log")).display().to_string();
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .unwrap();
-        let child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &router.name,
-                BIN,
-                "-v",
-                "run",
-                "--kubeconfig",
-                &kubeconfig,
-            ])
-            .args(["--wan-interface", "wan", "--wan-address", ROUTER_WAN4])
-            .args(["--instance", name, "--finalizer", finalizer])
-            .args([
-                "--condition-type",
-                &format!("kube-port-forward-controller/{name}"),
-            ])
-            .args(["--resync", "5"])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .spawn()
-            .unwrap();
-        Daemon { child, log }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn wait_log(&self, text: &str) {
-        wait_for(&format!("\"{text}\" in the daemon's log"), || {
-            self.log().contains(text)
-        });
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A client, router and server, the servers listening on `ports`, and the API server
+/// listening in the router namespace.
+struct Setup {
+    topology: Topology,
+    api: ApiServer,
+    addr: SocketAddr,
+    dir: TempDir,
+    _servers: Vec<Server>,
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.kill();
-        if std::thread::panicking() {
-            eprintln!("--- daemon log {} ---\n{}", self.log, self.log());
-        }
+fn setup(ports: &[u16]) -> Setup {
+    let topology = Topology::new();
+    let servers = ports
+        .iter()
+        .map(|p| Server::start(&topology.server, *p))
+        .collect();
+    let api = ApiServer::new();
+    let addr = api.listen(Some(&topology.router));
+    Setup {
+        topology,
+        api,
+        addr,
+        dir: TempDir::new(),
+        _servers: servers,
     }
 }
 
@@ -141,12 +104,14 @@ fn table_forwards(topology: &Topology) -> usize {
 
 #[test]
 fn lifecycle_create_address_remap_delete() {
-    let topology = Topology::new();
-    let _server = Server::start(&topology.server, 8080);
-    let api = ApiServer::new();
-    let addr = api.listen(Some(&topology.router));
-    let dir = TempDir::new();
-    let daemon = Daemon::start(&topology.router, &dir, addr, "router-a", FINALIZER);
+    let Setup {
+        topology,
+        api,
+        addr,
+        dir,
+        _servers,
+    } = setup(&[8080]);
+    let daemon = start_daemon(&topology.router, &dir, addr, "router-a", FINALIZER, &[]);
     daemon.wait_log("ready");
 
     api.create(service("web", "80:http", 8080));
@@ -199,16 +164,18 @@ fn lifecycle_create_address_remap_delete() {
 
 #[test]
 fn killed_and_restarted_the_daemon_keeps_rules_and_finishes_cleanup() {
-    let topology = Topology::new();
-    let _server = Server::start(&topology.server, 8080);
-    let api = ApiServer::new();
-    let addr = api.listen(Some(&topology.router));
-    let dir = TempDir::new();
+    let Setup {
+        topology,
+        api,
+        addr,
+        dir,
+        _servers,
+    } = setup(&[8080]);
     api.create(service("web", "80:http", 8080));
     api.set_lb_ips("apps", "web", &[SERVER4]);
     api.create(service("kept", "82:http", 8080));
     api.set_lb_ips("apps", "kept", &[SERVER4]);
-    let mut daemon = Daemon::start(&topology.router, &dir, addr, "router-a", FINALIZER);
+    let mut daemon = start_daemon(&topology.router, &dir, addr, "router-a", FINALIZER, &[]);
     wait_for("the finalizers", || {
         finalizers(&api, "web") == [FINALIZER] && finalizers(&api, "kept") == [FINALIZER]
     });
@@ -221,7 +188,7 @@ fn killed_and_restarted_the_daemon_keeps_rules_and_finishes_cleanup() {
     assert_eq!(finalizers(&api, "web"), [FINALIZER]);
 
     // A restart changes nothing until the list is complete, then finishes the cleanup.
-    let daemon = Daemon::start(&topology.router, &dir, addr, "router-a", FINALIZER);
+    let daemon = start_daemon(&topology.router, &dir, addr, "router-a", FINALIZER, &[]);
     wait_for("the Service to go", || api.get("apps", "web").is_none());
     assert!(refused(&topology, 80));
     assert!(greets(&topology, 82, "hello 8080"));
@@ -231,14 +198,16 @@ fn killed_and_restarted_the_daemon_keeps_rules_and_finishes_cleanup() {
 
 #[test]
 fn a_service_deleted_and_force_released_while_down_is_swept_at_start() {
-    let topology = Topology::new();
-    let _server = Server::start(&topology.server, 8080);
-    let api = ApiServer::new();
-    let addr = api.listen(Some(&topology.router));
-    let dir = TempDir::new();
+    let Setup {
+        topology,
+        api,
+        addr,
+        dir,
+        _servers,
+    } = setup(&[8080]);
     api.create(service("web", "80:http", 8080));
     api.set_lb_ips("apps", "web", &[SERVER4]);
-    let mut daemon = Daemon::start(&topology.router, &dir, addr, "router-a", FINALIZER);
+    let mut daemon = start_daemon(&topology.router, &dir, addr, "router-a", FINALIZER, &[]);
     wait_for("port 80 to reach the server", || {
         greets(&topology, 80, "hello 8080")
     });
@@ -253,21 +222,23 @@ fn a_service_deleted_and_force_released_while_down_is_swept_at_start() {
         "the orphan is still there while down"
     );
 
-    let daemon = Daemon::start(&topology.router, &dir, addr, "router-a", FINALIZER);
+    let daemon = start_daemon(&topology.router, &dir, addr, "router-a", FINALIZER, &[]);
     wait_for("the orphan to be swept", || refused(&topology, 80));
     daemon.wait_log("action=\"close\"");
 }
 
 #[test]
 fn an_api_outage_keeps_the_rules_and_a_fresh_history_recovers() {
-    let topology = Topology::new();
-    let _server = Server::start(&topology.server, 8080);
-    let api = ApiServer::new();
-    let addr = api.listen(Some(&topology.router));
-    let dir = TempDir::new();
+    let Setup {
+        topology,
+        api,
+        addr,
+        dir,
+        _servers,
+    } = setup(&[8080]);
     api.create(service("web", "80:http", 8080));
     api.set_lb_ips("apps", "web", &[SERVER4]);
-    let daemon = Daemon::start(&topology.router, &dir, addr, "router-a", FINALIZER);
+    let daemon = start_daemon(&topology.router, &dir, addr, "router-a", FINALIZER, &[]);
     wait_for("port 80 to reach the server", || {
         greets(&topology, 80, "hello 8080")
     });
@@ -302,8 +273,8 @@ fn two_routers_each_clean_their_own_and_the_service_waits_for_both() {
     let addr_b = api.listen(Some(&b.router));
     let dir = TempDir::new();
     const FINALIZER_B: &str = "kube-port-forward-controller/router-b";
-    let _da = Daemon::start(&a.router, &dir, addr_a, "router-a", FINALIZER);
-    let mut db = Daemon::start(&b.router, &dir, addr_b, "router-b", FINALIZER_B);
+    let _da = start_daemon(&a.router, &dir, addr_a, "router-a", FINALIZER, &[]);
+    let mut db = start_daemon(&b.router, &dir, addr_b, "router-b", FINALIZER_B, &[]);
     api.create(service("web", "80:http", 8080));
     api.set_lb_ips("apps", "web", &[SERVER4]);
     wait_for("both finalizers", || {
@@ -329,20 +300,21 @@ fn two_routers_each_clean_their_own_and_the_service_waits_for_both() {
     );
     assert!(api.get("apps", "web").is_some());
 
-    let _db = Daemon::start(&b.router, &dir, addr_b, "router-b", FINALIZER_B);
+    let _db = start_daemon(&b.router, &dir, addr_b, "router-b", FINALIZER_B, &[]);
     wait_for("the Service to go", || api.get("apps", "web").is_none());
     assert!(refused(&b, 80));
 }
 
 #[test]
 fn the_older_service_wins_and_the_next_takes_over_when_it_goes() {
-    let topology = Topology::new();
-    let _s1 = Server::start(&topology.server, 8080);
-    let _s2 = Server::start(&topology.server, 9090);
-    let api = ApiServer::new();
-    let addr = api.listen(Some(&topology.router));
-    let dir = TempDir::new();
-    let _daemon = Daemon::start(&topology.router, &dir, addr, "router-a", FINALIZER);
+    let Setup {
+        topology,
+        api,
+        addr,
+        dir,
+        _servers,
+    } = setup(&[8080, 9090]);
+    let _daemon = start_daemon(&topology.router, &dir, addr, "router-a", FINALIZER, &[]);
     // The API server sets creationTimestamp itself, to the second. "z-older" sorts after
     // "a-newer" by name, so only its age can make it win.
     let older = api.create(service("z-older", "80:http", 8080));
@@ -393,11 +365,13 @@ fn the_older_service_wins_and_the_next_takes_over_when_it_goes() {
 
 #[test]
 fn a_service_the_api_server_stored_oddly_does_not_stop_the_others() {
-    let topology = Topology::new();
-    let _server = Server::start(&topology.server, 8080);
-    let api = ApiServer::new();
-    let addr = api.listen(Some(&topology.router));
-    let dir = TempDir::new();
+    let Setup {
+        topology,
+        api,
+        addr,
+        dir,
+        _servers,
+    } = setup(&[8080]);
     // Transcript 18: a condition a strict client cannot decode, stored as sent.
     api.create(service("odd", "84:http", 8080));
     api.merge_patch(
@@ -409,7 +383,7 @@ fn a_service_the_api_server_stored_oddly_does_not_stop_the_others() {
     );
     api.create(service("web", "80:http", 8080));
     api.set_lb_ips("apps", "web", &[SERVER4]);
-    let _daemon = Daemon::start(&topology.router, &dir, addr, "router-a", FINALIZER);
+    let _daemon = start_daemon(&topology.router, &dir, addr, "router-a", FINALIZER, &[]);
     wait_for("both ports to reach the server", || {
         greets(&topology, 80, "hello 8080") && greets(&topology, 84, "hello 8080")
     });
@@ -417,16 +391,17 @@ fn a_service_the_api_server_stored_oddly_does_not_stop_the_others() {
 
 #[test]
 fn killed_between_any_two_steps_nothing_is_lost_or_orphaned() {
-    let topology = Topology::new();
-    let _s1 = Server::start(&topology.server, 8080);
-    let _s2 = Server::start(&topology.server, 9090);
-    let api = ApiServer::new();
-    let addr = api.listen(Some(&topology.router));
-    let dir = TempDir::new();
-    let mut daemon = Daemon::start(&topology.router, &dir, addr, "router-a", FINALIZER);
+    let Setup {
+        topology,
+        api,
+        addr,
+        dir,
+        _servers,
+    } = setup(&[8080, 9090]);
+    let mut daemon = start_daemon(&topology.router, &dir, addr, "router-a", FINALIZER, &[]);
     let restart = |daemon: &mut Daemon| {
         daemon.kill();
-        *daemon = Daemon::start(&topology.router, &dir, addr, "router-a", FINALIZER);
+        *daemon = start_daemon(&topology.router, &dir, addr, "router-a", FINALIZER, &[]);
     };
     api.create(service("web", "80:http", 8080));
     restart(&mut daemon);
@@ -463,10 +438,13 @@ fn killed_between_any_two_steps_nothing_is_lost_or_orphaned() {
 
 #[test]
 fn release_finalizers_frees_every_service_for_uninstall() {
-    let topology = Topology::new();
-    let api = ApiServer::new();
-    let addr = api.listen(Some(&topology.router));
-    let dir = TempDir::new();
+    let Setup {
+        topology,
+        api,
+        addr,
+        dir,
+        _servers,
+    } = setup(&[]);
     for name in ["a", "b"] {
         api.create(service(
             name,
@@ -475,7 +453,7 @@ fn release_finalizers_frees_every_service_for_uninstall() {
         ));
         api.set_lb_ips("apps", name, &[SERVER4]);
     }
-    let mut daemon = Daemon::start(&topology.router, &dir, addr, "router-a", FINALIZER);
+    let mut daemon = start_daemon(&topology.router, &dir, addr, "router-a", FINALIZER, &[]);
     wait_for("the finalizers", || {
         finalizers(&api, "a") == [FINALIZER] && finalizers(&api, "b") == [FINALIZER]
     });
@@ -493,11 +471,13 @@ fn release_finalizers_frees_every_service_for_uninstall() {
 
 #[test]
 fn a_cleanup_that_keeps_failing_is_retried_warned_then_released_and_swept_later() {
-    let topology = Topology::new();
-    let _server = Server::start(&topology.server, 8080);
-    let api = ApiServer::new();
-    let addr = api.listen(Some(&topology.router));
-    let dir = TempDir::new();
+    let Setup {
+        topology,
+        api,
+        addr,
+        dir,
+        _servers,
+    } = setup(&[8080]);
     // An nft that refuses every transaction deleting something while the marker exists.
     let marker = dir.path.join("fail-deletes");
     let wrapper = dir.write(
@@ -508,7 +488,7 @@ fn a_cleanup_that_keeps_failing_is_retried_warned_then_released_and_swept_later(
         ),
     );
     run("chmod", &["+x", &wrapper]);
-    let daemon = Daemon::start_with(
+    let daemon = start_daemon(
         &topology.router,
         &dir,
         addr,

@@ -3,6 +3,7 @@
 #![allow(dead_code)] // Each test binary uses its own part of this module.
 
 pub mod apiserver;
+pub mod daemon;
 
 use std::fs::File;
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};

@@ -1,0 +1,89 @@
+//! The real binary running `run` inside a router namespace, against a test API server.
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+
+use super::apiserver::ApiServer;
+use super::{Netns, ROUTER_WAN4, TempDir, wait_for};
+
+const BIN: &str = env!("CARGO_BIN_EXE_kube-port-forward");
+
+/// A running daemon, killed (SIGKILL) on drop; its log is printed if the test fails.
+pub struct Daemon {
+    child: Child,
+    log: String,
+}
+
+impl Daemon {
+    /// Starts `run` in `router` with a kubeconfig for `api`, WAN `wan`/`ROUTER_WAN4`, the
+    /// instance name `name`, and `args`; output goes to `dir/NAME.log`.
+    pub fn spawn(
+        router: &Netns,
+        dir: &TempDir,
+        api: SocketAddr,
+        name: &str,
+        args: &[&str],
+    ) -> Daemon {
+        let kubeconfig = dir.write(&format!("{name}.kubeconfig"), &ApiServer::kubeconfig(api));
+        let log = dir.path.join(format!("{name}.log")).display().to_string();
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &router.name,
+                BIN,
+                "run",
+                "--kubeconfig",
+                &kubeconfig,
+            ])
+            .args([
+                "--wan-interface",
+                "wan",
+                "--wan-address",
+                ROUTER_WAN4,
+                "--instance",
+                name,
+            ])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        Daemon { child, log }
+    }
+
+    /// The daemon's process id (`ip netns exec` executes it in place).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn wait_log(&self, text: &str) {
+        wait_for(&format!("\"{text}\" in the daemon's log"), || {
+            self.log().contains(text)
+        });
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("--- daemon log {} ---\n{}", self.log, self.log());
+        }
+    }
+}
