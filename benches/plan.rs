@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use kube_port_forward::manifest;
 use kube_port_forward::plan;
+use kube_port_forward::policy::Policy;
 use kube_port_forward::ruleset::{Change, DEFAULT_TABLE, Ruleset, TableConfig};
 use kube_port_forward::service::Service;
 
@@ -64,9 +65,9 @@ fn main() {
     measure(
         "plan: parse annotations, resolve, choose winners",
         11,
-        || plan::plan(&services),
+        || plan::plan(&services, &Policy::default()),
     );
-    let planned = plan::plan(&services);
+    let planned = plan::plan(&services, &Policy::default());
     assert_eq!(planned.forwards.len(), 2 * SERVICES);
     let config = TableConfig::new(
         DEFAULT_TABLE,
@@ -83,7 +84,7 @@ fn main() {
     changed_services[SERVICES / 2].ingress_ips = vec!["10.200.0.1".into()];
     let changed = Ruleset::new(
         desired.config.clone(),
-        plan::plan(&changed_services).forwards,
+        plan::plan(&changed_services, &Policy::default()).forwards,
     );
     measure(
         "diff against the applied ruleset (one Service changed)",

@@ -10,6 +10,7 @@ use crate::daemon::{self, DaemonError};
 use crate::manifest::{self, ManifestError, Manifests};
 use crate::nft::{Engine, NftCli, NftError};
 use crate::plan::{self, Plan, State};
+use crate::policy::{Policy, PolicyError};
 use crate::ruleset::{ConfigError, DEFAULT_TABLE, Ruleset, TableConfig};
 use crate::watched::WatchedService;
 use crate::{audit, output};
@@ -51,11 +52,14 @@ pub enum Command {
         files: Vec<PathBuf>,
         #[arg(short, long, value_enum, default_value_t = Format::Text)]
         output: Format,
-        /// Exit with 3 if any entry is invalid or in conflict, or a Service was refused.
+        /// Exit with 3 if any entry is invalid, in conflict or refused by policy, or a
+        /// Service could not be read.
         #[arg(long)]
         check: bool,
         #[command(flatten)]
         table: TableArgs,
+        #[command(flatten)]
+        policy: PolicyArgs,
     },
     /// Apply the forwards of Service manifests to the kernel table, once (needs CAP_NET_ADMIN).
     Apply {
@@ -64,6 +68,8 @@ pub enum Command {
         files: Vec<PathBuf>,
         #[command(flatten)]
         table: TableArgs,
+        #[command(flatten)]
+        policy: PolicyArgs,
     },
     /// Run the daemon: watch Services and keep the router's forwards in step.
     Run {
@@ -86,6 +92,8 @@ pub enum Command {
         resync: u64,
         #[command(flatten)]
         table: TableArgs,
+        #[command(flatten)]
+        policy: PolicyArgs,
     },
     /// Remove this router's finalizer from every Service (before uninstalling).
     ReleaseFinalizers {
@@ -127,6 +135,64 @@ pub enum Format {
 }
 
 #[derive(Debug, Args)]
+pub struct PolicyArgs {
+    /// Only Services in these namespaces may open ports (repeat, or separate with commas);
+    /// default: every namespace.
+    #[arg(
+        long = "allow-namespace",
+        value_delimiter = ',',
+        conflicts_with = "policy"
+    )]
+    pub allowed_namespaces: Vec<String>,
+    /// External ports that may be opened, e.g. `80,443,8000-8999`; default: all.
+    #[arg(long = "allow-ports", conflicts_with = "policy")]
+    pub allowed_ports: Option<String>,
+    /// Networks forwards may point at (repeat, or separate with commas); default: the
+    /// private ranges 10/8, 172.16/12, 192.168/16, 100.64/10, fc00::/7.
+    #[arg(
+        long = "allow-target",
+        value_delimiter = ',',
+        conflicts_with = "policy"
+    )]
+    pub allowed_targets: Vec<String>,
+    /// A YAML file with `namespaces`, `ports` and `targets` instead of the flags; `run`
+    /// re-reads it on SIGHUP.
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<PathBuf>,
+}
+
+impl PolicyArgs {
+    /// The policy, with `router` as the router's own addresses.
+    fn policy(&self, router: impl IntoIterator<Item = IpAddr>) -> Result<Policy, PolicyError> {
+        let mut policy = match &self.policy {
+            Some(file) => Policy::read(file)?,
+            None => Policy::from_parts(
+                Some(&self.allowed_namespaces),
+                self.allowed_ports.as_deref(),
+                Some(&self.allowed_targets),
+            )?,
+        };
+        policy.router_addresses.extend(router);
+        Ok(policy)
+    }
+}
+
+/// The addresses of this host's interfaces, which forwards may never point at.
+fn local_addresses() -> Vec<IpAddr> {
+    let Ok(addresses) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    addresses
+        .filter_map(|a| a.address)
+        .filter_map(|a| {
+            a.as_sockaddr_in()
+                .map(|s| IpAddr::V4(s.ip()))
+                .or_else(|| a.as_sockaddr_in6().map(|s| IpAddr::V6(s.ip())))
+        })
+        .collect()
+}
+
+#[derive(Debug, Args)]
 pub struct TableArgs {
     /// Name of the inet table the daemon owns.
     #[arg(long, default_value = DEFAULT_TABLE)]
@@ -157,6 +223,8 @@ pub enum CommandError {
     Manifest(#[from] ManifestError),
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
     #[error(
         "applying needs --wan-interface or --wan-address: without either, every port of every router address would be forwarded"
     )]
@@ -197,10 +265,11 @@ fn read_all(files: &[PathBuf]) -> Result<Manifests, ManifestError> {
 fn planned(
     files: &[PathBuf],
     table: &TableArgs,
+    policy: &Policy,
 ) -> Result<(Manifests, Plan, Ruleset), CommandError> {
     let config = table.config()?;
     let manifests = read_all(files)?;
-    let plan = plan::plan(&manifests.services);
+    let plan = plan::plan(&manifests.services, policy);
     let ruleset = Ruleset::new(config, plan.forwards.clone());
     Ok((manifests, plan, ruleset))
 }
@@ -213,8 +282,11 @@ pub fn run(command: Command, nft: NftCli) -> Result<u8, CommandError> {
             output,
             check,
             table,
+            policy,
         } => {
-            let (manifests, plan, ruleset) = planned(&files, &table)?;
+            // Offline: the router's own addresses are the WAN addresses given.
+            let policy = policy.policy(table.wan_addresses.iter().copied())?;
+            let (manifests, plan, ruleset) = planned(&files, &table, &policy)?;
             print!(
                 "{}",
                 match output {
@@ -222,19 +294,27 @@ pub fn run(command: Command, nft: NftCli) -> Result<u8, CommandError> {
                     Format::Json => output::plan_json(&plan, &manifests, &ruleset),
                 }
             );
-            let problems =
-                plan.count(State::Invalid) + plan.count(State::Conflict) + manifests.refused.len();
+            let problems = plan.count(State::Invalid)
+                + plan.count(State::Conflict)
+                + plan.count(State::Refused)
+                + manifests.refused.len();
             Ok(if check && problems > 0 {
                 exit::CHECK
             } else {
                 exit::OK
             })
         }
-        Command::Apply { files, table } => {
+        Command::Apply {
+            files,
+            table,
+            policy,
+        } => {
             if table.wan_interfaces.is_empty() && table.wan_addresses.is_empty() {
                 return Err(CommandError::NoWan);
             }
-            let (manifests, plan, ruleset) = planned(&files, &table)?;
+            let router = table.wan_addresses.iter().copied().chain(local_addresses());
+            let policy = policy.policy(router)?;
+            let (manifests, plan, ruleset) = planned(&files, &table, &policy)?;
             for refused in &manifests.refused {
                 tracing::warn!(%refused, "Service refused");
             }
@@ -274,11 +354,15 @@ pub fn run(command: Command, nft: NftCli) -> Result<u8, CommandError> {
             cleanup_deadline,
             resync,
             table,
+            policy,
         } => {
             if table.wan_interfaces.is_empty() && table.wan_addresses.is_empty() {
                 return Err(CommandError::NoWan);
             }
+            let router = table.wan_addresses.iter().copied().chain(local_addresses());
             let settings = daemon::Settings {
+                policy: policy.policy(router)?,
+                policy_file: policy.policy.clone(),
                 kubeconfig: cluster.kubeconfig,
                 context: cluster.context,
                 namespaces: cluster.namespaces,
@@ -367,6 +451,8 @@ async fn release_finalizers(
         cleanup_deadline: Duration::ZERO,
         resync: Duration::ZERO,
         nft: NftCli::default(),
+        policy: Policy::default(),
+        policy_file: None,
     };
     let client = daemon::client(&settings).await?;
     let scopes: Vec<Option<String>> = if cluster.namespaces.is_empty() {
@@ -409,4 +495,15 @@ async fn release_finalizers(
         }
     }
     Ok(released)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
 }

@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::plan::{self, Plan, State};
+use crate::policy::Policy;
 use crate::watched::Tracked;
 
 /// Services by namespace and name.
@@ -35,12 +36,12 @@ pub struct Decision {
 }
 
 /// Plans the Services that may forward: decoded, annotated, not being deleted.
-pub fn decide(store: &Store, finalizer: &str) -> Decision {
+pub fn decide(store: &Store, finalizer: &str, policy: &Policy) -> Decision {
     let eligible = store
         .values()
         .filter(|w| !w.terminating)
         .filter_map(|w| w.service.as_ref().ok());
-    let plan = plan::plan(eligible);
+    let plan = plan::plan(eligible, policy);
     let owners: BTreeSet<&str> = plan
         .forwards
         .values()
@@ -87,11 +88,12 @@ pub fn decide(store: &Store, finalizer: &str) -> Decision {
 
 fn summarize(outcomes: &[&plan::Outcome]) -> Summary {
     let count = |state| outcomes.iter().filter(|o| o.state == state).count();
-    let (forwarding, conflict, invalid, waiting) = (
+    let (forwarding, conflict, invalid, waiting, refused) = (
         count(State::Forwarding),
         count(State::Conflict),
         count(State::Invalid),
         count(State::Waiting),
+        count(State::Refused),
     );
     let lines: Vec<String> = outcomes
         .iter()
@@ -105,17 +107,18 @@ fn summarize(outcomes: &[&plan::Outcome]) -> Summary {
         })
         .collect();
     let (status, reason) = match () {
+        _ if refused > 0 && forwarding == 0 => ("False", "Refused"),
         _ if invalid > 0 && forwarding == 0 => ("False", "Invalid"),
         _ if conflict > 0 && forwarding == 0 => ("False", "Conflict"),
         _ if waiting > 0 && forwarding == 0 => ("False", "Waiting"),
-        _ if invalid + conflict + waiting > 0 => ("False", "PartlyForwarded"),
+        _ if invalid + conflict + waiting + refused > 0 => ("False", "PartlyForwarded"),
         _ => ("True", "Forwarded"),
     };
     Summary {
         status,
         reason,
         message: lines.join("; "),
-        warning: invalid + conflict > 0,
+        warning: invalid + conflict + refused > 0,
     }
 }
 
@@ -173,7 +176,7 @@ mod tests {
             watched("unannotated", "u4", None, &[F], false),
             watched("plain", "u5", None, &[], false),
         ]);
-        let d = decide(&s, F);
+        let d = decide(&s, F, &Policy::default());
         assert_eq!(d.plan.forwards.len(), 2);
         assert_eq!(d.add_finalizer, vec![("ns".into(), "new".into())]);
         assert_eq!(
@@ -191,7 +194,7 @@ mod tests {
             watched("a", "u1", Some("http"), &[F], false),
             watched("b", "u2", Some("http"), &[F], false),
         ]);
-        let d = decide(&s, F);
+        let d = decide(&s, F, &Policy::default());
         assert_eq!(d.release, vec![("ns".into(), "b".into())]);
         let summary = &d.summaries[&("ns".into(), "b".into())];
         assert_eq!(
@@ -215,7 +218,7 @@ mod tests {
             &["other/router-b"],
             false,
         )]);
-        let d = decide(&s, F);
+        let d = decide(&s, F, &Policy::default());
         assert_eq!(d.add_finalizer.len(), 1);
         assert!(d.release.is_empty());
     }
@@ -231,6 +234,7 @@ mod tests {
         let d = decide(
             &store(vec![bad, watched("good", "u1", Some("http"), &[], false)]),
             F,
+            &Policy::default(),
         );
         assert_eq!(d.plan.forwards.len(), 1);
         assert_eq!(d.release, vec![("ns".into(), "bad".into())]);

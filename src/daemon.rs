@@ -21,6 +21,7 @@ use crate::audit;
 use crate::controller::{self, Store, Summary};
 use crate::model::ForwardKey;
 use crate::nft::{Applied, Engine, NftCli};
+use crate::policy::Policy;
 use crate::ruleset::{Ruleset, TableConfig};
 use crate::watched::WatchedService;
 
@@ -47,6 +48,9 @@ pub struct Settings {
     /// How often the kernel table is read in full and compared.
     pub resync: Duration,
     pub nft: NftCli,
+    pub policy: Policy,
+    /// Where the policy came from, re-read on SIGHUP; `None`: from flags, fixed.
+    pub policy_file: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +79,13 @@ pub async fn client(settings: &Settings) -> Result<kube::Client, DaemonError> {
         context: settings.context.clone(),
         ..Default::default()
     };
+    let named = settings
+        .kubeconfig
+        .clone()
+        .or_else(|| std::env::var_os("KUBECONFIG").map(PathBuf::from));
+    if let Some(path) = named {
+        warn_if_readable_by_others(&path);
+    }
     let config = match &settings.kubeconfig {
         Some(path) => {
             let kubeconfig = kube::config::Kubeconfig::read_from(path).map_err(|source| {
@@ -99,6 +110,22 @@ pub async fn client(settings: &Settings) -> Result<kube::Client, DaemonError> {
         None => kube::Config::infer().await.map_err(DaemonError::Infer)?,
     };
     kube::Client::try_from(config).map_err(DaemonError::Client)
+}
+
+/// A kubeconfig holds credentials: say so when other users can read it. Only the path and
+/// the mode are logged, never the contents.
+fn warn_if_readable_by_others(path: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(metadata) = std::fs::metadata(path) {
+        let mode = metadata.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                path = %path.display(),
+                mode = format!("{mode:04o}"),
+                "the kubeconfig is readable by other users and holds credentials: chmod 600 it"
+            );
+        }
+    }
 }
 
 /// Whether `finalizer` is a name the API server accepts (transcript 06).
@@ -191,6 +218,7 @@ pub async fn run(
     let mut resync = tokio::time::interval(daemon.settings.resync);
     resync.tick().await;
     let mut retry_at: Option<Instant> = None;
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     tokio::pin!(shutdown);
     loop {
         let mut dirty = false;
@@ -208,6 +236,11 @@ pub async fn run(
             }
             _ = sleep_until(retry_at), if retry_at.is_some() => {
                 retry_at = None;
+                dirty = true;
+                force = true;
+            }
+            Some(()) = recv(&mut hangup) => {
+                daemon.reload_policy();
                 dirty = true;
                 force = true;
             }
@@ -230,6 +263,13 @@ pub async fn run(
     Ok(())
 }
 
+async fn recv(signal: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
+    match signal {
+        Some(signal) => signal.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
@@ -238,6 +278,25 @@ async fn sleep_until(at: Option<Instant>) {
 }
 
 impl Daemon {
+    /// Re-reads the policy file on SIGHUP. A policy that cannot be read leaves the one in
+    /// force unchanged.
+    fn reload_policy(&mut self) {
+        let Some(file) = &self.settings.policy_file else {
+            tracing::info!("SIGHUP: no policy file to re-read");
+            return;
+        };
+        match Policy::read(file) {
+            Ok(mut policy) => {
+                policy.router_addresses = self.settings.policy.router_addresses.clone();
+                self.settings.policy = policy;
+                tracing::info!(action = "policy", file = %file.display(), "policy reloaded");
+            }
+            Err(error) => {
+                tracing::error!(%error, "policy not reloaded; the previous one stays in force");
+            }
+        }
+    }
+
     /// Takes one watch event; returns whether the Services changed.
     fn handle(
         &mut self,
@@ -292,7 +351,7 @@ impl Daemon {
     /// them) change no forward.
     async fn reconcile(&mut self, force: bool) -> Result<Option<Duration>, DaemonError> {
         let finalizer = self.settings.finalizer.clone();
-        let decision = controller::decide(&self.store, &finalizer);
+        let decision = controller::decide(&self.store, &finalizer, &self.settings.policy);
         let unchanged = !force
             && self
                 .engine

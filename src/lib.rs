@@ -14,6 +14,7 @@ pub mod model;
 pub mod nft;
 pub mod output;
 pub mod plan;
+pub mod policy;
 pub mod ruleset;
 pub mod service;
 pub mod watched;

@@ -33,17 +33,18 @@ pub fn plan_text(plan: &Plan, manifests: &Manifests, ruleset: &Ruleset) -> Strin
         ]);
     }
     let mut out = format!(
-        "Forwards: {} forwarding, {} conflict, {} invalid, {} waiting; {} objects refused, {} of other kinds skipped\n\n",
+        "Forwards: {} forwarding, {} conflict, {} invalid, {} waiting, {} refused by policy; {} objects unreadable, {} of other kinds skipped\n\n",
         plan.count(State::Forwarding),
         plan.count(State::Conflict),
         plan.count(State::Invalid),
         plan.count(State::Waiting),
+        plan.count(State::Refused),
         manifests.refused.len(),
         manifests.skipped
     );
     out.push_str(&columns(&rows));
     for refused in &manifests.refused {
-        out.push_str(&format!("refused: {refused}\n"));
+        out.push_str(&format!("unreadable: {refused}\n"));
     }
     if ruleset.config.wan_interfaces.is_empty() && ruleset.config.wan_addresses.is_empty() {
         out.push_str(
@@ -63,6 +64,7 @@ fn state_word(state: State) -> &'static str {
         State::Conflict => "conflict",
         State::Invalid => "invalid",
         State::Waiting => "waiting",
+        State::Refused => "refused",
     }
 }
 

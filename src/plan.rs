@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use crate::annotation::{self, PortRef};
 use crate::model::{Family, Forward, ForwardKey, Owner, Protocol, Target};
+use crate::policy::Policy;
 use crate::service::{Service, ServicePort};
 
 /// What happens to one annotation entry (for one Service port and family).
@@ -25,6 +26,8 @@ pub enum State {
     Invalid,
     /// The Service has no address to forward to yet.
     Waiting,
+    /// The router's policy does not allow it; `reason` says which rule.
+    Refused,
 }
 
 /// One line of the plan: an entry, what it resolved to, and its state.
@@ -73,7 +76,7 @@ struct Candidate<'a> {
 
 /// Plans the forwards for a set of Services. Services without the mapping annotation are
 /// not part of the plan.
-pub fn plan<'a>(services: impl IntoIterator<Item = &'a Service>) -> Plan {
+pub fn plan<'a>(services: impl IntoIterator<Item = &'a Service>, policy: &Policy) -> Plan {
     let mut services: Vec<&Service> = services
         .into_iter()
         .filter(|s| s.mapping.is_some())
@@ -83,7 +86,7 @@ pub fn plan<'a>(services: impl IntoIterator<Item = &'a Service>) -> Plan {
     let mut outcomes = Vec::new();
     let mut candidates = Vec::new();
     for (position, service) in services.into_iter().enumerate() {
-        resolve_service(position, service, &mut outcomes, &mut candidates);
+        resolve_service(position, service, policy, &mut outcomes, &mut candidates);
     }
 
     candidates.sort_unstable_by_key(|c| c.rank);
@@ -130,6 +133,7 @@ fn port_label(port: &ServicePort) -> String {
 fn resolve_service<'a>(
     position: usize,
     service: &'a Service,
+    policy: &Policy,
     outcomes: &mut Vec<Outcome>,
     candidates: &mut Vec<Candidate<'a>>,
 ) {
@@ -155,8 +159,21 @@ fn resolve_service<'a>(
         outcomes.push(outcome("spec.type", State::Invalid, Some(reason.into())));
         return;
     }
-    let targets = match targets(service) {
-        Ok(targets) => targets,
+    if let Err(reason) = policy.check_namespace(&service.namespace) {
+        outcomes.push(outcome("metadata.namespace", State::Refused, Some(reason)));
+        return;
+    }
+    let targets = match targets(service, policy) {
+        Ok((allowed, refused)) => {
+            let all_refused = allowed.is_empty() && !refused.is_empty();
+            for (field, reason) in refused {
+                outcomes.push(outcome(&field, State::Refused, Some(reason)));
+            }
+            if all_refused {
+                return;
+            }
+            allowed
+        }
         Err((field, reason)) => {
             outcomes.push(outcome(&field, State::Invalid, Some(reason)));
             return;
@@ -210,6 +227,10 @@ fn resolve_service<'a>(
                 continue;
             }
             taken.push((protocol, external_port, &entry.text));
+            if let Err(reason) = policy.check_port(external_port) {
+                outcomes.push(described(State::Refused, Some(reason)));
+                continue;
+            }
             if targets.is_empty() {
                 let reason = "waiting for a LoadBalancer address";
                 outcomes.push(described(State::Waiting, Some(reason.into())));
@@ -280,9 +301,13 @@ fn select_ports<'s>(
     Ok(selected)
 }
 
+/// Addresses chosen as targets: those the policy allows, and those it refuses with the
+/// field and the reason.
+type Targets = (Vec<IpAddr>, Vec<(String, String)>);
+
 /// The addresses to forward to: the first IPv4 and first IPv6 of the LoadBalancer ingress,
-/// else of `spec.externalIPs`.
-fn targets(service: &Service) -> Result<Vec<IpAddr>, (String, String)> {
+/// else of `spec.externalIPs`, each checked against the policy.
+fn targets(service: &Service, policy: &Policy) -> Result<Targets, (String, String)> {
     let (field, list) = if service.ingress_ips.is_empty() {
         ("spec.externalIPs", &service.external_ips)
     } else {
@@ -302,25 +327,21 @@ fn targets(service: &Service) -> Result<Vec<IpAddr>, (String, String)> {
                 format!("\"{}\" is not an IP address", printable(text)),
             )
         })?;
-        if !usable_target(addr) {
-            return Err((field, format!("{addr} cannot be a forward target")));
-        }
-        match addr {
-            IpAddr::V4(_) => v4 = v4.or(Some(addr)),
-            IpAddr::V6(_) => v6 = v6.or(Some(addr)),
+        let slot = match addr {
+            IpAddr::V4(_) => &mut v4,
+            IpAddr::V6(_) => &mut v6,
+        };
+        slot.get_or_insert((field, addr));
+    }
+    let mut allowed = Vec::new();
+    let mut refused = Vec::new();
+    for (field, addr) in v4.into_iter().chain(v6) {
+        match policy.check_target(addr) {
+            Ok(()) => allowed.push(addr),
+            Err(reason) => refused.push((field, reason)),
         }
     }
-    Ok(v4.into_iter().chain(v6).collect())
-}
-
-/// Addresses that can never receive a forwarded flow.
-fn usable_target(addr: IpAddr) -> bool {
-    match addr {
-        IpAddr::V4(a) => {
-            !(a.is_unspecified() || a.is_loopback() || a.is_multicast() || a.is_broadcast())
-        }
-        IpAddr::V6(a) => !(a.is_unspecified() || a.is_loopback() || a.is_multicast()),
-    }
+    Ok((allowed, refused))
 }
 
 /// Namespace, name, uid and creationTimestamp reach the kernel (in element comments) and
@@ -457,7 +478,10 @@ mod tests {
 
     #[test]
     fn name_number_and_external_port() {
-        let plan = plan([&svc("a", "web", "http, 53, 8080:http", "10.0.0.1")]);
+        let plan = plan(
+            [&svc("a", "web", "http, 53, 8080:http", "10.0.0.1")],
+            &Policy::default(),
+        );
         assert_eq!(plan.count(State::Forwarding), 4);
         let fwd = &plan.forwards[&key(8080, Protocol::Tcp)];
         assert_eq!(fwd.target.port, 80);
@@ -471,7 +495,10 @@ mod tests {
 
     #[test]
     fn bad_entries_refused_others_forward() {
-        let plan = plan([&svc("a", "web", "http,nope,99,80:dns-tcp,0", "10.0.0.1")]);
+        let plan = plan(
+            [&svc("a", "web", "http,nope,99,80:dns-tcp,0", "10.0.0.1")],
+            &Policy::default(),
+        );
         assert_eq!(plan.count(State::Forwarding), 1);
         assert_eq!(plan.count(State::Invalid), 4);
         let reasons: Vec<_> = plan
@@ -493,7 +520,7 @@ mod tests {
         new.created = Some("2024-01-01T00:00:00Z".into());
         let undated = svc("a", "aaa", "http", "10.0.0.3");
         for order in [[&new, &old, &undated], [&undated, &old, &new]] {
-            let plan = plan(order);
+            let plan = plan(order, &Policy::default());
             assert_eq!(plan.forwards[&key(80, Protocol::Tcp)].owner.name, "old");
             let losers: Vec<_> = plan
                 .outcomes
@@ -503,12 +530,15 @@ mod tests {
             assert_eq!(losers.len(), 2);
             assert!(losers.iter().all(|o| o.winner.as_deref() == Some("z/old")));
         }
-        let plan = plan([&new, &undated]);
+        let plan = plan([&new, &undated], &Policy::default());
         assert_eq!(plan.forwards[&key(80, Protocol::Tcp)].owner.name, "new");
-        let plan_tie = super::plan([
-            &svc("b", "x", "http", "10.0.0.1"),
-            &svc("a", "y", "http", "10.0.0.2"),
-        ]);
+        let plan_tie = super::plan(
+            [
+                &svc("b", "x", "http", "10.0.0.1"),
+                &svc("a", "y", "http", "10.0.0.2"),
+            ],
+            &Policy::default(),
+        );
         assert_eq!(
             plan_tie.forwards[&key(80, Protocol::Tcp)].owner.namespace,
             "a"
@@ -520,20 +550,22 @@ mod tests {
         let first = svc("a", "first", "http", "10.0.0.1");
         let second = svc("b", "second", "http", "10.0.0.2");
         assert_eq!(
-            plan([&first, &second]).forwards[&key(80, Protocol::Tcp)]
+            plan([&first, &second], &Policy::default()).forwards[&key(80, Protocol::Tcp)]
                 .owner
                 .name,
             "first"
         );
         assert_eq!(
-            plan([&second]).forwards[&key(80, Protocol::Tcp)].owner.name,
+            plan([&second], &Policy::default()).forwards[&key(80, Protocol::Tcp)]
+                .owner
+                .name,
             "second"
         );
     }
 
     #[test]
     fn waiting_without_address() {
-        let plan = plan([&svc("a", "web", "http", "")]);
+        let plan = plan([&svc("a", "web", "http", "")], &Policy::default());
         assert_eq!(plan.count(State::Waiting), 1);
         assert!(plan.forwards.is_empty());
     }
@@ -543,7 +575,7 @@ mod tests {
         let mut s = svc("a", "web", "http", "10.0.0.1");
         s.ingress_ips.push("fd00::1".into());
         s.ingress_ips.push("10.0.0.9".into());
-        let plan = plan([&s]);
+        let plan = plan([&s], &Policy::default());
         assert_eq!(plan.forwards.len(), 2);
         let v6 = ForwardKey {
             family: Family::Ipv6,
@@ -563,7 +595,7 @@ mod tests {
     fn external_ips_when_no_ingress() {
         let mut s = svc("a", "web", "http", "");
         s.external_ips = vec!["192.168.5.5".into()];
-        assert_eq!(plan([&s]).count(State::Forwarding), 1);
+        assert_eq!(plan([&s], &Policy::default()).count(State::Forwarding), 1);
     }
 
     #[test]
@@ -576,7 +608,10 @@ mod tests {
         loopback.namespace = "a".into();
         let mut bad_time = svc("a", "t", "http", "10.0.0.1");
         bad_time.created = Some("yesterday".into());
-        let plan = plan([&bad_ip, &bad_name, &loopback, &bad_time]);
+        let plan = plan(
+            [&bad_ip, &bad_name, &loopback, &bad_time],
+            &Policy::default(),
+        );
         assert!(plan.forwards.is_empty());
         let fields: Vec<_> = plan.outcomes.iter().map(|o| o.entry.as_str()).collect();
         assert!(fields.contains(&"status.loadBalancer.ingress[0].ip"));
@@ -589,7 +624,7 @@ mod tests {
         let mut s = svc("a", "web", "http,odd,53", "10.0.0.1");
         s.ports.push(port(Some("odd"), 70000, "TCP"));
         s.ports[2].protocol = "ICMP".into();
-        let plan = plan([&s]);
+        let plan = plan([&s], &Policy::default());
         assert_eq!(plan.forwards.len(), 1);
         let reasons: Vec<_> = plan
             .outcomes
@@ -601,9 +636,37 @@ mod tests {
     }
 
     #[test]
+    fn policy_refuses_namespaces_ports_and_targets_and_nothing_else() {
+        let policy = Policy::from_parts(
+            Some(&["a".into()]),
+            Some("1-1023"),
+            Some(&["10.0.0.0/8".into(), "fd00::/8".into()]),
+        )
+        .unwrap();
+        let other_ns = svc("b", "web", "http", "10.0.0.1");
+        let high_port = svc("a", "dns", "8053:dns, http", "10.0.0.2");
+        let mut public_v4 = svc("a", "dual", "http", "203.0.113.5");
+        public_v4.ingress_ips.push("fd00::5".into());
+        let plan = plan([&other_ns, &high_port, &public_v4], &policy);
+        let refused: Vec<(&str, &str)> = plan
+            .outcomes
+            .iter()
+            .filter(|o| o.state == State::Refused)
+            .map(|o| (o.name.as_str(), o.reason.as_deref().unwrap()))
+            .collect();
+        assert_eq!(refused.len(), 3, "{refused:?}");
+        assert!(refused[0].1.contains("8053 is not allowed"));
+        assert!(refused[1].1.contains("203.0.113.5 is outside"));
+        assert!(refused[2].1.contains("namespace b"));
+        // What the policy allows still forwards: http of a/dns, and a/dual over IPv6.
+        assert_eq!(plan.forwards.len(), 2);
+        assert!(plan.forwards.values().any(|f| f.key.family == Family::Ipv6));
+    }
+
+    #[test]
     fn unannotated_services_are_not_planned() {
         let mut s = svc("a", "web", "http", "10.0.0.1");
         s.mapping = None;
-        assert!(plan([&s]).outcomes.is_empty());
+        assert!(plan([&s], &Policy::default()).outcomes.is_empty());
     }
 }

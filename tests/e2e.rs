@@ -526,3 +526,57 @@ fn a_cleanup_that_keeps_failing_is_retried_warned_then_released_and_swept_later(
         refused(&topology, 80)
     });
 }
+
+#[test]
+fn the_policy_refuses_with_a_warning_and_a_reload_closes_what_it_no_longer_allows() {
+    let Setup {
+        topology,
+        api,
+        addr,
+        dir,
+        _servers,
+    } = setup(&[8080]);
+    let policy = dir.write("policy.yaml", "namespaces: [apps]\nports: \"80-90\"\n");
+    let daemon = start_daemon(
+        &topology.router,
+        &dir,
+        addr,
+        "router-a",
+        FINALIZER,
+        &["--cleanup-deadline", "60", "--policy", &policy],
+    );
+    api.create(service("web", "80:http", 8080));
+    api.set_lb_ips("apps", "web", &[SERVER4]);
+    api.create(service("ssh", "2222:http", 8080));
+    api.set_lb_ips("apps", "ssh", &[SERVER4]);
+    wait_for("port 80", || greets(&topology, 80, "hello 8080"));
+    wait_for("the Refused warning for port 2222", || {
+        api.events().iter().any(|e| {
+            e["type"] == "Warning"
+                && e["reason"] == "Refused"
+                && e["note"].as_str().unwrap_or_default().contains("2222")
+        })
+    });
+    assert!(refused(&topology, 2222));
+    assert!(finalizers(&api, "ssh").is_empty());
+    wait_for("the finalizer on web", || {
+        finalizers(&api, "web") == [FINALIZER]
+    });
+
+    // The owner narrows the policy and reloads: the forward it no longer allows closes
+    // and its finalizer is released, without a restart.
+    std::fs::write(&policy, "namespaces: [games]\n").unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.pid() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    wait_for("port 80 to close", || refused(&topology, 80));
+    wait_for("the finalizer to be released", || {
+        finalizers(&api, "web").is_empty()
+    });
+    daemon.wait_log("policy reloaded");
+    // The kubeconfig the tests write is world-readable: warned about, token not logged.
+    assert!(daemon.log().contains("kubeconfig is readable by other users"));
+    assert!(!daemon.log().contains("test-token"));
+}
