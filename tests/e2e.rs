@@ -577,6 +577,10 @@ fn the_policy_refuses_with_a_warning_and_a_reload_closes_what_it_no_longer_allow
     });
     daemon.wait_log("policy reloaded");
     // The kubeconfig the tests write is world-readable: warned about, token not logged.
-    assert!(daemon.log().contains("kubeconfig is readable by other users"));
+    assert!(
+        daemon
+            .log()
+            .contains("kubeconfig is readable by other users")
+    );
     assert!(!daemon.log().contains("test-token"));
 }
