@@ -60,6 +60,7 @@ fn map_ruleset(n: usize) -> Ruleset {
                 uid: None,
                 service_port: "http".into(),
             },
+            sources: Vec::new(),
         };
         forwards.insert(key, forward);
     };

@@ -40,6 +40,7 @@ fn ruleset(n: usize) -> Ruleset {
                     uid: Some(format!("00000000-0000-4000-8000-{i:012}")),
                     service_port: if i % 2 == 0 { "http" } else { "dns" }.into(),
                 },
+                sources: Vec::new(),
             };
             (key, forward)
         })

@@ -3,6 +3,7 @@
 use std::fmt;
 use std::net::IpAddr;
 
+use ipnet::IpNet;
 use serde::Serialize;
 
 /// Transport protocol of a forward, as a Kubernetes Service port names it.
@@ -144,4 +145,7 @@ pub struct Forward {
     pub key: ForwardKey,
     pub target: Target,
     pub owner: Owner,
+    /// Clients allowed to use it (`spec.loadBalancerSourceRanges` of its family), sorted,
+    /// canonical; empty: every client.
+    pub sources: Vec<IpNet>,
 }

@@ -33,7 +33,7 @@ pub fn plan_text(plan: &Plan, manifests: &Manifests, ruleset: &Ruleset) -> Strin
         ]);
     }
     let mut out = format!(
-        "Forwards: {} forwarding, {} conflict, {} invalid, {} waiting, {} refused by policy; {} objects unreadable, {} of other kinds skipped\n\n",
+        "Forwards: {} forwarding, {} conflict, {} invalid, {} waiting, {} refused; {} objects unreadable, {} of other kinds skipped\n\n",
         plan.count(State::Forwarding),
         plan.count(State::Conflict),
         plan.count(State::Invalid),

@@ -10,6 +10,8 @@ use std::net::IpAddr;
 use serde::Serialize;
 
 use crate::annotation::{self, PortRef};
+use ipnet::IpNet;
+
 use crate::model::{Family, Forward, ForwardKey, Owner, Protocol, Target};
 use crate::policy::Policy;
 use crate::service::{Service, ServicePort};
@@ -72,6 +74,7 @@ struct Candidate<'a> {
     target: Target,
     service: &'a Service,
     port: &'a ServicePort,
+    sources: Vec<IpNet>,
 }
 
 /// Plans the forwards for a set of Services. Services without the mapping annotation are
@@ -108,6 +111,7 @@ pub fn plan<'a>(services: impl IntoIterator<Item = &'a Service>, policy: &Policy
                     key: candidate.key,
                     target: candidate.target,
                     owner: owner(candidate.service, candidate.port),
+                    sources: candidate.sources,
                 };
                 forwards.insert(candidate.key, forward);
             }
@@ -179,6 +183,14 @@ fn resolve_service<'a>(
             return;
         }
     };
+    let sources = match source_ranges(service) {
+        Ok(sources) => sources,
+        Err((field, reason)) => {
+            // Fail closed: forwarding to every client is not what the Service asked for.
+            outcomes.push(outcome(&field, State::Invalid, Some(reason)));
+            return;
+        }
+    };
     let rank = (
         service.created.is_none(),
         service.created.as_deref().unwrap_or_default(),
@@ -237,13 +249,35 @@ fn resolve_service<'a>(
                 continue;
             }
             for &addr in &targets {
+                let family = Family::of(addr);
                 let key = ForwardKey {
-                    family: Family::of(addr),
+                    family,
                     protocol,
                     external_port,
                 };
                 let target = Target { addr, port: number };
+                let family_sources: Vec<IpNet> = sources
+                    .iter()
+                    .filter(|net| Family::of(net.addr()) == family)
+                    .copied()
+                    .collect();
+                if !sources.is_empty() && family_sources.is_empty() {
+                    // Source ranges of the other family only: no client of this one may
+                    // connect, so nothing is opened for it.
+                    outcomes.push(Outcome {
+                        key: Some(key),
+                        target: Some(target),
+                        ..described(
+                            State::Refused,
+                            Some(format!(
+                                "spec.loadBalancerSourceRanges allows no {family} client"
+                            )),
+                        )
+                    });
+                    continue;
+                }
                 candidates.push(Candidate {
+                    sources: family_sources,
                     rank,
                     outcome: outcomes.len(),
                     key,
@@ -299,6 +333,23 @@ fn select_ports<'s>(
         });
     }
     Ok(selected)
+}
+
+/// `spec.loadBalancerSourceRanges` as canonical, disjoint networks, sorted.
+fn source_ranges(service: &Service) -> Result<Vec<IpNet>, (String, String)> {
+    let mut nets = Vec::new();
+    for (index, text) in service.source_ranges.iter().enumerate() {
+        let net: IpNet = text.trim().parse().map_err(|_| {
+            (
+                format!("spec.loadBalancerSourceRanges[{index}]"),
+                format!("\"{}\" is not a network in CIDR notation", printable(text)),
+            )
+        })?;
+        nets.push(net.trunc());
+    }
+    // Overlapping ranges would be overlapping elements of one interval set, which nft
+    // refuses; aggregated, they are disjoint, sorted, and cover the same clients.
+    Ok(IpNet::aggregate(&nets))
 }
 
 /// Addresses chosen as targets: those the policy allows, and those it refuses with the

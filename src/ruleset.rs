@@ -15,6 +15,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
+use ipnet::IpNet;
 use nftables::expr::{Elem, Expression, Fib, FibFlag, FibResult, Meta, MetaKey, NamedExpression};
 use nftables::expr::{Map as MapExpr, Payload, PayloadField};
 use nftables::schema::{self, NfCmd, NfListObject, NfObject, Nftables, SetType, SetTypeValue};
@@ -155,6 +156,41 @@ fn port_map(family: Family) -> &'static str {
     }
 }
 
+/// The interval set of `source network . protocol . port` that decides which clients may
+/// use which forward: one lookup per new flow, however many forwards and ranges.
+fn src_set(family: Family) -> &'static str {
+    match family {
+        Family::Ipv4 => "src_ipv4",
+        Family::Ipv6 => "src_ipv6",
+    }
+}
+
+/// One element of a source set: clients in `net` may use the forward `key`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Source {
+    pub key: ForwardKey,
+    pub net: IpNet,
+}
+
+/// The source elements of a forward: its ranges, or every address of its family.
+fn sources_of(forward: &Forward) -> Vec<Source> {
+    let any: IpNet = match forward.key.family {
+        Family::Ipv4 => "0.0.0.0/0".parse().expect("a network"),
+        Family::Ipv6 => "::/0".parse().expect("a network"),
+    };
+    let nets = if forward.sources.is_empty() {
+        vec![any]
+    } else {
+        forward.sources.clone()
+    };
+    nets.into_iter()
+        .map(|net| Source {
+            key: forward.key,
+            net,
+        })
+        .collect()
+}
+
 fn addr_type(family: Family) -> SetType {
     match family {
         Family::Ipv4 => SetType::Ipv4Addr,
@@ -204,6 +240,7 @@ pub struct KernelTable {
     pub wan_addresses: BTreeSet<IpAddr>,
     pub addrs: BTreeMap<ForwardKey, Element<IpAddr>>,
     pub ports: BTreeMap<ForwardKey, Element<u16>>,
+    pub sources: BTreeSet<Source>,
     /// Packets counted per forward (address map counters).
     pub counters: BTreeMap<ForwardKey, (u64, u64)>,
 }
@@ -230,6 +267,8 @@ pub struct Update {
     pub delete_interfaces: Vec<String>,
     pub add_addresses: Vec<IpAddr>,
     pub delete_addresses: Vec<IpAddr>,
+    pub add_sources: Vec<Source>,
+    pub delete_sources: Vec<Source>,
 }
 
 impl Change {
@@ -245,6 +284,17 @@ impl Change {
 impl Update {
     pub fn is_empty(&self) -> bool {
         *self == Update::default()
+    }
+
+    fn remove_forward(&mut self, forward: &Forward) {
+        self.delete_addrs.push(forward.key);
+        self.delete_ports.push(forward.key);
+        self.delete_sources.extend(sources_of(forward));
+    }
+
+    fn add_forward(&mut self, forward: &Forward) {
+        self.add.push(forward.key);
+        self.add_sources.extend(sources_of(forward));
     }
 
     fn set_wan(
@@ -302,6 +352,7 @@ impl Ruleset {
                     comment,
                 },
             );
+            table.sources.extend(sources_of(forward));
         }
         table
     }
@@ -354,6 +405,9 @@ impl Ruleset {
             .extend(current.ports.keys().filter(stale));
         update.delete_addrs.sort_unstable();
         update.delete_ports.sort_unstable();
+        let desired: BTreeSet<Source> = self.forwards.values().flat_map(sources_of).collect();
+        update.add_sources = desired.difference(&current.sources).copied().collect();
+        update.delete_sources = current.sources.difference(&desired).copied().collect();
         update.set_wan(
             &self.config,
             &current.wan_interfaces,
@@ -371,28 +425,31 @@ impl Ruleset {
         loop {
             match (old.peek(), new.peek()) {
                 (None, None) => break,
-                (Some((k, _)), None) => {
-                    update.delete_addrs.push(**k);
-                    update.delete_ports.push(**k);
+                (Some((_, fo)), None) => {
+                    update.remove_forward(fo);
                     old.next();
                 }
-                (None, Some((k, _))) => {
-                    update.add.push(**k);
+                (None, Some((_, fnew))) => {
+                    update.add_forward(fnew);
                     new.next();
                 }
                 (Some((ko, fo)), Some((kn, fnew))) => {
                     if ko < kn {
-                        update.delete_addrs.push(**ko);
-                        update.delete_ports.push(**ko);
+                        update.remove_forward(fo);
                         old.next();
                     } else if kn < ko {
-                        update.add.push(**kn);
+                        update.add_forward(fnew);
                         new.next();
                     } else {
                         if fo != fnew {
                             update.delete_addrs.push(**ko);
                             update.delete_ports.push(**ko);
                             update.add.push(**kn);
+                            let (before, after) = (sources_of(fo), sources_of(fnew));
+                            let gone = before.iter().filter(|s| !after.contains(s));
+                            update.delete_sources.extend(gone);
+                            let new_sources = after.iter().filter(|s| !before.contains(s));
+                            update.add_sources.extend(new_sources);
                         }
                         old.next();
                         new.next();
@@ -436,14 +493,34 @@ impl Ruleset {
     }
 
     fn set_decl(&self, name: &'static str, set_type: SetType) -> NfListObject<'_> {
+        self.set_of(name, SetTypeValue::Single(set_type), None)
+    }
+
+    /// `src_ipv4 { type ipv4_addr . inet_proto . inet_service; flags interval; }`
+    fn source_set_decl(&self, family: Family) -> NfListObject<'_> {
+        let types = vec![addr_type(family), SetType::InetProto, SetType::InetService];
+        let flags = HashSet::from([nftables::schema::SetFlag::Interval]);
+        self.set_of(
+            src_set(family),
+            SetTypeValue::Concatenated(Cow::Owned(types)),
+            Some(flags),
+        )
+    }
+
+    fn set_of(
+        &self,
+        name: &'static str,
+        set_type: SetTypeValue<'static>,
+        flags: Option<HashSet<nftables::schema::SetFlag>>,
+    ) -> NfListObject<'_> {
         NfListObject::Set(Box::new(schema::Set {
             family: NfFamily::INet,
             table: Cow::Borrowed(&self.config.table),
             name: Cow::Borrowed(name),
             handle: None,
-            set_type: SetTypeValue::Single(set_type),
+            set_type,
             policy: None,
-            flags: None,
+            flags,
             elem: None,
             timeout: None,
             gc_interval: None,
@@ -509,6 +586,23 @@ impl Ruleset {
                 Expression::String(Cow::Borrowed("local")),
             ));
         }
+        // Only clients the forward's source ranges allow (all, when it has none).
+        expr.push(matches(
+            Expression::Named(NamedExpression::Concat(vec![
+                payload(
+                    match family {
+                        Family::Ipv4 => "ip",
+                        Family::Ipv6 => "ip6",
+                    },
+                    "saddr",
+                ),
+                Expression::Named(NamedExpression::Meta(Meta {
+                    key: MetaKey::L4proto,
+                })),
+                payload("th", "dport"),
+            ])),
+            set_ref(src_set(family)),
+        ));
         expr.push(Statement::DNAT(Some(NAT {
             addr: Some(map_lookup(addr_map(family))),
             family: Some(match family {
@@ -584,6 +678,9 @@ impl Ruleset {
             ));
         }
         for family in FAMILIES {
+            cmds.push(NfCmd::Add(self.source_set_decl(family)));
+        }
+        for family in FAMILIES {
             cmds.push(NfCmd::Add(
                 self.map_decl(addr_map(family), addr_type(family)),
             ));
@@ -597,6 +694,7 @@ impl Ruleset {
         }
         let all = Update {
             add: self.forwards.keys().copied().collect(),
+            add_sources: self.forwards.values().flat_map(sources_of).collect(),
             add_interfaces: self.config.wan_interfaces.iter().cloned().collect(),
             add_addresses: self.config.wan_addresses.iter().copied().collect(),
             ..Update::default()
@@ -618,6 +716,12 @@ impl Ruleset {
                 .map(|a| Expression::String(Cow::Owned(a.to_string())))
                 .collect()
         };
+        let sources = |list: &[Source], family: Family| -> Vec<Expression<'_>> {
+            list.iter()
+                .filter(|s| s.key.family == family)
+                .map(source_elem)
+                .collect()
+        };
         let names = |list: &[String]| -> Vec<Expression<'_>> {
             list.iter()
                 .map(|n| Expression::String(Cow::Owned(n.clone())))
@@ -630,7 +734,9 @@ impl Ruleset {
             deletes.push((addr_map(family), keys(&update.delete_addrs, family)));
             deletes.push((port_map(family), keys(&update.delete_ports, family)));
             deletes.push((wan_set(family), addrs(&update.delete_addresses, family)));
+            deletes.push((src_set(family), sources(&update.delete_sources, family)));
             adds.push((wan_set(family), addrs(&update.add_addresses, family)));
+            adds.push((src_set(family), sources(&update.add_sources, family)));
             let [addr_elems, port_elems] = self.forward_elements(family, &update.add);
             adds.push((addr_map(family), addr_elems));
             adds.push((port_map(family), port_elems));
@@ -645,6 +751,20 @@ impl Ruleset {
             .map(|(set, elems)| NfCmd::Add(self.element(set, elems)));
         deletes.chain(adds).collect()
     }
+}
+
+/// A source set element `net . proto . port`.
+fn source_elem(source: &Source) -> Expression<'static> {
+    Expression::Named(NamedExpression::Concat(vec![
+        Expression::Named(NamedExpression::Prefix(nftables::expr::Prefix {
+            addr: Box::new(Expression::String(Cow::Owned(
+                source.net.network().to_string(),
+            ))),
+            len: u32::from(source.net.prefix_len()),
+        })),
+        Expression::String(Cow::Borrowed(source.key.protocol.nft_name())),
+        Expression::Number(u32::from(source.key.external_port)),
+    ]))
 }
 
 /// A map key `proto . port`, with the owner comment when adding.
@@ -810,7 +930,12 @@ impl KernelTable {
         }
         let mut expected_sets: BTreeSet<String> = BTreeSet::from([WAN_IFACES.to_owned()]);
         for family in FAMILIES {
-            for name in [wan_set(family), addr_map(family), port_map(family)] {
+            for name in [
+                wan_set(family),
+                src_set(family),
+                addr_map(family),
+                port_map(family),
+            ] {
                 expected_sets.insert(name.to_owned());
             }
         }
@@ -837,6 +962,19 @@ impl KernelTable {
     }
 
     fn read_set(&mut self, name: &str, elems: &[Expression<'_>], problems: &mut Vec<String>) {
+        if let Some(family) = FAMILIES.into_iter().find(|f| name == src_set(*f)) {
+            for item in elems {
+                match source_item(family, item) {
+                    Some(source) => {
+                        self.sources.insert(source);
+                    }
+                    None => {
+                        problems.push(format!("set {name} holds an element of unexpected form"))
+                    }
+                }
+            }
+            return;
+        }
         for item in elems {
             let Some(text) = plain_string(item) else {
                 problems.push(format!("set {name} holds an element of unexpected form"));
@@ -904,6 +1042,40 @@ impl KernelTable {
             }
         }
     }
+}
+
+/// `[prefix or address, "tcp", 80]` as `nft -j` lists a source set element (a /32 or /128
+/// comes back as a plain address).
+fn source_item(family: Family, item: &Expression<'_>) -> Option<Source> {
+    let item = match item {
+        Expression::Named(NamedExpression::Elem(elem)) => &*elem.val,
+        other => other,
+    };
+    let Expression::Named(NamedExpression::Concat(parts)) = item else {
+        return None;
+    };
+    let [addr, Expression::String(protocol), Expression::Number(port)] = parts.as_slice() else {
+        return None;
+    };
+    let net: IpNet = match addr {
+        Expression::String(text) => IpNet::from(text.parse::<IpAddr>().ok()?),
+        Expression::Named(NamedExpression::Prefix(prefix)) => {
+            let Expression::String(text) = &*prefix.addr else {
+                return None;
+            };
+            IpNet::new(text.parse().ok()?, u8::try_from(prefix.len).ok()?).ok()?
+        }
+        _ => return None,
+    };
+    (Family::of(net.addr()) == family).then_some(())?;
+    Some(Source {
+        key: ForwardKey {
+            family,
+            protocol: Protocol::from_nft_name(protocol)?,
+            external_port: u16::try_from(*port).ok()?,
+        },
+        net,
+    })
 }
 
 fn plain_string<'e>(item: &'e Expression<'_>) -> Option<&'e str> {
@@ -1013,6 +1185,30 @@ impl Ruleset {
             );
         }
         for family in FAMILIES {
+            let sources: Vec<String> = self
+                .forwards
+                .values()
+                .filter(|f| f.key.family == family)
+                .flat_map(sources_of)
+                .map(|s| {
+                    format!(
+                        "{} . {} . {}",
+                        s.net,
+                        s.key.protocol.nft_name(),
+                        s.key.external_port
+                    )
+                })
+                .collect();
+            let set_type = format!("{} . inet_proto . inet_service", addr_type_name(family));
+            render_set(
+                &mut out,
+                src_set(family),
+                &set_type,
+                &["flags interval"],
+                &sources,
+            );
+        }
+        for family in FAMILIES {
             let forwards: Vec<&Forward> = self
                 .forwards
                 .values()
@@ -1070,6 +1266,10 @@ impl Ruleset {
                 ));
             }
             let nat = if family == Family::Ipv4 { "ip" } else { "ip6" };
+            rule.push(format!(
+                "{nat} saddr . meta l4proto . th dport @{}",
+                src_set(family)
+            ));
             rule.push(format!(
                 "dnat {nat} to meta l4proto . th dport map @{} : meta l4proto . th dport map @{}",
                 addr_map(family),
@@ -1133,6 +1333,7 @@ mod tests {
                 uid: Some("0000-1111".into()),
                 service_port: "http".into(),
             },
+            sources: Vec::new(),
         }
     }
 
@@ -1184,6 +1385,8 @@ mod tests {
             delete_addrs: vec![many[10].key, many[50].key],
             delete_ports: vec![many[10].key, many[50].key],
             add: vec![many[50].key, changed.last().unwrap().key],
+            add_sources: sources_of(changed.last().unwrap()),
+            delete_sources: sources_of(&many[10]),
             ..Update::default()
         };
         assert_eq!(
@@ -1288,6 +1491,10 @@ mod tests {
             {"set": {"family": "inet", "name": "wan_ifaces", "table": DEFAULT_TABLE, "type": "ifname", "handle": 2, "elem": ["wan"]}},
             {"set": {"family": "inet", "name": "wan_ipv4", "table": DEFAULT_TABLE, "type": "ipv4_addr", "handle": 3, "elem": ["203.0.113.1"]}},
             {"set": {"family": "inet", "name": "wan_ipv6", "table": DEFAULT_TABLE, "type": "ipv6_addr", "handle": 4}},
+            {"set": {"family": "inet", "name": "src_ipv4", "table": DEFAULT_TABLE, "type": ["ipv4_addr", "inet_proto", "inet_service"], "handle": 12, "flags": ["interval"],
+                "elem": [{"concat": [{"prefix": {"addr": "0.0.0.0", "len": 0}}, "tcp", 80]}]}},
+            {"set": {"family": "inet", "name": "src_ipv6", "table": DEFAULT_TABLE, "type": ["ipv6_addr", "inet_proto", "inet_service"], "handle": 13, "flags": ["interval"],
+                "elem": [{"concat": [{"prefix": {"addr": "::", "len": 0}}, "tcp", 443]}]}},
             {"map": {"family": "inet", "name": "fwd_ipv4_addr", "table": DEFAULT_TABLE, "type": ["inet_proto", "inet_service"], "handle": 5, "map": "ipv4_addr",
                 "elem": [[{"elem": {"val": {"concat": ["tcp", 80]}, "comment": "ns/a:http uid=0000-1111", "counter": {"packets": 3, "bytes": 180}}}, "10.0.0.1"]],
                 "stmt": [{"counter": null}]}},

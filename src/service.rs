@@ -26,6 +26,8 @@ pub struct Service {
     /// `status.loadBalancer.ingress[].ip`, in order; entries with only a hostname are left out.
     pub ingress_ips: Vec<String>,
     pub external_ips: Vec<String>,
+    /// `spec.loadBalancerSourceRanges`: the clients allowed; empty: all.
+    pub source_ranges: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -76,6 +78,8 @@ struct Spec {
     ports: Option<Vec<Port>>,
     #[serde(default, rename = "externalIPs")]
     external_ips: Option<Vec<String>>,
+    #[serde(default)]
+    load_balancer_source_ranges: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -162,6 +166,7 @@ impl Service {
                 .filter_map(|ingress| ingress.ip)
                 .collect(),
             external_ips: spec.external_ips.unwrap_or_default(),
+            source_ranges: spec.load_balancer_source_ranges.unwrap_or_default(),
         })
     }
 

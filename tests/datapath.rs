@@ -157,3 +157,59 @@ fn a_changed_target_port_takes_effect_and_the_old_external_port_closes() {
     let err = tcp_greeting(&topology.client, sock(ROUTER_WAN4, 80)).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{err}");
 }
+
+/// `udp_echo` from a chosen source address of the client.
+fn udp_echo_from(ns: &Netns, source: &str, addr: SocketAddr) -> std::io::Result<String> {
+    let source: SocketAddr = sock(source, 0);
+    ns.enter(move || {
+        let socket = std::net::UdpSocket::bind(source)?;
+        socket.connect(addr)?;
+        socket.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+        socket.send(b"ping")?;
+        let mut buf = [0u8; 64];
+        let n = socket.recv(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    })
+}
+
+#[test]
+fn source_ranges_let_only_the_allowed_clients_through() {
+    let topology = Topology::new();
+    let _server = Server::start(&topology.server, 8080);
+    // A second client address on each family, outside the Service's ranges.
+    topology
+        .client
+        .ip(&["addr", "add", "203.0.113.3/24", "dev", "eth0"]);
+    topology
+        .client
+        .ip(&["addr", "add", "2001:db8:1::3/64", "dev", "eth0", "nodad"]);
+    let dir = TempDir::new();
+    let manifest = format!(
+        "kind: Service\n\
+         metadata:\n  name: game\n  namespace: apps\n  annotations:\n    kube-port-forward-controller/mapping: \"5353:dns\"\n\
+         spec:\n  loadBalancerSourceRanges: [\"{CLIENT4}/32\", \"2001:db8:1::2/128\"]\n  ports: [{{name: dns, port: 8080, protocol: UDP}}]\n\
+         status: {{loadBalancer: {{ingress: [{{ip: \"{SERVER4}\"}}, {{ip: \"{SERVER6}\"}}]}}}}\n"
+    );
+    let file = dir.write("game.yaml", &manifest);
+    apply(
+        &topology,
+        &file,
+        &[
+            "--wan-interface",
+            "wan",
+            "--wan-address",
+            "203.0.113.1,2001:db8:1::1",
+        ],
+    );
+    for (allowed, other, router) in [
+        (CLIENT4, "203.0.113.3", ROUTER_WAN4),
+        (CLIENT6, "2001:db8:1::3", ROUTER_WAN6),
+    ] {
+        assert_eq!(
+            udp_echo_from(&topology.client, allowed, sock(router, 5353)).unwrap(),
+            "echo 8080 ping"
+        );
+        let err = udp_echo_from(&topology.client, other, sock(router, 5353)).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{other}: {err}");
+    }
+}

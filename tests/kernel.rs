@@ -54,6 +54,16 @@ fn forward(port: u16, target: &str) -> Forward {
             uid: Some(format!("uid-{port}")),
             service_port: "http".into(),
         },
+        // Every fifth forward is limited to some clients; a /32 or /128 reads back from
+        // the kernel as a plain address, so one of those too.
+        sources: match (port % 5, addr) {
+            (0, IpAddr::V4(_)) => vec![
+                "10.0.0.0/8".parse().unwrap(),
+                "203.0.113.2/32".parse().unwrap(),
+            ],
+            (0, IpAddr::V6(_)) => vec!["fd00::/8".parse().unwrap()],
+            _ => Vec::new(),
+        },
     }
 }
 
