@@ -144,6 +144,10 @@ pub struct PolicyArgs {
         conflicts_with = "policy"
     )]
     pub allowed_namespaces: Vec<String>,
+    /// Also Services in namespaces with these labels (`key=value,...`; `run` watches
+    /// Namespaces, `plan` and `apply` read Namespace manifests).
+    #[arg(long = "allow-namespace-selector", conflicts_with = "policy")]
+    pub namespace_selector: Option<String>,
     /// External ports that may be opened, e.g. `80,443,8000-8999`; default: all.
     #[arg(long = "allow-ports", conflicts_with = "policy")]
     pub allowed_ports: Option<String>,
@@ -168,6 +172,7 @@ impl PolicyArgs {
             Some(file) => Policy::read(file)?,
             None => Policy::from_parts(
                 Some(&self.allowed_namespaces),
+                self.namespace_selector.as_deref(),
                 self.allowed_ports.as_deref(),
                 Some(&self.allowed_targets),
             )?,
@@ -257,6 +262,7 @@ fn read_all(files: &[PathBuf]) -> Result<Manifests, ManifestError> {
         let m = manifest::read(file)?;
         all.services.extend(m.services);
         all.refused.extend(m.refused);
+        all.namespaces.extend(m.namespaces);
         all.skipped += m.skipped;
     }
     Ok(all)
@@ -269,7 +275,17 @@ fn planned(
 ) -> Result<(Manifests, Plan, Ruleset), CommandError> {
     let config = table.config()?;
     let manifests = read_all(files)?;
-    let plan = plan::plan(&manifests.services, policy);
+    // Offline, the namespace selector is matched against the Namespace manifests given.
+    let mut policy = policy.clone();
+    if let Some(selector) = &policy.namespace_selector {
+        policy.selected_namespaces = manifests
+            .namespaces
+            .iter()
+            .filter(|(_, labels)| selector.matches(labels))
+            .map(|(name, _)| name.clone())
+            .collect();
+    }
+    let plan = plan::plan(&manifests.services, &policy);
     let ruleset = Ruleset::new(config, plan.forwards.clone());
     Ok((manifests, plan, ruleset))
 }

@@ -10,7 +10,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
-use kube::api::{Api, Patch, PatchParams};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{Api, PartialObjectMeta, Patch, PatchParams};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::watcher::{self, Event};
@@ -155,6 +156,9 @@ struct Daemon {
     store: Store,
     buffers: Vec<Option<Store>>,
     synced: Vec<bool>,
+    namespace_buffer: Option<BTreeSet<String>>,
+    /// The Namespace watch has listed once (or there is none).
+    namespaces_synced: bool,
     engine: Option<Engine<NftCli>>,
     published: HashMap<(String, String), Summary>,
     /// Since when a Service's forwards have refused to leave the kernel.
@@ -188,9 +192,22 @@ pub async fn run(
         }
         watcher::watcher(api, config)
             .default_backoff()
-            .map(move |event| (index, event))
+            .map(move |event| Input::Services(index, Box::new(event)))
             .boxed()
     });
+    let mut streams: Vec<futures::stream::BoxStream<'static, Input>> = streams.collect();
+    let watch_namespaces = settings.policy.namespace_selector.is_some();
+    if let Some(selector) = &settings.policy.namespace_selector {
+        // Metadata only: labels are all the selector needs.
+        let api: Api<PartialObjectMeta<Namespace>> = Api::all(client.clone());
+        let config = watcher::Config::default().labels(selector.as_str());
+        streams.push(
+            watcher::watcher(api, config)
+                .default_backoff()
+                .map(|event| Input::Namespaces(Box::new(event)))
+                .boxed(),
+        );
+    }
     let mut events = futures::stream::select_all(streams);
     let reporter = Reporter {
         controller: "kube-port-forward-controller".into(),
@@ -201,6 +218,8 @@ pub async fn run(
         client,
         buffers: vec![None; scopes.len()],
         synced: vec![false; scopes.len()],
+        namespace_buffer: None,
+        namespaces_synced: !watch_namespaces,
         scopes,
         store: Store::new(),
         engine: Some(Engine::new(settings.nft.clone())),
@@ -226,12 +245,12 @@ pub async fn run(
         let mut force = false;
         tokio::select! {
             _ = &mut shutdown => break,
-            event = events.next() => {
-                let Some((index, event)) = event else { break };
-                dirty |= daemon.handle(index, event);
+            input = events.next() => {
+                let Some(input) = input else { break };
+                dirty |= daemon.take(input);
                 // Take what else is ready before reconciling, so a burst costs one apply.
-                while let Some(Some((index, event))) = events.next().now_or_never() {
-                    dirty |= daemon.handle(index, event);
+                while let Some(Some(input)) = events.next().now_or_never() {
+                    dirty |= daemon.take(input);
                 }
             }
             _ = sleep_until(retry_at), if retry_at.is_some() => {
@@ -252,7 +271,7 @@ pub async fn run(
                 force = true;
             }
         }
-        if dirty && daemon.synced.iter().all(|s| *s) {
+        if dirty && daemon.namespaces_synced && daemon.synced.iter().all(|s| *s) {
             match daemon.reconcile(force).await? {
                 Some(delay) => retry_at = Some(Instant::now() + delay),
                 None => retry_at = None,
@@ -261,6 +280,12 @@ pub async fn run(
     }
     tracing::info!("stopped; the kernel table stays as it is");
     Ok(())
+}
+
+/// What the watches deliver.
+enum Input {
+    Services(usize, Box<Result<Event<WatchedService>, watcher::Error>>),
+    Namespaces(Box<Result<Event<PartialObjectMeta<Namespace>>, watcher::Error>>),
 }
 
 async fn recv(signal: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
@@ -287,7 +312,15 @@ impl Daemon {
         };
         match Policy::read(file) {
             Ok(mut policy) => {
-                policy.router_addresses = self.settings.policy.router_addresses.clone();
+                let current = &self.settings.policy;
+                policy.router_addresses = current.router_addresses.clone();
+                if policy.namespace_selector != current.namespace_selector {
+                    tracing::error!(
+                        "the namespace selector cannot change on reload (the Namespace watch is set up at start); keeping the current one: restart to change it"
+                    );
+                    policy.namespace_selector = current.namespace_selector.clone();
+                }
+                policy.selected_namespaces = current.selected_namespaces.clone();
                 self.settings.policy = policy;
                 tracing::info!(action = "policy", file = %file.display(), "policy reloaded");
             }
@@ -297,7 +330,49 @@ impl Daemon {
         }
     }
 
-    /// Takes one watch event; returns whether the Services changed.
+    /// Takes one watch event; returns whether what the plan depends on changed.
+    fn take(&mut self, input: Input) -> bool {
+        match input {
+            Input::Services(index, event) => self.handle(index, *event),
+            Input::Namespaces(event) => self.handle_namespace(*event),
+        }
+    }
+
+    /// Namespaces matching the policy's selector, from their metadata watch.
+    fn handle_namespace(
+        &mut self,
+        event: Result<Event<PartialObjectMeta<Namespace>>, watcher::Error>,
+    ) -> bool {
+        let name =
+            |meta: &PartialObjectMeta<Namespace>| meta.metadata.name.clone().unwrap_or_default();
+        let selected = &mut self.settings.policy.selected_namespaces;
+        match event {
+            Ok(Event::Init) => {
+                self.namespace_buffer = Some(BTreeSet::new());
+                false
+            }
+            Ok(Event::InitApply(meta)) => {
+                if let Some(buffer) = self.namespace_buffer.as_mut() {
+                    buffer.insert(name(&meta));
+                }
+                false
+            }
+            Ok(Event::InitDone) => {
+                *selected = self.namespace_buffer.take().unwrap_or_default();
+                tracing::info!(namespaces = selected.len(), "namespaces the policy selects");
+                self.namespaces_synced = true;
+                true
+            }
+            Ok(Event::Apply(meta)) => selected.insert(name(&meta)),
+            Ok(Event::Delete(meta)) => selected.remove(&name(&meta)),
+            Err(error) => {
+                tracing::warn!(%error, "watching Namespaces failed; rules stay, retrying");
+                false
+            }
+        }
+    }
+
+    /// Takes one watch event of Services; returns whether they changed.
     fn handle(
         &mut self,
         index: usize,

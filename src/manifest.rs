@@ -1,6 +1,7 @@
 //! Service manifests from files, a folder or standard input: YAML or JSON, several documents
 //! per file, `List` and `ServiceList` objects. Objects of other kinds are passed over.
 
+use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -36,6 +37,8 @@ pub struct Manifests {
     pub services: Vec<Service>,
     /// Service objects that could not be decoded; the other objects are still read.
     pub refused: Vec<Refused>,
+    /// Namespace objects, with their labels (for a policy's namespace selector).
+    pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
     /// Objects of other kinds, passed over.
     pub skipped: usize,
 }
@@ -148,6 +151,20 @@ fn collect(out: &mut Manifests, file: &str, document: serde_json::Value, item_ki
                 for item in items {
                     collect(out, file, item, item_kind);
                 }
+            }
+        }
+        "Namespace" => {
+            let meta = &document["metadata"];
+            if let Some(name) = meta["name"].as_str() {
+                let labels = meta["labels"]
+                    .as_object()
+                    .map(|l| {
+                        l.iter()
+                            .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                out.namespaces.insert(name.to_owned(), labels);
             }
         }
         "Service" => match Service::decode(document) {

@@ -690,6 +690,7 @@ mod tests {
     fn policy_refuses_namespaces_ports_and_targets_and_nothing_else() {
         let policy = Policy::from_parts(
             Some(&["a".into()]),
+            None,
             Some("1-1023"),
             Some(&["10.0.0.0/8".into(), "fd00::/8".into()]),
         )

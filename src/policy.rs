@@ -25,8 +25,13 @@ pub const DEFAULT_TARGETS: &[&str] = &[
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Policy {
-    /// `None`: every namespace.
+    /// Namespaces allowed by name; with no selector either, `None` allows every namespace.
     pub namespaces: Option<BTreeSet<String>>,
+    /// Namespaces allowed by their labels.
+    pub namespace_selector: Option<LabelSelector>,
+    /// The namespaces the selector matches now: kept current by the daemon's watch of
+    /// Namespaces, or read from Namespace manifests by `plan` and `apply`.
+    pub selected_namespaces: BTreeSet<String>,
     pub ports: Vec<RangeInclusive<u16>>,
     pub targets: Vec<IpNet>,
     /// Addresses of the router itself, never a target.
@@ -37,6 +42,8 @@ impl Default for Policy {
     fn default() -> Policy {
         Policy {
             namespaces: None,
+            namespace_selector: None,
+            selected_namespaces: BTreeSet::new(),
             ports: vec![1..=65535],
             targets: DEFAULT_TARGETS
                 .iter()
@@ -56,6 +63,10 @@ pub enum PolicyError {
     Target(String),
     #[error("namespace \"{0}\" is not a valid namespace name")]
     Namespace(String),
+    #[error(
+        "namespace selector \"{0}\": use key=value, key!=value, key or !key, separated by commas"
+    )]
+    Selector(String),
     #[error("{file}: cannot read")]
     Read {
         file: String,
@@ -71,6 +82,7 @@ pub enum PolicyError {
 #[serde(deny_unknown_fields)]
 pub struct PolicyFile {
     pub namespaces: Option<Vec<String>>,
+    pub namespace_selector: Option<String>,
     pub ports: Option<String>,
     pub targets: Option<Vec<String>>,
 }
@@ -80,10 +92,14 @@ impl Policy {
     /// default.
     pub fn from_parts(
         namespaces: Option<&[String]>,
+        namespace_selector: Option<&str>,
         ports: Option<&str>,
         targets: Option<&[String]>,
     ) -> Result<Policy, PolicyError> {
-        let mut policy = Policy::default();
+        let mut policy = Policy {
+            namespace_selector: namespace_selector.map(LabelSelector::parse).transpose()?,
+            ..Policy::default()
+        };
         if let Some(namespaces) = namespaces.filter(|n| !n.is_empty()) {
             for namespace in namespaces {
                 if !crate::plan::is_dns_label(namespace) {
@@ -121,17 +137,28 @@ impl Policy {
         };
         Policy::from_parts(
             parts.namespaces.as_deref(),
+            parts.namespace_selector.as_deref(),
             parts.ports.as_deref(),
             parts.targets.as_deref(),
         )
     }
 
     pub fn check_namespace(&self, namespace: &str) -> Result<(), String> {
-        match &self.namespaces {
-            Some(allowed) if !allowed.contains(namespace) => Err(format!(
+        if self.namespaces.is_none() && self.namespace_selector.is_none() {
+            return Ok(());
+        }
+        let listed = self
+            .namespaces
+            .as_ref()
+            .is_some_and(|allowed| allowed.contains(namespace));
+        let selected =
+            self.namespace_selector.is_some() && self.selected_namespaces.contains(namespace);
+        if listed || selected {
+            Ok(())
+        } else {
+            Err(format!(
                 "namespace {namespace} may not open router ports (policy)"
-            )),
-            _ => Ok(()),
+            ))
         }
     }
 
@@ -156,6 +183,80 @@ impl Policy {
             ));
         }
         Ok(())
+    }
+}
+
+/// An equality-based label selector: `key=value`, `key==value`, `key!=value`, `key`,
+/// `!key`, comma-separated; all terms must hold. Set-based terms (`in`, `notin`) are refused
+/// rather than misread.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LabelSelector {
+    text: String,
+    terms: Vec<(String, Term)>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Term {
+    Equals(String),
+    NotEquals(String),
+    Exists,
+    Absent,
+}
+
+impl LabelSelector {
+    pub fn parse(text: &str) -> Result<LabelSelector, PolicyError> {
+        let error = || PolicyError::Selector(text.to_owned());
+        let key_ok = |k: &str| {
+            !k.is_empty()
+                && k.len() <= 317
+                && k.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b))
+        };
+        let value_ok = |v: &str| {
+            v.len() <= 63
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        };
+        let mut terms = Vec::new();
+        for raw in text.split(',') {
+            let term = raw.trim();
+            let (key, term) = if let Some((k, v)) = term.split_once("!=") {
+                (k, Term::NotEquals(v.trim().to_owned()))
+            } else if let Some((k, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
+                (k, Term::Equals(v.trim().to_owned()))
+            } else if let Some(k) = term.strip_prefix('!') {
+                (k, Term::Absent)
+            } else {
+                (term, Term::Exists)
+            };
+            let key = key.trim();
+            let value = match &term {
+                Term::Equals(v) | Term::NotEquals(v) => v.as_str(),
+                _ => "",
+            };
+            if !key_ok(key) || !value_ok(value) {
+                return Err(error());
+            }
+            terms.push((key.to_owned(), term));
+        }
+        Ok(LabelSelector {
+            text: text.trim().to_owned(),
+            terms,
+        })
+    }
+
+    /// The selector as the API server takes it.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    pub fn matches(&self, labels: &std::collections::BTreeMap<String, String>) -> bool {
+        self.terms.iter().all(|(key, term)| match term {
+            Term::Equals(v) => labels.get(key) == Some(v),
+            Term::NotEquals(v) => labels.get(key) != Some(v),
+            Term::Exists => labels.contains_key(key),
+            Term::Absent => !labels.contains_key(key),
+        })
     }
 }
 
@@ -236,7 +337,7 @@ mod tests {
 
     #[test]
     fn the_routers_own_addresses_are_never_targets() {
-        let mut policy = Policy::from_parts(None, None, Some(&["0.0.0.0/0".into()])).unwrap();
+        let mut policy = Policy::from_parts(None, None, None, Some(&["0.0.0.0/0".into()])).unwrap();
         policy
             .router_addresses
             .insert("192.168.1.1".parse().unwrap());
@@ -248,6 +349,7 @@ mod tests {
     fn ports_and_namespaces() {
         let policy = Policy::from_parts(
             Some(&["games".into(), "media".into()]),
+            None,
             Some("80, 443,25000-25999"),
             None,
         )
@@ -259,7 +361,35 @@ mod tests {
         assert!(parse_ports("90-80").is_err());
         assert!(parse_ports("0").is_err());
         assert!(parse_ports("http").is_err());
-        assert!(Policy::from_parts(None, None, Some(&["10.0.0.0/33".into()])).is_err());
-        assert!(Policy::from_parts(Some(&["Bad_NS".into()]), None, None).is_err());
+        assert!(Policy::from_parts(None, None, None, Some(&["10.0.0.0/33".into()])).is_err());
+        assert!(Policy::from_parts(Some(&["Bad_NS".into()]), None, None, None).is_err());
+    }
+
+    #[test]
+    fn namespaces_by_label_selector_and_by_name() {
+        let mut policy = Policy::from_parts(
+            Some(&["infra".into()]),
+            Some("router-access=yes,!blocked"),
+            None,
+            None,
+        )
+        .unwrap();
+        let labels = |pairs: &[(&str, &str)]| -> std::collections::BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let selector = policy.namespace_selector.clone().unwrap();
+        assert!(selector.matches(&labels(&[("router-access", "yes")])));
+        assert!(!selector.matches(&labels(&[("router-access", "yes"), ("blocked", "")])));
+        assert!(!selector.matches(&labels(&[("router-access", "no")])));
+        assert!(policy.check_namespace("games").is_err());
+        policy.selected_namespaces.insert("games".into());
+        assert!(policy.check_namespace("games").is_ok());
+        assert!(policy.check_namespace("infra").is_ok());
+        assert!(LabelSelector::parse("env in (a,b)").is_err());
+        assert!(LabelSelector::parse("").is_err());
+        assert_eq!(selector.as_str(), "router-access=yes,!blocked");
     }
 }

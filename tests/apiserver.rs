@@ -253,3 +253,46 @@ async fn lists_page_and_watches_resume_bookmark_and_expire() {
         other => panic!("expected 410, got {other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filtered_watch_sees_objects_leave_and_enter_its_selection() {
+    let server = ApiServer::new();
+    let client = client_for(&server);
+    server.create(
+        json!({"metadata": {"name": "s", "namespace": "a", "labels": {"team": "x"}},
+        "spec": {"ports": [{"port": 80}]}}),
+    );
+    let api: Api<k8s_openapi::api::core::v1::Service> = Api::all(client);
+    let list = api
+        .list(&ListParams::default().labels("team=x"))
+        .await
+        .unwrap();
+    let rv = list.metadata.resource_version.unwrap();
+    let mut stream = api
+        .watch(&WatchParams::default().labels("team=x").timeout(30), &rv)
+        .await
+        .unwrap()
+        .boxed();
+    server.merge_patch(
+        "a",
+        "s",
+        json!({"metadata": {"labels": {"team": "y"}}}),
+        false,
+    );
+    server.merge_patch(
+        "a",
+        "s",
+        json!({"metadata": {"labels": {"team": "x"}}}),
+        false,
+    );
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        match stream.try_next().await.unwrap().unwrap() {
+            WatchEvent::Deleted(_) => seen.push("deleted"),
+            WatchEvent::Added(_) => seen.push("added"),
+            WatchEvent::Bookmark(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(seen, ["deleted", "added"]);
+}

@@ -96,3 +96,49 @@ fn bad_flags_exit_2_with_the_reason() {
     assert_eq!(output.status.code(), Some(2));
     assert!(stderr(&output).contains("--wan-interface or --wan-address"));
 }
+
+#[test]
+fn a_namespace_selector_is_matched_against_namespace_manifests_offline() {
+    let yaml = "kind: Namespace\nmetadata: {name: games, labels: {router-access: \"yes\"}}\n---\n\
+        kind: Namespace\nmetadata: {name: other}\n---\n\
+        kind: Service\nmetadata: {name: mc, namespace: games, annotations: {kube-port-forward-controller/mapping: game}}\n\
+        spec: {ports: [{name: game, port: 25565}]}\nstatus: {loadBalancer: {ingress: [{ip: 10.0.0.1}]}}\n---\n\
+        kind: Service\nmetadata: {name: web, namespace: other, annotations: {kube-port-forward-controller/mapping: http}}\n\
+        spec: {ports: [{name: http, port: 80}]}\nstatus: {loadBalancer: {ingress: [{ip: 10.0.0.2}]}}\n";
+    let mut child = Command::new(BIN)
+        .args([
+            "plan",
+            "-o",
+            "json",
+            "--allow-namespace-selector",
+            "router-access=yes",
+            "-f",
+            "-",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(yaml.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    let plan: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let states: Vec<(&str, &str)> = plan["forwards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f["namespace"].as_str().unwrap(),
+                f["state"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(states, [("games", "forwarding"), ("other", "refused")]);
+}

@@ -584,3 +584,46 @@ fn the_policy_refuses_with_a_warning_and_a_reload_closes_what_it_no_longer_allow
     );
     assert!(!daemon.log().contains("test-token"));
 }
+
+#[test]
+fn a_namespace_selector_follows_the_labels_of_namespaces() {
+    let Setup {
+        topology,
+        api,
+        addr,
+        dir,
+        _servers,
+    } = setup(&[8080]);
+    api.put_namespace("apps", json!({}));
+    let _daemon = start_daemon(
+        &topology.router,
+        &dir,
+        addr,
+        "router-a",
+        FINALIZER,
+        &["--allow-namespace-selector", "router-access=yes"],
+    );
+    api.create(service("web", "80:http", 8080));
+    api.set_lb_ips("apps", "web", &[SERVER4]);
+    wait_for("the Refused condition", || {
+        api.get("apps", "web").unwrap()["status"]["conditions"][0]["reason"] == "Refused"
+    });
+    assert!(refused(&topology, 80));
+
+    api.put_namespace("apps", json!({"router-access": "yes"}));
+    wait_for("port 80 once the namespace is labelled", || {
+        greets(&topology, 80, "hello 8080")
+    });
+    wait_for("the finalizer", || finalizers(&api, "web") == [FINALIZER]);
+
+    api.put_namespace("apps", json!({"router-access": "no"}));
+    wait_for("port 80 to close with the label", || refused(&topology, 80));
+    wait_for("the finalizer to go", || finalizers(&api, "web").is_empty());
+    // The Namespace watch asked for metadata only.
+    assert!(
+        api.requests()
+            .iter()
+            .any(|r| r.starts_with("GET /api/v1/namespaces?")
+                && r.contains("labelSelector=router-access"))
+    );
+}

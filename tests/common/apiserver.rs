@@ -14,7 +14,7 @@
 //! Listeners can be opened inside network namespaces, stopped (connections cut, as when the
 //! API server goes down) and reopened; `forget_history` compacts everything seen so far.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -44,6 +44,8 @@ struct State {
     rv: u64,
     uid: u64,
     services: BTreeMap<(String, String), Value>,
+    /// Namespaces, keyed ("", name) like cluster-scoped objects.
+    namespaces: BTreeMap<(String, String), Value>,
     history: Vec<Change>,
     /// Versions at or below this are compacted: too old to list or watch from.
     compacted: u64,
@@ -157,6 +159,28 @@ impl ApiServer {
         body
     }
 
+    /// Creates or relabels a Namespace (its labels replaced by `labels`).
+    pub fn put_namespace(&self, name: &str, labels: Value) {
+        let mut state = self.state.lock().unwrap();
+        state.rv += 1;
+        let key = (String::new(), name.to_owned());
+        let (kind, mut object) = match state.namespaces.get(&key) {
+            Some(old) => ("MODIFIED", old.clone()),
+            None => {
+                state.uid += 1;
+                let uid = format!("00000000-0000-4000-a000-{:012x}", state.uid);
+                let object = json!({"kind": "Namespace", "apiVersion": "v1",
+                    "metadata": {"name": name, "uid": uid, "creationTimestamp": now()},
+                    "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}});
+                ("ADDED", object)
+            }
+        };
+        object["metadata"]["labels"] = labels;
+        object["metadata"]["resourceVersion"] = json!(state.rv.to_string());
+        state.namespaces.insert(key, object.clone());
+        self.record(&mut state, kind, &object);
+    }
+
     pub fn get(&self, ns: &str, name: &str) -> Option<Value> {
         let state = self.state.lock().unwrap();
         state
@@ -225,6 +249,12 @@ impl ApiServer {
             .unwrap()
             .requests
             .push(format!("{method} {}", req.uri()));
+        // kube-rs asks for metadata only (`Api<PartialObjectMeta<K>>`) with this Accept.
+        let partial = req
+            .headers()
+            .get("accept")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|a| a.contains("as=PartialObjectMetadata"));
         let content_type = req
             .headers()
             .get("content-type")
@@ -237,9 +267,14 @@ impl ApiServer {
         };
         let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
         let (status, value) = match (method.clone(), parts.as_slice()) {
-            (Method::GET, ["api", "v1", "services"]) => return self.list_or_watch(None, &query),
+            (Method::GET, ["api", "v1", "services"]) => {
+                return self.list_or_watch("Service", None, &query, partial);
+            }
             (Method::GET, ["api", "v1", "namespaces", ns, "services"]) => {
-                return self.list_or_watch(Some(ns), &query);
+                return self.list_or_watch("Service", Some(ns), &query, partial);
+            }
+            (Method::GET, ["api", "v1", "namespaces"]) => {
+                return self.list_or_watch("Namespace", None, &query, partial);
             }
             (Method::POST, ["api", "v1", "namespaces", ns, "services"]) => {
                 match serde_json::from_str(&body) {
@@ -291,13 +326,22 @@ impl ApiServer {
         json_response(status, &value)
     }
 
-    fn list_or_watch(&self, ns: Option<&str>, query: &BTreeMap<String, String>) -> Response<Body> {
+    /// Lists or watches objects of `kind` (`Service` or `Namespace`).
+    fn list_or_watch(
+        &self,
+        kind: &'static str,
+        ns: Option<&str>,
+        query: &BTreeMap<String, String>,
+        partial: bool,
+    ) -> Response<Body> {
         let selector = query.get("labelSelector").cloned().unwrap_or_default();
         let matches = {
             let ns = ns.map(str::to_owned);
             move |object: &Value| {
-                ns.as_deref()
-                    .is_none_or(|ns| object["metadata"]["namespace"] == ns)
+                object["kind"] == kind
+                    && ns
+                        .as_deref()
+                        .is_none_or(|ns| object["metadata"]["namespace"] == ns)
                     && selects(&selector, &object["metadata"]["labels"])
             }
         };
@@ -306,7 +350,7 @@ impl ApiServer {
             .filter(|v| !v.is_empty())
             .map(|v| v.parse().unwrap_or(0));
         if query.get("watch").is_some_and(|w| w == "true" || w == "1") {
-            return self.watch(rv.unwrap_or(0), query, matches);
+            return self.watch(rv.unwrap_or(0), query, matches, partial);
         }
         let state = self.state.lock().unwrap();
         // A list at a specific, compacted version is 410 (transcript 16); "0" means any.
@@ -344,8 +388,12 @@ impl ApiServer {
         };
         let mut items = Vec::new();
         let mut next = None;
-        let range = state
-            .services
+        let objects = if kind == "Namespace" {
+            &state.namespaces
+        } else {
+            &state.services
+        };
+        let range = objects
             .iter()
             .filter(|(key, _)| after.as_ref().is_none_or(|after| *key > after));
         for (key, object) in range.filter(|(_, o)| matches(o)) {
@@ -353,8 +401,12 @@ impl ApiServer {
                 next = Some(format!("{list_rv}/{}/{}", key.0, key.1));
                 break;
             }
-            let mut item = object.clone();
-            if let Some(map) = item.as_object_mut() {
+            let mut item = if partial {
+                metadata_only(object)
+            } else {
+                object.clone()
+            };
+            if let Some(map) = item.as_object_mut().filter(|_| !partial) {
                 map.remove("kind");
                 map.remove("apiVersion");
             }
@@ -375,7 +427,11 @@ impl ApiServer {
         }
         json_response(
             StatusCode::OK,
-            &json!({"kind": "ServiceList", "apiVersion": "v1", "metadata": metadata, "items": items}),
+            &if partial {
+                json!({"kind": "PartialObjectMetadataList", "apiVersion": "meta.k8s.io/v1", "metadata": metadata, "items": items})
+            } else {
+                json!({"kind": format!("{kind}List"), "apiVersion": "v1", "metadata": metadata, "items": items})
+            },
         )
     }
 
@@ -384,6 +440,7 @@ impl ApiServer {
         from: u64,
         query: &BTreeMap<String, String>,
         matches: impl Fn(&Value) -> bool + Send + 'static,
+        partial: bool,
     ) -> Response<Body> {
         let bookmarks = query
             .get("allowWatchBookmarks")
@@ -393,11 +450,16 @@ impl ApiServer {
             .and_then(|t| t.parse().ok())
             .unwrap_or(300u64);
         let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1024);
-        let line = |kind: &str, object: &Value| {
+        let line = move |kind: &str, object: &Value| {
+            let object = if partial && kind != "ERROR" && kind != "BOOKMARK" {
+                metadata_only(object)
+            } else {
+                object.clone()
+            };
             Bytes::from(format!("{}\n", json!({"type": kind, "object": object})))
         };
         let mut live = self.changes.subscribe();
-        let (backlog, current) = {
+        let (backlog, current, mut visible) = {
             let state = self.state.lock().unwrap();
             if from < state.compacted {
                 let _ = tx.try_send(line("ERROR", &gone(from)));
@@ -409,6 +471,7 @@ impl ApiServer {
                 state
                     .services
                     .values()
+                    .chain(state.namespaces.values())
                     .map(|object| Change {
                         rv: state.rv,
                         kind: "ADDED",
@@ -423,7 +486,39 @@ impl ApiServer {
                     .cloned()
                     .collect()
             };
-            (backlog, state.rv)
+            // What this watch's client holds: the objects that match now (from "0", none
+            // yet: the backlog adds them).
+            let visible: BTreeSet<String> = if from == 0 {
+                BTreeSet::new()
+            } else {
+                state
+                    .services
+                    .values()
+                    .chain(state.namespaces.values())
+                    .filter(|o| matches(o))
+                    .map(object_key)
+                    .collect()
+            };
+            (backlog, state.rv, visible)
+        };
+        // A filtered watch reports an object that stops matching as DELETED and one that
+        // starts matching as ADDED, as the API server's watch cache does.
+        let mut event = move |change: &Change| -> Option<&'static str> {
+            let key = object_key(&change.object);
+            let now = change.kind != "DELETED" && matches(&change.object);
+            let before = visible.contains(&key);
+            match (before, now) {
+                (false, true) => {
+                    visible.insert(key);
+                    Some("ADDED")
+                }
+                (true, true) => Some(change.kind),
+                (true, false) => {
+                    visible.remove(&key);
+                    Some("DELETED")
+                }
+                (false, false) => None,
+            }
         };
         let state = self.state.clone();
         let mut stop = self.generation.subscribe();
@@ -431,7 +526,9 @@ impl ApiServer {
             let mut last = if from == 0 { current } else { from };
             for change in backlog {
                 last = last.max(change.rv);
-                if matches(&change.object) && tx.send(line(change.kind, &change.object)).await.is_err() {
+                if let Some(kind) = event(&change)
+                    && tx.send(line(kind, &change.object)).await.is_err()
+                {
                     return;
                 }
             }
@@ -443,8 +540,8 @@ impl ApiServer {
                     change = live.recv() => match change {
                         Ok(change) if change.rv > last => {
                             last = change.rv;
-                            if matches(&change.object)
-                                && tx.send(line(change.kind, &change.object)).await.is_err()
+                            if let Some(kind) = event(&change)
+                                && tx.send(line(kind, &change.object)).await.is_err()
                             {
                                 return;
                             }
@@ -763,6 +860,21 @@ impl ApiServer {
             None => not_found(name),
         }
     }
+}
+
+/// `namespace/name` of an object.
+fn object_key(object: &Value) -> String {
+    let meta = &object["metadata"];
+    format!(
+        "{}/{}",
+        meta["namespace"].as_str().unwrap_or_default(),
+        meta["name"].as_str().unwrap_or_default()
+    )
+}
+
+/// An object as a metadata-only request returns it.
+fn metadata_only(object: &Value) -> Value {
+    json!({"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": object["metadata"]})
 }
 
 /// Strategic merge for the lists the daemon and tests patch: `finalizers` (a set),
