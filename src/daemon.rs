@@ -779,6 +779,15 @@ impl Daemon {
     /// The event and this router's condition for a Service whose summary changed.
     async fn publish(&self, key: &(String, String), summary: &Summary) {
         let type_ = if summary.warning {
+            // Refusals, conflicts and bad entries are part of the audit trail too.
+            tracing::warn!(
+                action = "refuse",
+                namespace = %key.0,
+                name = %key.1,
+                reason = summary.reason,
+                detail = %summary.message,
+                "entries not forwarded"
+            );
             EventType::Warning
         } else {
             EventType::Normal

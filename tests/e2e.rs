@@ -558,6 +558,7 @@ fn the_policy_refuses_with_a_warning_and_a_reload_closes_what_it_no_longer_allow
         })
     });
     assert!(refused(&topology, 2222));
+    daemon.wait_log("action=\"refuse\"");
     assert!(finalizers(&api, "ssh").is_empty());
     wait_for("the finalizer on web", || {
         finalizers(&api, "web") == [FINALIZER]
