@@ -584,8 +584,9 @@ impl Daemon {
         applied: &Applied,
     ) -> Result<Option<Duration>, DaemonError> {
         // Fast path: every Service released had its forwards removed by this round's
-        // transaction, and the kernel's echo of that transaction reports those keys deleted.
-        // Otherwise, read the table and look for their uids.
+        // transaction, and the kernel confirms those keys are gone (its echo of the
+        // transaction, or an uncommitted create of the same keys). Otherwise, read the table
+        // and look for their uids.
         let uids: BTreeSet<String> = keys
             .iter()
             .filter_map(|k| self.store.get(k).map(|t| t.uid.clone()))
@@ -601,10 +602,14 @@ impl Daemon {
             .iter()
             .filter_map(|r| r.uid.as_deref())
             .collect();
+        let echoed = removed
+            .iter()
+            .all(|k| applied.confirmed_removed.contains(k));
         if uids.iter().all(|u| removed_uids.contains(u.as_str()))
-            && removed
-                .iter()
-                .all(|k| applied.confirmed_removed.contains(k))
+            && (echoed
+                || self
+                    .with_engine(move |engine| engine.confirmed_absent(&removed))
+                    .await?)
         {
             for key in keys {
                 if let Some(uid) = self.store.get(key).map(|t| t.uid.clone()) {

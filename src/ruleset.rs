@@ -97,7 +97,10 @@ impl TableConfig {
 
     /// The comments of this daemon's rules, in chain order.
     pub fn rule_comments(&self) -> Vec<String> {
-        FAMILIES.iter().map(|f| self.rule_comment(*f)).collect()
+        RULES
+            .iter()
+            .map(|(f, w)| self.rule_comment(*f, *w))
+            .collect()
     }
 
     fn match_interfaces(&self) -> bool {
@@ -110,10 +113,11 @@ impl TableConfig {
 
     /// The comment that marks this daemon's rule for a family. It records the shape, so a
     /// table built for another configuration is recognised and rebuilt.
-    fn rule_comment(&self, family: Family) -> String {
+    fn rule_comment(&self, family: Family, who: Who) -> String {
         format!(
-            "kube-port-forward {} iif={} daddr={}",
+            "kube-port-forward {} {} iif={} daddr={}",
             family_word(family),
+            who.word(),
             if self.match_interfaces() {
                 "set"
             } else {
@@ -156,8 +160,43 @@ fn port_map(family: Family) -> &'static str {
     }
 }
 
-/// The interval set of `source network . protocol . port` that decides which clients may
-/// use which forward: one lookup per new flow, however many forwards and ranges.
+/// Which forwards a rule serves: those open to every client, whose keys are in a hash set,
+/// or those limited by source ranges, in an interval set. Kept apart because nft reads an
+/// interval set whole on every change to it: forwards without ranges, the usual case, must
+/// not pay for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Who {
+    Open,
+    Ranges,
+}
+
+impl Who {
+    fn word(self) -> &'static str {
+        match self {
+            Who::Open => "open",
+            Who::Ranges => "ranges",
+        }
+    }
+}
+
+/// The rules of the chain, in order.
+const RULES: [(Family, Who); 4] = [
+    (Family::Ipv4, Who::Open),
+    (Family::Ipv4, Who::Ranges),
+    (Family::Ipv6, Who::Open),
+    (Family::Ipv6, Who::Ranges),
+];
+
+/// The hash set of `protocol . port` of forwards open to every client.
+fn open_set(family: Family) -> &'static str {
+    match family {
+        Family::Ipv4 => "open_ipv4",
+        Family::Ipv6 => "open_ipv6",
+    }
+}
+
+/// The interval set of `source network . protocol . port` of forwards limited to some
+/// clients: one lookup per new flow, however many forwards and ranges.
 fn src_set(family: Family) -> &'static str {
     match family {
         Family::Ipv4 => "src_ipv4",
@@ -172,23 +211,21 @@ pub struct Source {
     pub net: IpNet,
 }
 
-/// The source elements of a forward: its ranges, or every address of its family.
+/// The source set elements of a forward: one per range; none when it is open to all.
 fn sources_of(forward: &Forward) -> Vec<Source> {
-    let any: IpNet = match forward.key.family {
-        Family::Ipv4 => "0.0.0.0/0".parse().expect("a network"),
-        Family::Ipv6 => "::/0".parse().expect("a network"),
-    };
-    let nets = if forward.sources.is_empty() {
-        vec![any]
-    } else {
-        forward.sources.clone()
-    };
-    nets.into_iter()
+    forward
+        .sources
+        .iter()
         .map(|net| Source {
             key: forward.key,
-            net,
+            net: *net,
         })
         .collect()
+}
+
+/// The open set element of a forward open to every client.
+fn open_of(forward: &Forward) -> Option<ForwardKey> {
+    forward.sources.is_empty().then_some(forward.key)
 }
 
 fn addr_type(family: Family) -> SetType {
@@ -241,6 +278,7 @@ pub struct KernelTable {
     pub addrs: BTreeMap<ForwardKey, Element<IpAddr>>,
     pub ports: BTreeMap<ForwardKey, Element<u16>>,
     pub sources: BTreeSet<Source>,
+    pub open: BTreeSet<ForwardKey>,
     /// Packets counted per forward (address map counters).
     pub counters: BTreeMap<ForwardKey, (u64, u64)>,
 }
@@ -253,7 +291,7 @@ pub enum Change {
     /// Replace the whole table in one transaction, for this reason.
     Rebuild(String),
     /// Change only what differs.
-    Update(Update),
+    Update(Box<Update>),
 }
 
 /// Elements to delete and add, all in one transaction.
@@ -269,6 +307,8 @@ pub struct Update {
     pub delete_addresses: Vec<IpAddr>,
     pub add_sources: Vec<Source>,
     pub delete_sources: Vec<Source>,
+    pub add_open: Vec<ForwardKey>,
+    pub delete_open: Vec<ForwardKey>,
 }
 
 impl Change {
@@ -276,7 +316,7 @@ impl Change {
         match shape_problem {
             Some(problem) => Change::Rebuild(problem),
             None if delta.is_empty() => Change::Nothing,
-            None => Change::Update(delta),
+            None => Change::Update(Box::new(delta)),
         }
     }
 }
@@ -290,11 +330,13 @@ impl Update {
         self.delete_addrs.push(forward.key);
         self.delete_ports.push(forward.key);
         self.delete_sources.extend(sources_of(forward));
+        self.delete_open.extend(open_of(forward));
     }
 
     fn add_forward(&mut self, forward: &Forward) {
         self.add.push(forward.key);
         self.add_sources.extend(sources_of(forward));
+        self.add_open.extend(open_of(forward));
     }
 
     fn set_wan(
@@ -353,6 +395,7 @@ impl Ruleset {
                 },
             );
             table.sources.extend(sources_of(forward));
+            table.open.extend(open_of(forward));
         }
         table
     }
@@ -408,6 +451,9 @@ impl Ruleset {
         let desired: BTreeSet<Source> = self.forwards.values().flat_map(sources_of).collect();
         update.add_sources = desired.difference(&current.sources).copied().collect();
         update.delete_sources = current.sources.difference(&desired).copied().collect();
+        let open: BTreeSet<ForwardKey> = self.forwards.values().filter_map(open_of).collect();
+        update.add_open = open.difference(&current.open).copied().collect();
+        update.delete_open = current.open.difference(&open).copied().collect();
         update.set_wan(
             &self.config,
             &current.wan_interfaces,
@@ -450,6 +496,10 @@ impl Ruleset {
                             update.delete_sources.extend(gone);
                             let new_sources = after.iter().filter(|s| !before.contains(s));
                             update.add_sources.extend(new_sources);
+                            if open_of(fo) != open_of(fnew) {
+                                update.delete_open.extend(open_of(fo));
+                                update.add_open.extend(open_of(fnew));
+                            }
                         }
                         old.next();
                         new.next();
@@ -550,7 +600,7 @@ impl Ruleset {
         }))
     }
 
-    fn rule(&self, family: Family) -> NfListObject<'_> {
+    fn rule(&self, family: Family, who: Who) -> NfListObject<'_> {
         let mut expr = Vec::new();
         if self.config.match_interfaces() {
             expr.push(matches(
@@ -586,23 +636,34 @@ impl Ruleset {
                 Expression::String(Cow::Borrowed("local")),
             ));
         }
-        // Only clients the forward's source ranges allow (all, when it has none).
-        expr.push(matches(
-            Expression::Named(NamedExpression::Concat(vec![
-                payload(
+        let proto_port = vec![
+            Expression::Named(NamedExpression::Meta(Meta {
+                key: MetaKey::L4proto,
+            })),
+            payload("th", "dport"),
+        ];
+        expr.push(match who {
+            // Forwards open to every client.
+            Who::Open => matches(
+                Expression::Named(NamedExpression::Concat(proto_port)),
+                set_ref(open_set(family)),
+            ),
+            // Forwards limited to the clients of their source ranges.
+            Who::Ranges => {
+                let source = payload(
                     match family {
                         Family::Ipv4 => "ip",
                         Family::Ipv6 => "ip6",
                     },
                     "saddr",
-                ),
-                Expression::Named(NamedExpression::Meta(Meta {
-                    key: MetaKey::L4proto,
-                })),
-                payload("th", "dport"),
-            ])),
-            set_ref(src_set(family)),
-        ));
+                );
+                let key = std::iter::once(source).chain(proto_port).collect();
+                matches(
+                    Expression::Named(NamedExpression::Concat(key)),
+                    set_ref(src_set(family)),
+                )
+            }
+        });
         expr.push(Statement::DNAT(Some(NAT {
             addr: Some(map_lookup(addr_map(family))),
             family: Some(match family {
@@ -619,7 +680,7 @@ impl Ruleset {
             expr: Cow::Owned(expr),
             handle: None,
             index: None,
-            comment: Some(Cow::Owned(self.config.rule_comment(family))),
+            comment: Some(Cow::Owned(self.config.rule_comment(family, who))),
         })
     }
 
@@ -645,6 +706,30 @@ impl Ruleset {
     /// the table and chain exist, and it changes nothing even if committed.
     pub fn probe(&self) -> String {
         to_json(vec![NfCmd::Add(self.chain())])
+    }
+
+    /// A transaction that `nft -c` accepts exactly when none of `keys` is in the address
+    /// maps: `create` fails on an element that exists. Nothing is committed.
+    pub fn absence_check(&self, keys: &[ForwardKey]) -> String {
+        let mut cmds = Vec::new();
+        for family in FAMILIES {
+            let unspecified = match family {
+                Family::Ipv4 => "0.0.0.0",
+                Family::Ipv6 => "::",
+            };
+            let elems: Vec<Expression<'_>> = keys
+                .iter()
+                .filter(|k| k.family == family)
+                .map(|k| {
+                    let value = Expression::String(Cow::Borrowed(unspecified));
+                    Expression::List(vec![elem(k, None), value])
+                })
+                .collect();
+            if !elems.is_empty() {
+                cmds.push(NfCmd::Create(self.element(addr_map(family), elems)));
+            }
+        }
+        to_json(cmds)
     }
 
     fn chain(&self) -> NfListObject<'_> {
@@ -678,6 +763,9 @@ impl Ruleset {
             ));
         }
         for family in FAMILIES {
+            let key = vec![SetType::InetProto, SetType::InetService];
+            let open = SetTypeValue::Concatenated(Cow::Owned(key));
+            cmds.push(NfCmd::Add(self.set_of(open_set(family), open, None)));
             cmds.push(NfCmd::Add(self.source_set_decl(family)));
         }
         for family in FAMILIES {
@@ -689,12 +777,13 @@ impl Ruleset {
             ));
         }
         cmds.push(NfCmd::Add(self.chain()));
-        for family in FAMILIES {
-            cmds.push(NfCmd::Add(self.rule(family)));
+        for (family, who) in RULES {
+            cmds.push(NfCmd::Add(self.rule(family, who)));
         }
         let all = Update {
             add: self.forwards.keys().copied().collect(),
             add_sources: self.forwards.values().flat_map(sources_of).collect(),
+            add_open: self.forwards.values().filter_map(open_of).collect(),
             add_interfaces: self.config.wan_interfaces.iter().cloned().collect(),
             add_addresses: self.config.wan_addresses.iter().copied().collect(),
             ..Update::default()
@@ -735,8 +824,10 @@ impl Ruleset {
             deletes.push((port_map(family), keys(&update.delete_ports, family)));
             deletes.push((wan_set(family), addrs(&update.delete_addresses, family)));
             deletes.push((src_set(family), sources(&update.delete_sources, family)));
+            deletes.push((open_set(family), keys(&update.delete_open, family)));
             adds.push((wan_set(family), addrs(&update.add_addresses, family)));
             adds.push((src_set(family), sources(&update.add_sources, family)));
+            adds.push((open_set(family), keys(&update.add_open, family)));
             let [addr_elems, port_elems] = self.forward_elements(family, &update.add);
             adds.push((addr_map(family), addr_elems));
             adds.push((port_map(family), port_elems));
@@ -932,6 +1023,7 @@ impl KernelTable {
         for family in FAMILIES {
             for name in [
                 wan_set(family),
+                open_set(family),
                 src_set(family),
                 addr_map(family),
                 port_map(family),
@@ -947,9 +1039,11 @@ impl KernelTable {
         let rules_ok = match config {
             Some(config) => rules == config.rule_comments(),
             None => {
-                rules.len() == FAMILIES.len()
-                    && rules.iter().zip(FAMILIES).all(|(rule, family)| {
-                        rule.starts_with(&format!("kube-port-forward {} ", family_word(family)))
+                rules.len() == RULES.len()
+                    && rules.iter().zip(RULES).all(|(rule, (family, who))| {
+                        let prefix =
+                            format!("kube-port-forward {} {} ", family_word(family), who.word());
+                        rule.starts_with(&prefix)
                     })
             }
         };
@@ -962,6 +1056,19 @@ impl KernelTable {
     }
 
     fn read_set(&mut self, name: &str, elems: &[Expression<'_>], problems: &mut Vec<String>) {
+        if let Some(family) = FAMILIES.into_iter().find(|f| name == open_set(*f)) {
+            for item in elems {
+                match open_item(family, item) {
+                    Some(key) => {
+                        self.open.insert(key);
+                    }
+                    None => {
+                        problems.push(format!("set {name} holds an element of unexpected form"))
+                    }
+                }
+            }
+            return;
+        }
         if let Some(family) = FAMILIES.into_iter().find(|f| name == src_set(*f)) {
             for item in elems {
                 match source_item(family, item) {
@@ -1042,6 +1149,21 @@ impl KernelTable {
             }
         }
     }
+}
+
+/// `["tcp", 80]` as `nft -j` lists an open set element.
+fn open_item(family: Family, item: &Expression<'_>) -> Option<ForwardKey> {
+    let Expression::Named(NamedExpression::Concat(parts)) = item else {
+        return None;
+    };
+    let [Expression::String(protocol), Expression::Number(port)] = parts.as_slice() else {
+        return None;
+    };
+    Some(ForwardKey {
+        family,
+        protocol: Protocol::from_nft_name(protocol)?,
+        external_port: u16::try_from(*port).ok()?,
+    })
 }
 
 /// `[prefix or address, "tcp", 80]` as `nft -j` lists a source set element (a /32 or /128
@@ -1185,6 +1307,20 @@ impl Ruleset {
             );
         }
         for family in FAMILIES {
+            let open: Vec<String> = self
+                .forwards
+                .values()
+                .filter(|f| f.key.family == family)
+                .filter_map(open_of)
+                .map(|k| format!("{} . {}", k.protocol.nft_name(), k.external_port))
+                .collect();
+            render_set(
+                &mut out,
+                open_set(family),
+                "inet_proto . inet_service",
+                &[],
+                &open,
+            );
             let sources: Vec<String> = self
                 .forwards
                 .values()
@@ -1251,7 +1387,7 @@ impl Ruleset {
             out,
             "\t\ttype nat hook prerouting priority dstnat; policy accept;"
         );
-        for family in FAMILIES {
+        for (family, who) in RULES {
             let mut rule = Vec::new();
             if self.config.match_interfaces() {
                 rule.push(format!("iifname @{WAN_IFACES}"));
@@ -1266,16 +1402,21 @@ impl Ruleset {
                 ));
             }
             let nat = if family == Family::Ipv4 { "ip" } else { "ip6" };
-            rule.push(format!(
-                "{nat} saddr . meta l4proto . th dport @{}",
-                src_set(family)
-            ));
+            rule.push(match who {
+                Who::Open => format!("meta l4proto . th dport @{}", open_set(family)),
+                Who::Ranges => {
+                    format!("{nat} saddr . meta l4proto . th dport @{}", src_set(family))
+                }
+            });
             rule.push(format!(
                 "dnat {nat} to meta l4proto . th dport map @{} : meta l4proto . th dport map @{}",
                 addr_map(family),
                 port_map(family)
             ));
-            rule.push(format!("comment \"{}\"", self.config.rule_comment(family)));
+            rule.push(format!(
+                "comment \"{}\"",
+                self.config.rule_comment(family, who)
+            ));
             let _ = writeln!(out, "\t\t{}", rule.join(" "));
         }
         let _ = writeln!(out, "\t}}");
@@ -1385,15 +1526,18 @@ mod tests {
             delete_addrs: vec![many[10].key, many[50].key],
             delete_ports: vec![many[10].key, many[50].key],
             add: vec![many[50].key, changed.last().unwrap().key],
-            add_sources: sources_of(changed.last().unwrap()),
-            delete_sources: sources_of(&many[10]),
+            add_open: vec![changed.last().unwrap().key],
+            delete_open: vec![many[10].key],
             ..Update::default()
         };
         assert_eq!(
             after.diff(Some(&before.as_kernel())),
-            Change::Update(expected.clone())
+            Change::Update(Box::new(expected.clone()))
         );
-        assert_eq!(after.diff_applied(&before), Change::Update(expected));
+        assert_eq!(
+            after.diff_applied(&before),
+            Change::Update(Box::new(expected))
+        );
     }
 
     #[test]
@@ -1491,10 +1635,12 @@ mod tests {
             {"set": {"family": "inet", "name": "wan_ifaces", "table": DEFAULT_TABLE, "type": "ifname", "handle": 2, "elem": ["wan"]}},
             {"set": {"family": "inet", "name": "wan_ipv4", "table": DEFAULT_TABLE, "type": "ipv4_addr", "handle": 3, "elem": ["203.0.113.1"]}},
             {"set": {"family": "inet", "name": "wan_ipv6", "table": DEFAULT_TABLE, "type": "ipv6_addr", "handle": 4}},
-            {"set": {"family": "inet", "name": "src_ipv4", "table": DEFAULT_TABLE, "type": ["ipv4_addr", "inet_proto", "inet_service"], "handle": 12, "flags": ["interval"],
-                "elem": [{"concat": [{"prefix": {"addr": "0.0.0.0", "len": 0}}, "tcp", 80]}]}},
-            {"set": {"family": "inet", "name": "src_ipv6", "table": DEFAULT_TABLE, "type": ["ipv6_addr", "inet_proto", "inet_service"], "handle": 13, "flags": ["interval"],
-                "elem": [{"concat": [{"prefix": {"addr": "::", "len": 0}}, "tcp", 443]}]}},
+            {"set": {"family": "inet", "name": "open_ipv4", "table": DEFAULT_TABLE, "type": ["inet_proto", "inet_service"], "handle": 12,
+                "elem": [{"concat": ["tcp", 80]}]}},
+            {"set": {"family": "inet", "name": "src_ipv4", "table": DEFAULT_TABLE, "type": ["ipv4_addr", "inet_proto", "inet_service"], "handle": 13, "flags": ["interval"]}},
+            {"set": {"family": "inet", "name": "open_ipv6", "table": DEFAULT_TABLE, "type": ["inet_proto", "inet_service"], "handle": 14,
+                "elem": [{"concat": ["tcp", 443]}]}},
+            {"set": {"family": "inet", "name": "src_ipv6", "table": DEFAULT_TABLE, "type": ["ipv6_addr", "inet_proto", "inet_service"], "handle": 15, "flags": ["interval"]}},
             {"map": {"family": "inet", "name": "fwd_ipv4_addr", "table": DEFAULT_TABLE, "type": ["inet_proto", "inet_service"], "handle": 5, "map": "ipv4_addr",
                 "elem": [[{"elem": {"val": {"concat": ["tcp", 80]}, "comment": "ns/a:http uid=0000-1111", "counter": {"packets": 3, "bytes": 180}}}, "10.0.0.1"]],
                 "stmt": [{"counter": null}]}},
@@ -1505,8 +1651,10 @@ mod tests {
             {"map": {"family": "inet", "name": "fwd_ipv6_port", "table": DEFAULT_TABLE, "type": ["inet_proto", "inet_service"], "handle": 8, "map": "inet_service",
                 "elem": [[{"elem": {"val": {"concat": ["tcp", 443]}, "comment": "ns/b:http uid=0000-1111"}}, 8080]]}},
             {"chain": {"family": "inet", "table": DEFAULT_TABLE, "name": "prerouting", "handle": 9, "type": "nat", "hook": "prerouting", "prio": -100, "policy": "accept"}},
-            {"rule": {"family": "inet", "table": DEFAULT_TABLE, "chain": "prerouting", "handle": 10, "comment": "kube-port-forward ipv4 iif=set daddr=set", "expr": []}},
-            {"rule": {"family": "inet", "table": DEFAULT_TABLE, "chain": "prerouting", "handle": 11, "comment": "kube-port-forward ipv6 iif=set daddr=set", "expr": []}}
+            {"rule": {"family": "inet", "table": DEFAULT_TABLE, "chain": "prerouting", "handle": 10, "comment": "kube-port-forward ipv4 open iif=set daddr=set", "expr": []}},
+            {"rule": {"family": "inet", "table": DEFAULT_TABLE, "chain": "prerouting", "handle": 16, "comment": "kube-port-forward ipv4 ranges iif=set daddr=set", "expr": []}},
+            {"rule": {"family": "inet", "table": DEFAULT_TABLE, "chain": "prerouting", "handle": 11, "comment": "kube-port-forward ipv6 open iif=set daddr=set", "expr": []}},
+            {"rule": {"family": "inet", "table": DEFAULT_TABLE, "chain": "prerouting", "handle": 17, "comment": "kube-port-forward ipv6 ranges iif=set daddr=set", "expr": []}}
         ]});
         let listing: Nftables = serde_json::from_value(listing).unwrap();
         let kernel = KernelTable::from_nftables(Some(&r.config), &listing);

@@ -180,6 +180,12 @@ fn removed_forwards_leave_the_kernel() {
         let removed: std::collections::BTreeSet<ForwardKey> =
             applied.removed.iter().map(|r| r.key).collect();
         assert_eq!(applied.confirmed_removed, removed);
+        // The other confirmation, an uncommitted `create` of the same keys, agrees, and
+        // refuses a key that is still there.
+        let removed: Vec<ForwardKey> = removed.into_iter().collect();
+        assert!(engine.confirmed_absent(&removed));
+        let present = *desired.forwards.keys().next().unwrap();
+        assert!(!engine.confirmed_absent(&[removed[0], present]));
         assert!(
             applied.removed[0].was.contains("uid="),
             "{:?}",
