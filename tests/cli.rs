@@ -21,7 +21,7 @@ fn plan_of_the_examples_succeeds_and_check_flags_problems() {
     let output = run(&["plan", "-f", "examples/"]);
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     let text = String::from_utf8_lossy(&output.stdout);
-    for state in ["forwarding", "conflict", "invalid", "waiting"] {
+    for state in ["forwarding", "conflict", "invalid", "waiting", "refused"] {
         assert!(
             text.contains(&format!("\n{state} ")),
             "no {state} in:\n{text}"
