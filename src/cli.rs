@@ -325,11 +325,7 @@ pub fn run(command: Command, nft: NftCli) -> Result<u8, CommandError> {
             table,
             policy,
         } => {
-            if table.wan_interfaces.is_empty() && table.wan_addresses.is_empty() {
-                return Err(CommandError::NoWan);
-            }
-            let router = table.wan_addresses.iter().copied().chain(local_addresses());
-            let policy = policy.policy(router)?;
+            let policy = on_router(&table, &policy)?;
             let (manifests, plan, ruleset) = planned(&files, &table, &policy)?;
             for refused in &manifests.refused {
                 tracing::warn!(%refused, "Service refused");
@@ -372,12 +368,8 @@ pub fn run(command: Command, nft: NftCli) -> Result<u8, CommandError> {
             table,
             policy,
         } => {
-            if table.wan_interfaces.is_empty() && table.wan_addresses.is_empty() {
-                return Err(CommandError::NoWan);
-            }
-            let router = table.wan_addresses.iter().copied().chain(local_addresses());
             let settings = daemon::Settings {
-                policy: policy.policy(router)?,
+                policy: on_router(&table, &policy)?,
                 policy_file: policy.policy.clone(),
                 kubeconfig: cluster.kubeconfig,
                 context: cluster.context,
@@ -412,6 +404,16 @@ pub fn run(command: Command, nft: NftCli) -> Result<u8, CommandError> {
             Ok(exit::OK)
         }
     }
+}
+
+/// For the commands that change the router: a WAN must be named, and the policy refuses the
+/// router's own addresses.
+fn on_router(table: &TableArgs, policy: &PolicyArgs) -> Result<Policy, CommandError> {
+    if table.wan_interfaces.is_empty() && table.wan_addresses.is_empty() {
+        return Err(CommandError::NoWan);
+    }
+    let router = table.wan_addresses.iter().copied().chain(local_addresses());
+    Ok(policy.policy(router)?)
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, CommandError> {

@@ -12,6 +12,25 @@ fn run(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `plan -o json -f -` with `args`, reading `yaml` from standard input.
+fn plan_stdin(args: &[&str], yaml: &str) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(BIN)
+        .args(["plan", "-o", "json", "-f", "-"])
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(yaml.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
 fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
@@ -36,20 +55,7 @@ fn plan_of_the_examples_succeeds_and_check_flags_problems() {
 #[test]
 fn check_passes_on_clean_manifests_from_stdin() {
     let yaml = "kind: Service\nmetadata: {name: ok, annotations: {kube-port-forward-controller/mapping: http}}\nspec: {ports: [{name: http, port: 80}]}\nstatus: {loadBalancer: {ingress: [{ip: 10.0.0.1}]}}\n";
-    let mut child = Command::new(BIN)
-        .args(["plan", "--check", "-o", "json", "-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(yaml.as_bytes())
-        .unwrap();
-    let output = child.wait_with_output().unwrap();
+    let output = plan_stdin(&["--check"], yaml);
     assert_eq!(output.status.code(), Some(0));
     let plan: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(plan["forwards"][0]["state"], "forwarding");
@@ -105,28 +111,7 @@ fn a_namespace_selector_is_matched_against_namespace_manifests_offline() {
         spec: {ports: [{name: game, port: 25565}]}\nstatus: {loadBalancer: {ingress: [{ip: 10.0.0.1}]}}\n---\n\
         kind: Service\nmetadata: {name: web, namespace: other, annotations: {kube-port-forward-controller/mapping: http}}\n\
         spec: {ports: [{name: http, port: 80}]}\nstatus: {loadBalancer: {ingress: [{ip: 10.0.0.2}]}}\n";
-    let mut child = Command::new(BIN)
-        .args([
-            "plan",
-            "-o",
-            "json",
-            "--allow-namespace-selector",
-            "router-access=yes",
-            "-f",
-            "-",
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(yaml.as_bytes())
-        .unwrap();
-    let output = child.wait_with_output().unwrap();
+    let output = plan_stdin(&["--allow-namespace-selector", "router-access=yes"], yaml);
     assert_eq!(output.status.code(), Some(0));
     let plan: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     let states: Vec<(&str, &str)> = plan["forwards"]
