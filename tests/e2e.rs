@@ -77,6 +77,12 @@ fn service(name: &str, mapping: &str, port: u16) -> Value {
         "spec": {"type": "LoadBalancer", "ports": [{"name": "http", "port": port, "protocol": "TCP"}]}})
 }
 
+/// Creates a Service in `apps` and gives it the server's address, as MetalLB would.
+fn create_with_address(api: &ApiServer, name: &str, mapping: &str, port: u16) {
+    api.create(service(name, mapping, port));
+    api.set_lb_ips("apps", name, &[SERVER4]);
+}
+
 fn wan(port: u16) -> SocketAddr {
     format!("{ROUTER_WAN4}:{port}").parse().unwrap()
 }
@@ -171,10 +177,8 @@ fn killed_and_restarted_the_daemon_keeps_rules_and_finishes_cleanup() {
         dir,
         _servers,
     } = setup(&[8080]);
-    api.create(service("web", "80:http", 8080));
-    api.set_lb_ips("apps", "web", &[SERVER4]);
-    api.create(service("kept", "82:http", 8080));
-    api.set_lb_ips("apps", "kept", &[SERVER4]);
+    create_with_address(&api, "web", "80:http", 8080);
+    create_with_address(&api, "kept", "82:http", 8080);
     let mut daemon = start_daemon(&topology.router, &dir, addr, "router-a", FINALIZER, &[]);
     wait_for("the finalizers", || {
         finalizers(&api, "web") == [FINALIZER] && finalizers(&api, "kept") == [FINALIZER]
@@ -205,8 +209,7 @@ fn a_service_deleted_and_force_released_while_down_is_swept_at_start() {
         dir,
         _servers,
     } = setup(&[8080]);
-    api.create(service("web", "80:http", 8080));
-    api.set_lb_ips("apps", "web", &[SERVER4]);
+    create_with_address(&api, "web", "80:http", 8080);
     let mut daemon = start_daemon(&topology.router, &dir, addr, "router-a", FINALIZER, &[]);
     wait_for("port 80 to reach the server", || {
         greets(&topology, 80, "hello 8080")
@@ -236,8 +239,7 @@ fn an_api_outage_keeps_the_rules_and_a_fresh_history_recovers() {
         dir,
         _servers,
     } = setup(&[8080]);
-    api.create(service("web", "80:http", 8080));
-    api.set_lb_ips("apps", "web", &[SERVER4]);
+    create_with_address(&api, "web", "80:http", 8080);
     let daemon = start_daemon(&topology.router, &dir, addr, "router-a", FINALIZER, &[]);
     wait_for("port 80 to reach the server", || {
         greets(&topology, 80, "hello 8080")
@@ -254,8 +256,7 @@ fn an_api_outage_keeps_the_rules_and_a_fresh_history_recovers() {
     // old (410), it lists again, and carries on.
     api.forget_history();
     api.listen_at(Some(&topology.router), addr.port());
-    api.create(service("new", "83:http", 8080));
-    api.set_lb_ips("apps", "new", &[SERVER4]);
+    create_with_address(&api, "new", "83:http", 8080);
     wait_for("port 83 to reach the server", || {
         greets(&topology, 83, "hello 8080")
     });
@@ -275,8 +276,7 @@ fn two_routers_each_clean_their_own_and_the_service_waits_for_both() {
     const FINALIZER_B: &str = "kube-port-forward-controller/router-b";
     let _da = start_daemon(&a.router, &dir, addr_a, "router-a", FINALIZER, &[]);
     let mut db = start_daemon(&b.router, &dir, addr_b, "router-b", FINALIZER_B, &[]);
-    api.create(service("web", "80:http", 8080));
-    api.set_lb_ips("apps", "web", &[SERVER4]);
+    create_with_address(&api, "web", "80:http", 8080);
     wait_for("both finalizers", || {
         let f = finalizers(&api, "web");
         f.len() == 2 && f.iter().any(|x| x == FINALIZER) && f.iter().any(|x| x == FINALIZER_B)
@@ -332,8 +332,7 @@ fn the_older_service_wins_and_the_next_takes_over_when_it_goes() {
             .to_string()
             > created
     });
-    api.create(service("a-newer", "80:http", 9090));
-    api.set_lb_ips("apps", "a-newer", &[SERVER4]);
+    create_with_address(&api, "a-newer", "80:http", 9090);
     wait_for("the Conflict condition naming the winner", || {
         let s = api.get("apps", "a-newer").unwrap();
         let c = &s["status"]["conditions"][0];
@@ -381,8 +380,7 @@ fn a_service_the_api_server_stored_oddly_does_not_stop_the_others() {
             "loadBalancer": {"ingress": [{"ip": SERVER4}]}}}),
         true,
     );
-    api.create(service("web", "80:http", 8080));
-    api.set_lb_ips("apps", "web", &[SERVER4]);
+    create_with_address(&api, "web", "80:http", 8080);
     let _daemon = start_daemon(&topology.router, &dir, addr, "router-a", FINALIZER, &[]);
     wait_for("both ports to reach the server", || {
         greets(&topology, 80, "hello 8080") && greets(&topology, 84, "hello 8080")
@@ -496,8 +494,7 @@ fn a_cleanup_that_keeps_failing_is_retried_warned_then_released_and_swept_later(
         FINALIZER,
         &["--cleanup-deadline", "3", "--nft", &wrapper],
     );
-    api.create(service("web", "80:http", 8080));
-    api.set_lb_ips("apps", "web", &[SERVER4]);
+    create_with_address(&api, "web", "80:http", 8080);
     wait_for("port 80", || greets(&topology, 80, "hello 8080"));
     wait_for("the finalizer", || finalizers(&api, "web") == [FINALIZER]);
 
@@ -545,10 +542,8 @@ fn the_policy_refuses_with_a_warning_and_a_reload_closes_what_it_no_longer_allow
         FINALIZER,
         &["--cleanup-deadline", "60", "--policy", &policy],
     );
-    api.create(service("web", "80:http", 8080));
-    api.set_lb_ips("apps", "web", &[SERVER4]);
-    api.create(service("ssh", "2222:http", 8080));
-    api.set_lb_ips("apps", "ssh", &[SERVER4]);
+    create_with_address(&api, "web", "80:http", 8080);
+    create_with_address(&api, "ssh", "2222:http", 8080);
     wait_for("port 80", || greets(&topology, 80, "hello 8080"));
     wait_for("the Refused warning for port 2222", || {
         api.events().iter().any(|e| {
@@ -604,8 +599,7 @@ fn a_namespace_selector_follows_the_labels_of_namespaces() {
         FINALIZER,
         &["--allow-namespace-selector", "router-access=yes"],
     );
-    api.create(service("web", "80:http", 8080));
-    api.set_lb_ips("apps", "web", &[SERVER4]);
+    create_with_address(&api, "web", "80:http", 8080);
     wait_for("the Refused condition", || {
         api.get("apps", "web").unwrap()["status"]["conditions"][0]["reason"] == "Refused"
     });
