@@ -457,22 +457,7 @@ async fn release_finalizers(
     cluster: ClusterArgs,
     finalizer: String,
 ) -> Result<usize, CommandError> {
-    let settings = daemon::Settings {
-        kubeconfig: cluster.kubeconfig,
-        context: cluster.context,
-        namespaces: Vec::new(),
-        selector: cluster.selector.clone(),
-        finalizer: finalizer.clone(),
-        condition_type: String::new(),
-        instance: String::new(),
-        table: TableConfig::new(DEFAULT_TABLE, [], [])?,
-        cleanup_deadline: Duration::ZERO,
-        resync: Duration::ZERO,
-        nft: NftCli::default(),
-        policy: Policy::default(),
-        policy_file: None,
-    };
-    let client = daemon::client(&settings).await?;
+    let client = daemon::client(cluster.kubeconfig.as_deref(), cluster.context.as_deref()).await?;
     let scopes: Vec<Option<String>> = if cluster.namespaces.is_empty() {
         vec![None]
     } else {

@@ -6,7 +6,7 @@
 //! a Service changed or went does.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
@@ -75,39 +75,43 @@ pub enum DaemonError {
 }
 
 /// Builds the Kubernetes client from the kubeconfig named, or the usual places.
-pub async fn client(settings: &Settings) -> Result<kube::Client, DaemonError> {
+pub async fn client(
+    kubeconfig: Option<&Path>,
+    context: Option<&str>,
+) -> Result<kube::Client, DaemonError> {
     let options = kube::config::KubeConfigOptions {
-        context: settings.context.clone(),
+        context: context.map(str::to_owned),
         ..Default::default()
     };
-    let named = settings
-        .kubeconfig
-        .clone()
+    let named = kubeconfig
+        .map(Path::to_path_buf)
         .or_else(|| std::env::var_os("KUBECONFIG").map(PathBuf::from));
     if let Some(path) = named {
         warn_if_readable_by_others(&path);
     }
-    let config = match &settings.kubeconfig {
+    let config = match kubeconfig {
         Some(path) => {
             let kubeconfig = kube::config::Kubeconfig::read_from(path).map_err(|source| {
                 DaemonError::Kubeconfig {
-                    path: path.clone(),
+                    path: path.to_path_buf(),
                     source,
                 }
             })?;
             kube::Config::from_custom_kubeconfig(kubeconfig, &options)
                 .await
                 .map_err(|source| DaemonError::Kubeconfig {
-                    path: path.clone(),
+                    path: path.to_path_buf(),
                     source,
                 })?
         }
-        None if settings.context.is_some() => kube::Config::from_kubeconfig(&options)
-            .await
-            .map_err(|source| DaemonError::Kubeconfig {
-                path: "(KUBECONFIG)".into(),
-                source,
-            })?,
+        None if context.is_some() => {
+            kube::Config::from_kubeconfig(&options)
+                .await
+                .map_err(|source| DaemonError::Kubeconfig {
+                    path: "(KUBECONFIG)".into(),
+                    source,
+                })?
+        }
         None => kube::Config::infer().await.map_err(DaemonError::Infer)?,
     };
     kube::Client::try_from(config).map_err(DaemonError::Client)
@@ -175,7 +179,7 @@ pub async fn run(
     if !valid_finalizer(&settings.finalizer) {
         return Err(DaemonError::Finalizer(settings.finalizer.clone()));
     }
-    let client = client(&settings).await?;
+    let client = client(settings.kubeconfig.as_deref(), settings.context.as_deref()).await?;
     let scopes: Vec<Option<String>> = if settings.namespaces.is_empty() {
         vec![None]
     } else {

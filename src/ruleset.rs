@@ -1058,7 +1058,7 @@ impl KernelTable {
     fn read_set(&mut self, name: &str, elems: &[Expression<'_>], problems: &mut Vec<String>) {
         if let Some(family) = FAMILIES.into_iter().find(|f| name == open_set(*f)) {
             for item in elems {
-                match open_item(family, item) {
+                match key_item(family, item) {
                     Some(key) => {
                         self.open.insert(key);
                     }
@@ -1151,18 +1151,23 @@ impl KernelTable {
     }
 }
 
-/// `["tcp", 80]` as `nft -j` lists an open set element.
-fn open_item(family: Family, item: &Expression<'_>) -> Option<ForwardKey> {
+/// `["tcp", 80]` as `nft -j` lists an open set element or a map key.
+fn key_item(family: Family, item: &Expression<'_>) -> Option<ForwardKey> {
     let Expression::Named(NamedExpression::Concat(parts)) = item else {
         return None;
     };
     let [Expression::String(protocol), Expression::Number(port)] = parts.as_slice() else {
         return None;
     };
+    forward_key(family, protocol, *port)
+}
+
+/// A key from the protocol name and port number nft lists.
+fn forward_key(family: Family, protocol: &str, port: u32) -> Option<ForwardKey> {
     Some(ForwardKey {
         family,
         protocol: Protocol::from_nft_name(protocol)?,
-        external_port: u16::try_from(*port).ok()?,
+        external_port: u16::try_from(port).ok()?,
     })
 }
 
@@ -1191,11 +1196,7 @@ fn source_item(family: Family, item: &Expression<'_>) -> Option<Source> {
     };
     (Family::of(net.addr()) == family).then_some(())?;
     Some(Source {
-        key: ForwardKey {
-            family,
-            protocol: Protocol::from_nft_name(protocol)?,
-            external_port: u16::try_from(*port).ok()?,
-        },
+        key: forward_key(family, protocol, *port)?,
         net,
     })
 }
@@ -1257,17 +1258,7 @@ fn map_item(family: Family, item: &Expression<'_>) -> Option<MapItem> {
         }
         other => (other, None, None),
     };
-    let Expression::Named(NamedExpression::Concat(parts)) = val else {
-        return None;
-    };
-    let [Expression::String(protocol), Expression::Number(port)] = parts.as_slice() else {
-        return None;
-    };
-    let key = ForwardKey {
-        family,
-        protocol: Protocol::from_nft_name(protocol)?,
-        external_port: u16::try_from(*port).ok()?,
-    };
+    let key = key_item(family, val)?;
     let value = match value {
         Expression::String(text) => Value::Text(text.to_string()),
         Expression::Number(n) => Value::Number(u64::from(*n)),
