@@ -1,6 +1,8 @@
 //! The daemon end to end against the test API server: how fast a new Service's port opens
 //! and a deleted Service is let go (200 Services), and the memory and start-up time with
-//! 10,000 Services of which 1,000 are annotated. Needs root.
+//! 10,000 Services of which 1,000 are annotated; and how fast it restores its table after a
+//! `nft flush ruleset` and follows a new WAN address (both on kernel notifications, with
+//! resync an hour away). Needs root.
 //! `cargo bench --bench daemon`
 
 #[path = "../tests/common/mod.rs"]
@@ -150,7 +152,74 @@ fn scale() {
     daemon.kill();
 }
 
+/// Waits, polling every 200 µs, until `done`; returns how long it took.
+fn time_until(start: Instant, mut done: impl FnMut() -> bool) -> Duration {
+    let deadline = start + Duration::from_secs(30);
+    while !done() {
+        assert!(Instant::now() < deadline, "not within 30 s");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    start.elapsed()
+}
+
+fn router() {
+    let topology = Topology::new();
+    let _server = Server::start(&topology.server, 8080);
+    let api = ApiServer::new();
+    let addr = api.listen(Some(&topology.router));
+    let dir = TempDir::new();
+    let args = ["--wan-interface", "wan", "--resync", "3600"];
+    let mut daemon = Daemon::spawn_with(&topology.router, &dir, addr, "bench", &args, &[]);
+    daemon.wait_log("ready");
+    for i in 0..100u16 {
+        let name = format!("svc-{i}");
+        let created = api.create(service(&name, true, 20_000 + i));
+        let ns = created["metadata"]["namespace"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        api.set_lb_ips(&ns, &name, &[common::SERVER4]);
+    }
+    let target: SocketAddr = format!("{}:20099", common::ROUTER_WAN4).parse().unwrap();
+    let connects = |to: SocketAddr| {
+        topology
+            .client
+            .enter(move || TcpStream::connect_timeout(&to, Duration::from_secs(1)).is_ok())
+    };
+    wait_for("the forwards", || connects(target));
+    let mut restored = Vec::new();
+    for _ in 0..30 {
+        let start = Instant::now();
+        topology.router.nft(&["flush", "ruleset"]);
+        restored.push(time_until(start, || connects(target)));
+    }
+    topology.router.exec(
+        "sysctl",
+        &["-qw", "net.ipv4.conf.wan.promote_secondaries=1"],
+    );
+    let mut followed = Vec::new();
+    for i in 0..30u8 {
+        let address = format!("203.0.113.{}", 100 + i);
+        let to: SocketAddr = format!("{address}:20099").parse().unwrap();
+        let start = Instant::now();
+        topology
+            .router
+            .ip(&["addr", "add", &format!("{address}/24"), "dev", "wan"]);
+        followed.push(time_until(start, || connects(to)));
+    }
+    daemon.kill();
+    println!(
+        "nft flush ruleset -> forwards work again (100 forwards): {}",
+        percentiles(restored)
+    );
+    println!(
+        "WAN address added -> forward works on it:               {}",
+        percentiles(followed)
+    );
+}
+
 fn main() {
     latency();
     scale();
+    router();
 }

@@ -18,7 +18,7 @@ pub fn record(table: &str, applied: &Applied) {
             family = %forward.key.family,
             protocol = %forward.key.protocol,
             external_port = forward.key.external_port,
-            target = %forward.target,
+            forward_to = %forward.target,
             "forward opened"
         );
     }

@@ -1,5 +1,6 @@
 //! Command-line interface: the flags, and the commands that need no cluster.
 
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -8,6 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::daemon::{self, DaemonError};
 use crate::manifest::{self, ManifestError, Manifests};
+use crate::netlink::Addresses;
 use crate::nft::{Engine, NftCli, NftError};
 use crate::plan::{self, Plan, State};
 use crate::policy::{Policy, PolicyError};
@@ -90,6 +92,9 @@ pub enum Command {
         /// Seconds between full reads of the kernel table.
         #[arg(long, default_value_t = 300)]
         resync: u64,
+        /// Serve /healthz, /readyz and /metrics on this address (keep it on loopback).
+        #[arg(long, value_name = "ADDRESS:PORT")]
+        health: Option<std::net::SocketAddr>,
         #[command(flatten)]
         table: TableArgs,
         #[command(flatten)]
@@ -183,20 +188,6 @@ impl PolicyArgs {
 }
 
 /// The addresses of this host's interfaces, which forwards may never point at.
-fn local_addresses() -> Vec<IpAddr> {
-    let Ok(addresses) = nix::ifaddrs::getifaddrs() else {
-        return Vec::new();
-    };
-    addresses
-        .filter_map(|a| a.address)
-        .filter_map(|a| {
-            a.as_sockaddr_in()
-                .map(|s| IpAddr::V4(s.ip()))
-                .or_else(|| a.as_sockaddr_in6().map(|s| IpAddr::V6(s.ip())))
-        })
-        .collect()
-}
-
 #[derive(Debug, Args)]
 pub struct TableArgs {
     /// Name of the inet table the daemon owns.
@@ -209,16 +200,48 @@ pub struct TableArgs {
     /// commas). Without any, packets to any local address of the router.
     #[arg(long = "wan-address", value_delimiter = ',')]
     pub wan_addresses: Vec<IpAddr>,
+    /// NAT reflection: LAN clients reach forwards through the WAN address too. Needs
+    /// --wan-interface, and WAN addresses (`run` follows the interfaces' own).
+    #[arg(
+        long,
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        value_name = "BOOL",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub reflection: bool,
+    /// Conntrack mark bit set on forwarded flows (a firewall accepts them by it); the next
+    /// bit up marks reflected flows. One bit, at most 0x40000000.
+    #[arg(long, default_value = "0x00200000", value_parser = parse_mark)]
+    pub ct_mark: u32,
 }
 
 impl TableArgs {
     fn config(&self) -> Result<TableConfig, ConfigError> {
-        TableConfig::new(
+        let mut config = TableConfig::new(
             &self.table,
             self.wan_interfaces.iter().cloned(),
             self.wan_addresses.iter().copied(),
-        )
+        )?;
+        config.reflection = self.reflection;
+        config.ct_mark = self.ct_mark;
+        Ok(config)
     }
+}
+
+/// A conntrack mark bit, in hex (`0x…`) or decimal.
+fn parse_mark(text: &str) -> Result<u32, String> {
+    let value = match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => text.parse(),
+    }
+    .map_err(|e| format!("not a number: {e}"))?;
+    if value.count_ones() != 1 || value > 0x4000_0000 {
+        return Err(
+            "one bit, from 0x1 to 0x40000000 (the next bit up marks reflected flows)".into(),
+        );
+    }
+    Ok(value)
 }
 
 /// Why a command failed; `main` turns it into a message and an exit code.
@@ -365,9 +388,13 @@ pub fn run(command: Command, nft: NftCli) -> Result<u8, CommandError> {
             instance,
             cleanup_deadline,
             resync,
+            health,
             table,
             policy,
         } => {
+            let mut config = table.config()?;
+            // The daemon fills the WAN sets from the interfaces, even while they are empty.
+            config.listed_addresses = true;
             let settings = daemon::Settings {
                 policy: on_router(&table, &policy)?,
                 policy_file: policy.policy.clone(),
@@ -378,7 +405,8 @@ pub fn run(command: Command, nft: NftCli) -> Result<u8, CommandError> {
                 finalizer,
                 condition_type,
                 instance: instance.unwrap_or_else(host_name),
-                table: table.config()?,
+                table: config,
+                health,
                 cleanup_deadline: Duration::from_secs(cleanup_deadline),
                 resync: Duration::from_secs(resync.max(1)),
                 nft,
@@ -412,7 +440,8 @@ fn on_router(table: &TableArgs, policy: &PolicyArgs) -> Result<Policy, CommandEr
     if table.wan_interfaces.is_empty() && table.wan_addresses.is_empty() {
         return Err(CommandError::NoWan);
     }
-    let router = table.wan_addresses.iter().copied().chain(local_addresses());
+    let local = Addresses::read(&BTreeSet::new()).unwrap_or_default().all;
+    let router = table.wan_addresses.iter().copied().chain(local);
     Ok(policy.policy(router)?)
 }
 

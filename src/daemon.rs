@@ -6,6 +6,7 @@
 //! a Service changed or went does.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -20,7 +21,9 @@ use tokio::time::Instant;
 
 use crate::audit;
 use crate::controller::{self, Store, Summary};
+use crate::health::{self, Metrics};
 use crate::model::ForwardKey;
+use crate::netlink::{Addresses, LinkEvents, TableEvents};
 use crate::nft::{Applied, Engine, NftCli};
 use crate::policy::Policy;
 use crate::ruleset::{Ruleset, TableConfig};
@@ -30,6 +33,10 @@ pub const DEFAULT_FINALIZER: &str = "kube-port-forward-controller/finalizer";
 pub const DEFAULT_CONDITION: &str = "kube-port-forward-controller/Forwarded";
 /// Event notes longer than this are cut; the API server refuses notes over 1 kB.
 const NOTE_MAX: usize = 1000;
+/// The loop turns at least this often, to show it is alive (watchdog, `/healthz`).
+const HEARTBEAT: Duration = Duration::from_secs(5);
+/// `/healthz` fails when the loop has not turned for this long (an apply is stuck).
+const STALL: Duration = Duration::from_secs(60);
 
 /// How the daemon runs.
 #[derive(Clone, Debug)]
@@ -52,6 +59,8 @@ pub struct Settings {
     pub policy: Policy,
     /// Where the policy came from, re-read on SIGHUP; `None`: from flags, fixed.
     pub policy_file: Option<PathBuf>,
+    /// Serve `/healthz`, `/readyz` and `/metrics` here.
+    pub health: Option<SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +81,10 @@ pub enum DaemonError {
     Finalizer(String),
     #[error("the nft worker stopped")]
     Worker,
+    #[error("cannot follow the WAN interfaces' addresses (rtnetlink)")]
+    Links(#[source] std::io::Error),
+    #[error("cannot serve health and metrics on {0}")]
+    Health(SocketAddr, #[source] std::io::Error),
 }
 
 /// Builds the Kubernetes client from the kubeconfig named, or the usual places.
@@ -169,6 +182,12 @@ struct Daemon {
     cleanup_since: HashMap<String, Instant>,
     ready: bool,
     failures: u32,
+    metrics: health::Shared,
+    /// WAN and router addresses given as flags, kept whatever the interfaces hold.
+    fixed_wan: BTreeSet<IpAddr>,
+    fixed_router: BTreeSet<IpAddr>,
+    /// The next apply follows a deletion nf_tables announced in the table.
+    verify_after_deletion: bool,
 }
 
 /// Runs until `shutdown` completes; a reconcile in progress finishes first.
@@ -213,6 +232,31 @@ pub async fn run(
         );
     }
     let mut events = futures::stream::select_all(streams);
+    // Following the WAN interfaces: their addresses now, then every change the kernel
+    // announces. Without this subscription the daemon could not keep its promise, so
+    // failing to subscribe stops it.
+    let follow = !settings.table.wan_interfaces.is_empty();
+    let mut links = if follow {
+        Some(LinkEvents::subscribe().map_err(DaemonError::Links)?)
+    } else {
+        None
+    };
+    // Self-healing: deletions in the table, as the kernel announces them. Without it the
+    // table still comes back at the next resync.
+    let mut tables = match TableEvents::subscribe(&settings.table.table) {
+        Ok(tables) => Some(tables),
+        Err(error) => {
+            tracing::warn!(%error, "cannot subscribe to nf_tables changes; a deleted table comes back only at the next resync");
+            None
+        }
+    };
+    let metrics = health::Shared::default();
+    if let Some(address) = settings.health {
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .map_err(|error| DaemonError::Health(address, error))?;
+        tokio::spawn(health::serve(listener, metrics.clone(), STALL));
+    }
     let reporter = Reporter {
         controller: "kube-port-forward-controller".into(),
         instance: Some(settings.instance.clone()),
@@ -231,8 +275,15 @@ pub async fn run(
         cleanup_since: HashMap::new(),
         ready: false,
         failures: 0,
+        metrics,
+        fixed_wan: settings.table.wan_addresses.clone(),
+        fixed_router: settings.policy.router_addresses.clone(),
+        verify_after_deletion: false,
         settings,
     };
+    if follow {
+        daemon.follow_addresses();
+    }
     tracing::info!(
         finalizer = %daemon.settings.finalizer,
         table = %daemon.settings.table.table,
@@ -242,6 +293,10 @@ pub async fn run(
     resync.tick().await;
     let mut retry_at: Option<Instant> = None;
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut heartbeat = tokio::time::interval(HEARTBEAT);
+    if let Some(period) = sd_notify::watchdog_enabled() {
+        tokio::spawn(feed_watchdog(daemon.metrics.clone(), period));
+    }
     tokio::pin!(shutdown);
     loop {
         let mut dirty = false;
@@ -274,6 +329,21 @@ pub async fn run(
                 dirty = true;
                 force = true;
             }
+            () = changed(&mut links) => {
+                dirty |= daemon.follow_addresses();
+            }
+            () = touched(&mut tables) => {
+                // Our own rebuilds are announced too: read the table whole and compare, and
+                // only a difference (someone else's deletion) brings a rebuild.
+                tracing::debug!("nf_tables announced a deletion in the table; reading it");
+                if let Some(engine) = daemon.engine.as_mut() {
+                    engine.forget();
+                }
+                daemon.verify_after_deletion = true;
+                dirty = true;
+                force = true;
+            }
+            _ = heartbeat.tick() => daemon.progress(),
         }
         if dirty && daemon.namespaces_synced && daemon.synced.iter().all(|s| *s) {
             match daemon.reconcile(force).await? {
@@ -282,8 +352,39 @@ pub async fn run(
             }
         }
     }
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     tracing::info!("stopped; the kernel table stays as it is");
     Ok(())
+}
+
+/// Tells systemd the daemon is alive while its loop turns or a round makes progress: a
+/// loop stuck on a hung `nft` or API call stops the pings, and systemd restarts it.
+async fn feed_watchdog(metrics: health::Shared, period: Duration) {
+    let mut tick = tokio::time::interval(period / 2);
+    loop {
+        tick.tick().await;
+        let alive = metrics
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .alive(std::time::Instant::now(), period);
+        if alive {
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+        }
+    }
+}
+
+async fn changed(links: &mut Option<LinkEvents>) {
+    match links {
+        Some(links) => links.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn touched(tables: &mut Option<TableEvents>) {
+    match tables {
+        Some(tables) => tables.table_touched().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// What the watches deliver.
@@ -307,6 +408,47 @@ async fn sleep_until(at: Option<Instant>) {
 }
 
 impl Daemon {
+    fn lock_metrics(&self) -> std::sync::MutexGuard<'_, Metrics> {
+        self.metrics
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The loop turned, or a round got one step further (an apply, an API call): a round
+    /// that writes a thousand finalizers is slow, not stuck.
+    fn progress(&self) {
+        self.lock_metrics().loop_turned = std::time::Instant::now();
+    }
+
+    /// Reads the interfaces' addresses into the WAN sets and the policy's router addresses;
+    /// returns whether the WAN sets changed. A failed read keeps the addresses known.
+    fn follow_addresses(&mut self) -> bool {
+        let addresses = match Addresses::read(&self.settings.table.wan_interfaces) {
+            Ok(addresses) => addresses,
+            Err(error) => {
+                tracing::error!(%error, "cannot read the interfaces' addresses; keeping the known ones");
+                return false;
+            }
+        };
+        let wan: BTreeSet<IpAddr> = self.fixed_wan.union(&addresses.wan).copied().collect();
+        let router: BTreeSet<IpAddr> = self.fixed_router.union(&addresses.all).copied().collect();
+        let policy_changed = router != self.settings.policy.router_addresses;
+        self.settings.policy.router_addresses = router;
+        if wan == self.settings.table.wan_addresses {
+            return policy_changed;
+        }
+        let list: Vec<String> = wan.iter().map(ToString::to_string).collect();
+        tracing::info!(
+            action = "wan",
+            interfaces = ?self.settings.table.wan_interfaces,
+            addresses = %list.join(","),
+            "WAN addresses changed"
+        );
+        self.lock_metrics().wan_addresses = wan.len();
+        self.settings.table.wan_addresses = wan;
+        true
+    }
+
     /// Re-reads the policy file on SIGHUP. A policy that cannot be read leaves the one in
     /// force unchanged.
     fn reload_policy(&mut self) {
@@ -370,6 +512,10 @@ impl Daemon {
             Ok(Event::Apply(meta)) => selected.insert(name(&meta)),
             Ok(Event::Delete(meta)) => selected.remove(&name(&meta)),
             Err(error) => {
+                self.metrics
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .watch_errors += 1;
                 tracing::warn!(%error, "watching Namespaces failed; rules stay, retrying");
                 false
             }
@@ -418,6 +564,7 @@ impl Daemon {
             }
             Ok(Event::Delete(service)) => self.store.remove(&service.key()).is_some(),
             Err(error) => {
+                self.lock_metrics().watch_errors += 1;
                 tracing::warn!(%error, "watching Services failed; rules stay, retrying");
                 false
             }
@@ -436,17 +583,27 @@ impl Daemon {
                 .engine
                 .as_ref()
                 .and_then(Engine::applied)
-                .is_some_and(|applied| applied.forwards == decision.plan.forwards);
+                .is_some_and(|applied| {
+                    applied.forwards == decision.plan.forwards
+                        && applied.config == self.settings.table
+                });
         let ruleset = Ruleset::new(self.settings.table.clone(), decision.plan.forwards.clone());
+        let started = std::time::Instant::now();
         let result = if unchanged {
             Ok(Applied::default())
         } else {
             self.with_engine(move |engine| engine.apply(ruleset))
                 .await?
         };
+        self.progress();
         let applied = match result {
             Ok(applied) => applied,
             Err(error) => {
+                {
+                    let mut metrics = self.lock_metrics();
+                    metrics.apply_errors += 1;
+                    metrics.applying = false;
+                }
                 self.failures += 1;
                 tracing::error!(%error, "applying the table failed; retrying");
                 let note = format!("removing this Service's forwards failed: {error}");
@@ -461,6 +618,16 @@ impl Daemon {
             }
         };
         self.failures = 0;
+        self.lock_metrics()
+            .applied(started.elapsed(), applied.sent, &decision.plan);
+        if std::mem::take(&mut self.verify_after_deletion) && applied.rebuilt.is_some() {
+            self.lock_metrics().table_restores += 1;
+            tracing::warn!(
+                action = "restore",
+                table = %self.settings.table.table,
+                "the table was changed from outside (firewall restart, nft flush?); restored"
+            );
+        }
         audit::record(&self.settings.table.table, &applied);
         if !self.ready {
             self.ready = true;
@@ -469,6 +636,7 @@ impl Daemon {
                 forwards = decision.plan.forwards.len(),
                 "ready: first complete list seen and first apply done"
             );
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
         }
         // Finalizers first: a deleted Service waits on the release, events wait on nobody.
         let mut retry = None;
@@ -558,6 +726,7 @@ impl Daemon {
             .api(&key.0)
             .patch(&key.1, &PatchParams::default(), &Patch::Json::<()>(patch))
             .await;
+        self.progress();
         match result {
             Ok(updated) => {
                 tracing::info!(
@@ -776,11 +945,12 @@ impl Daemon {
             action: action.to_owned(),
             secondary: None,
         };
-        if let Err(error) = self
+        let result = self
             .recorder
             .publish(&event, &watched.object_ref(key))
-            .await
-        {
+            .await;
+        self.progress();
+        if let Err(error) = result {
             tracing::warn!(%error, namespace = %key.0, name = %key.1, "cannot publish an event");
         }
     }
@@ -822,6 +992,7 @@ impl Daemon {
                 &Patch::Strategic(condition),
             )
             .await;
+        self.progress();
         if let Err(error) = result {
             tracing::debug!(%error, namespace = %key.0, name = %key.1, "condition not written");
         }

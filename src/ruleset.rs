@@ -16,10 +16,10 @@ use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
+use nftables::expr::{BinaryOperation, CT, Map as MapExpr, Payload, PayloadField};
 use nftables::expr::{Elem, Expression, Fib, FibFlag, FibResult, Meta, MetaKey, NamedExpression};
-use nftables::expr::{Map as MapExpr, Payload, PayloadField};
 use nftables::schema::{self, NfCmd, NfListObject, NfObject, Nftables, SetType, SetTypeValue};
-use nftables::stmt::{Counter, Match, NAT, NATFamily, Operator, Statement};
+use nftables::stmt::{Counter, Mangle, Match, NAT, NATFamily, Operator, Statement};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 use serde::Serialize;
 
@@ -27,11 +27,19 @@ use crate::model::{Family, Forward, ForwardKey, Protocol};
 
 pub const DEFAULT_TABLE: &str = "kube_port_forward";
 const CHAIN: &str = "prerouting";
+/// The chain that masquerades reflected flows, when NAT reflection is on.
+const REFLECT_CHAIN: &str = "postrouting";
 const WAN_IFACES: &str = "wan_ifaces";
 /// nft refuses comments longer than this (NFTNL_UDATA_COMMENT_MAXLEN).
 pub const COMMENT_MAX: usize = 128;
 /// The `dstnat` priority of a NAT prerouting chain.
 const DSTNAT_PRIORITY: i32 = -100;
+/// The `srcnat` priority of a NAT postrouting chain.
+const SRCNAT_PRIORITY: i32 = 100;
+/// The conntrack mark bit set on every flow this table DNATs, so a firewall's forward chain
+/// (firewall4's, through the shipped include) can accept exactly those flows. Bit 21: not
+/// used by firewall4, mwan3 (0x3f00) or SQM/qosify's DSCP bits (0xfc000000, 0x7f).
+pub const DEFAULT_CT_MARK: u32 = 0x0020_0000;
 
 /// How the table is shaped: which packets it considers for DNAT.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -40,9 +48,18 @@ pub struct TableConfig {
     pub table: String,
     /// Packets must arrive on one of these interfaces; empty: any interface.
     pub wan_interfaces: BTreeSet<String>,
-    /// Packets must be addressed to one of these; empty: to any local address of the router
-    /// (`fib daddr type local`).
+    /// Packets must be addressed to one of these; empty (unless `listed_addresses`): to any
+    /// local address of the router (`fib daddr type local`).
     pub wan_addresses: BTreeSet<IpAddr>,
+    /// Match destinations against the WAN address sets even while they are empty: the daemon
+    /// fills them from the WAN interfaces' addresses, which come and go.
+    pub listed_addresses: bool,
+    /// NAT reflection: LAN clients reach forwards through the WAN address too, masqueraded
+    /// so replies come back through the router. Needs WAN interfaces and listed addresses
+    /// (without them a LAN client cannot be told from a WAN one).
+    pub reflection: bool,
+    /// Bits OR-ed into the conntrack mark of every flow this table DNATs.
+    pub ct_mark: u32,
 }
 
 /// Why a [`TableConfig`] is refused.
@@ -83,51 +100,108 @@ impl TableConfig {
                 return Err(ConfigError::Interface(name.clone()));
             }
         }
+        let wan_addresses: BTreeSet<IpAddr> = wan_addresses.into_iter().collect();
         Ok(TableConfig {
             table: table.to_owned(),
             wan_interfaces,
-            wan_addresses: wan_addresses.into_iter().collect(),
+            listed_addresses: !wan_addresses.is_empty(),
+            wan_addresses,
+            reflection: false,
+            ct_mark: DEFAULT_CT_MARK,
         })
     }
 
     /// What decides the table's structure (as opposed to its elements).
-    fn shape(&self) -> (&str, bool, bool) {
-        (&self.table, self.match_interfaces(), self.match_addresses())
+    fn shape(&self) -> (&str, bool, bool, bool, u32) {
+        (
+            &self.table,
+            self.match_interfaces(),
+            self.match_addresses(),
+            self.reflects(),
+            self.ct_mark,
+        )
     }
 
     /// The comments of this daemon's rules, in chain order.
     pub fn rule_comments(&self) -> Vec<String> {
-        RULES
-            .iter()
-            .map(|(f, w)| self.rule_comment(*f, *w))
-            .collect()
+        let mut comments: Vec<String> = self
+            .rules()
+            .into_iter()
+            .map(|(f, w, side)| self.rule_comment(f, w, side))
+            .collect();
+        if self.reflects() {
+            comments.push(self.reflect_comment());
+        }
+        comments
     }
 
     fn match_interfaces(&self) -> bool {
         !self.wan_interfaces.is_empty()
     }
 
+    /// The prerouting rules, in chain order.
+    fn rules(&self) -> Vec<(Family, Who, Side)> {
+        let sides: &[Side] = if self.reflects() {
+            &[Side::Wan, Side::Lan]
+        } else if self.match_interfaces() {
+            &[Side::Wan]
+        } else {
+            &[Side::Any]
+        };
+        let mut rules = Vec::new();
+        for side in sides {
+            for (family, who) in RULES {
+                rules.push((family, who, *side));
+            }
+        }
+        rules
+    }
+
+    /// The conntrack mark bits a rule sets: reflected flows also carry the next bit up, which
+    /// the postrouting chain masquerades (it cannot see the input interface itself).
+    fn mark_of(&self, side: Side) -> u32 {
+        match side {
+            Side::Lan => self.ct_mark | self.reflect_mark(),
+            Side::Wan | Side::Any => self.ct_mark,
+        }
+    }
+
+    fn reflect_mark(&self) -> u32 {
+        self.ct_mark << 1
+    }
+
     fn match_addresses(&self) -> bool {
-        !self.wan_addresses.is_empty()
+        self.listed_addresses || !self.wan_addresses.is_empty()
+    }
+
+    /// Whether NAT reflection is in effect: asked for, and the table can tell LAN from WAN.
+    pub fn reflects(&self) -> bool {
+        self.reflection
+            && !self.wan_interfaces.is_empty()
+            && (self.listed_addresses || !self.wan_addresses.is_empty())
+    }
+
+    fn reflect_comment(&self) -> String {
+        format!(
+            "kube-port-forward reflection mark=0x{:08x}",
+            self.reflect_mark()
+        )
     }
 
     /// The comment that marks this daemon's rule for a family. It records the shape, so a
     /// table built for another configuration is recognised and rebuilt.
-    fn rule_comment(&self, family: Family, who: Who) -> String {
+    fn rule_comment(&self, family: Family, who: Who, side: Side) -> String {
         format!(
-            "kube-port-forward {} {} iif={} daddr={}",
+            "kube-port-forward {} {} iif={} daddr={} mark=0x{:08x}",
             family_word(family),
             who.word(),
-            if self.match_interfaces() {
-                "set"
-            } else {
-                "any"
-            },
+            side.word(),
             if self.match_addresses() {
                 "set"
             } else {
                 "local"
-            }
+            },
+            self.mark_of(side)
         )
     }
 }
@@ -179,7 +253,26 @@ impl Who {
     }
 }
 
-/// The rules of the chain, in order.
+/// Which input interfaces a prerouting rule takes: the WAN ones, the others (LAN clients
+/// reaching a forward through the WAN address: NAT reflection), or any.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Side {
+    Wan,
+    Lan,
+    Any,
+}
+
+impl Side {
+    fn word(self) -> &'static str {
+        match self {
+            Side::Wan => "wan",
+            Side::Lan => "lan",
+            Side::Any => "any",
+        }
+    }
+}
+
+/// The rules of one side of the chain, in order.
 const RULES: [(Family, Who); 4] = [
     (Family::Ipv4, Who::Open),
     (Family::Ipv4, Who::Ranges),
@@ -600,15 +693,21 @@ impl Ruleset {
         }))
     }
 
-    fn rule(&self, family: Family, who: Who) -> NfListObject<'_> {
+    fn rule(&self, family: Family, who: Who, side: Side) -> NfListObject<'_> {
         let mut expr = Vec::new();
-        if self.config.match_interfaces() {
-            expr.push(matches(
-                Expression::Named(NamedExpression::Meta(Meta {
-                    key: MetaKey::Iifname,
-                })),
-                set_ref(WAN_IFACES),
-            ));
+        let iifname = || {
+            Expression::Named(NamedExpression::Meta(Meta {
+                key: MetaKey::Iifname,
+            }))
+        };
+        match side {
+            Side::Wan => expr.push(matches(iifname(), set_ref(WAN_IFACES))),
+            Side::Lan => expr.push(Statement::Match(Match {
+                left: iifname(),
+                right: set_ref(WAN_IFACES),
+                op: Operator::NEQ,
+            })),
+            Side::Any => {}
         }
         if self.config.match_addresses() {
             expr.push(matches(
@@ -664,6 +763,13 @@ impl Ruleset {
                 )
             }
         });
+        expr.push(Statement::Mangle(Mangle {
+            key: ct_mark(),
+            value: Expression::BinaryOperation(Box::new(BinaryOperation::OR(vec![
+                ct_mark(),
+                Expression::Number(self.config.mark_of(side)),
+            ]))),
+        }));
         expr.push(Statement::DNAT(Some(NAT {
             addr: Some(map_lookup(addr_map(family))),
             family: Some(match family {
@@ -680,7 +786,32 @@ impl Ruleset {
             expr: Cow::Owned(expr),
             handle: None,
             index: None,
-            comment: Some(Cow::Owned(self.config.rule_comment(family, who))),
+            comment: Some(Cow::Owned(self.config.rule_comment(family, who, side))),
+        })
+    }
+
+    /// The reflection rule: flows DNATed for LAN clients leave masqueraded, so the server
+    /// answers the router, which un-NATs both ways.
+    fn reflect_rule(&self) -> NfListObject<'_> {
+        let bit = self.config.reflect_mark();
+        let expr = vec![
+            matches(
+                Expression::BinaryOperation(Box::new(BinaryOperation::AND(
+                    ct_mark(),
+                    Expression::Number(bit),
+                ))),
+                Expression::Number(bit),
+            ),
+            Statement::Masquerade(None),
+        ];
+        NfListObject::Rule(schema::Rule {
+            family: NfFamily::INet,
+            table: Cow::Borrowed(&self.config.table),
+            chain: Cow::Borrowed(REFLECT_CHAIN),
+            expr: Cow::Owned(expr),
+            handle: None,
+            index: None,
+            comment: Some(Cow::Owned(self.config.reflect_comment())),
         })
     }
 
@@ -747,6 +878,21 @@ impl Ruleset {
         })
     }
 
+    fn reflect_chain(&self) -> NfListObject<'_> {
+        NfListObject::Chain(schema::Chain {
+            family: NfFamily::INet,
+            table: Cow::Borrowed(&self.config.table),
+            name: Cow::Borrowed(REFLECT_CHAIN),
+            newname: None,
+            handle: None,
+            _type: Some(NfChainType::NAT),
+            hook: Some(NfHook::Postrouting),
+            prio: Some(SRCNAT_PRIORITY),
+            dev: None,
+            policy: Some(NfChainPolicy::Accept),
+        })
+    }
+
     fn rebuild_commands(&self) -> Vec<NfCmd<'_>> {
         let table = || NfListObject::Table(self.table());
         // `add` then `delete` makes the delete valid whether or not the table exists; the
@@ -777,8 +923,14 @@ impl Ruleset {
             ));
         }
         cmds.push(NfCmd::Add(self.chain()));
-        for (family, who) in RULES {
-            cmds.push(NfCmd::Add(self.rule(family, who)));
+        if self.config.reflects() {
+            cmds.push(NfCmd::Add(self.reflect_chain()));
+        }
+        for (family, who, side) in self.config.rules() {
+            cmds.push(NfCmd::Add(self.rule(family, who, side)));
+        }
+        if self.config.reflects() {
+            cmds.push(NfCmd::Add(self.reflect_rule()));
         }
         let all = Update {
             add: self.forwards.keys().copied().collect(),
@@ -884,6 +1036,14 @@ fn matches<'a>(left: Expression<'a>, right: Expression<'a>) -> Statement<'a> {
     })
 }
 
+fn ct_mark() -> Expression<'static> {
+    Expression::Named(NamedExpression::CT(CT {
+        key: Cow::Borrowed("mark"),
+        family: None,
+        dir: None,
+    }))
+}
+
 fn set_ref(name: &str) -> Expression<'static> {
     Expression::String(Cow::Owned(format!("@{name}")))
 }
@@ -977,7 +1137,7 @@ impl KernelTable {
         let mut problems = Vec::new();
         let mut sets = BTreeSet::new();
         let mut rules = Vec::new();
-        let mut chains = 0;
+        let mut chains = Vec::new();
         for object in listing.objects.iter() {
             let NfObject::ListObject(object) = object else {
                 continue;
@@ -1000,14 +1160,19 @@ impl KernelTable {
                     );
                 }
                 NfListObject::Chain(chain) => {
-                    chains += 1;
-                    let expected = chain.name == CHAIN
-                        && chain._type == Some(NfChainType::NAT)
-                        && chain.hook == Some(NfHook::Prerouting)
-                        && chain.prio == Some(DSTNAT_PRIORITY);
+                    chains.push(chain.name.to_string());
+                    let expected = chain._type == Some(NfChainType::NAT)
+                        && if chain.name == CHAIN {
+                            chain.hook == Some(NfHook::Prerouting)
+                                && chain.prio == Some(DSTNAT_PRIORITY)
+                        } else {
+                            chain.name == REFLECT_CHAIN
+                                && chain.hook == Some(NfHook::Postrouting)
+                                && chain.prio == Some(SRCNAT_PRIORITY)
+                        };
                     if !expected {
                         problems.push(format!(
-                            "chain {} is not the expected NAT prerouting chain",
+                            "chain {} is not one of the expected NAT chains",
                             chain.name
                         ));
                     }
@@ -1036,18 +1201,23 @@ impl KernelTable {
                 "sets and maps are {sets:?}, expected {expected_sets:?}"
             ));
         }
-        let rules_ok = match config {
-            Some(config) => rules == config.rule_comments(),
+        let (rules_ok, chains_ok) = match config {
+            Some(config) => {
+                let mut expected = vec![CHAIN.to_owned()];
+                if config.reflects() {
+                    expected.push(REFLECT_CHAIN.to_owned());
+                }
+                (rules == config.rule_comments(), chains == expected)
+            }
             None => {
-                rules.len() == RULES.len()
-                    && rules.iter().zip(RULES).all(|(rule, (family, who))| {
-                        let prefix =
-                            format!("kube-port-forward {} {} ", family_word(family), who.word());
-                        rule.starts_with(&prefix)
-                    })
+                let daemons = rules.iter().all(|r| r.starts_with("kube-port-forward "));
+                (
+                    daemons && !rules.is_empty(),
+                    chains.first().map(String::as_str) == Some(CHAIN),
+                )
             }
         };
-        if chains != 1 || !rules_ok {
+        if !chains_ok || !rules_ok {
             let expected_rules = config.map(TableConfig::rule_comments);
             problems.push(format!("rules are {rules:?}, expected {expected_rules:?}"));
         }
@@ -1378,10 +1548,12 @@ impl Ruleset {
             out,
             "\t\ttype nat hook prerouting priority dstnat; policy accept;"
         );
-        for (family, who) in RULES {
+        for (family, who, side) in self.config.rules() {
             let mut rule = Vec::new();
-            if self.config.match_interfaces() {
-                rule.push(format!("iifname @{WAN_IFACES}"));
+            match side {
+                Side::Wan => rule.push(format!("iifname @{WAN_IFACES}")),
+                Side::Lan => rule.push(format!("iifname != @{WAN_IFACES}")),
+                Side::Any => {}
             }
             if self.config.match_addresses() {
                 let proto = if family == Family::Ipv4 { "ip" } else { "ip6" };
@@ -1400,17 +1572,35 @@ impl Ruleset {
                 }
             });
             rule.push(format!(
+                "ct mark set ct mark | 0x{:08x}",
+                self.config.mark_of(side)
+            ));
+            rule.push(format!(
                 "dnat {nat} to meta l4proto . th dport map @{} : meta l4proto . th dport map @{}",
                 addr_map(family),
                 port_map(family)
             ));
             rule.push(format!(
                 "comment \"{}\"",
-                self.config.rule_comment(family, who)
+                self.config.rule_comment(family, who, side)
             ));
             let _ = writeln!(out, "\t\t{}", rule.join(" "));
         }
         let _ = writeln!(out, "\t}}");
+        if self.config.reflects() {
+            let bit = self.config.reflect_mark();
+            let _ = writeln!(out, "\tchain {REFLECT_CHAIN} {{");
+            let _ = writeln!(
+                out,
+                "\t\ttype nat hook postrouting priority srcnat; policy accept;"
+            );
+            let _ = writeln!(
+                out,
+                "\t\tct mark & 0x{bit:08x} == 0x{bit:08x} masquerade comment \"{}\"",
+                self.config.reflect_comment()
+            );
+            let _ = writeln!(out, "\t}}");
+        }
         let _ = writeln!(out, "}}");
         out
     }
@@ -1642,10 +1832,10 @@ mod tests {
             {"map": {"family": "inet", "name": "fwd_ipv6_port", "table": DEFAULT_TABLE, "type": ["inet_proto", "inet_service"], "handle": 8, "map": "inet_service",
                 "elem": [[{"elem": {"val": {"concat": ["tcp", 443]}, "comment": "ns/b:http uid=0000-1111"}}, 8080]]}},
             {"chain": {"family": "inet", "table": DEFAULT_TABLE, "name": "prerouting", "handle": 9, "type": "nat", "hook": "prerouting", "prio": -100, "policy": "accept"}},
-            {"rule": {"family": "inet", "table": DEFAULT_TABLE, "chain": "prerouting", "handle": 10, "comment": "kube-port-forward ipv4 open iif=set daddr=set", "expr": []}},
-            {"rule": {"family": "inet", "table": DEFAULT_TABLE, "chain": "prerouting", "handle": 16, "comment": "kube-port-forward ipv4 ranges iif=set daddr=set", "expr": []}},
-            {"rule": {"family": "inet", "table": DEFAULT_TABLE, "chain": "prerouting", "handle": 11, "comment": "kube-port-forward ipv6 open iif=set daddr=set", "expr": []}},
-            {"rule": {"family": "inet", "table": DEFAULT_TABLE, "chain": "prerouting", "handle": 17, "comment": "kube-port-forward ipv6 ranges iif=set daddr=set", "expr": []}}
+            {"rule": {"family": "inet", "table": DEFAULT_TABLE, "chain": "prerouting", "handle": 10, "comment": "kube-port-forward ipv4 open iif=wan daddr=set mark=0x00200000", "expr": []}},
+            {"rule": {"family": "inet", "table": DEFAULT_TABLE, "chain": "prerouting", "handle": 16, "comment": "kube-port-forward ipv4 ranges iif=wan daddr=set mark=0x00200000", "expr": []}},
+            {"rule": {"family": "inet", "table": DEFAULT_TABLE, "chain": "prerouting", "handle": 11, "comment": "kube-port-forward ipv6 open iif=wan daddr=set mark=0x00200000", "expr": []}},
+            {"rule": {"family": "inet", "table": DEFAULT_TABLE, "chain": "prerouting", "handle": 17, "comment": "kube-port-forward ipv6 ranges iif=wan daddr=set mark=0x00200000", "expr": []}}
         ]});
         let listing: Nftables = serde_json::from_value(listing).unwrap();
         let kernel = KernelTable::from_nftables(Some(&r.config), &listing);

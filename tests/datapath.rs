@@ -213,3 +213,129 @@ fn source_ranges_let_only_the_allowed_clients_through() {
         assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{other}: {err}");
     }
 }
+
+#[test]
+fn nat_reflection_lets_lan_clients_use_the_wan_address_and_can_be_turned_off() {
+    let topology = Topology::new();
+    let server = Server::start(&topology.server, 8080);
+    let dir = TempDir::new();
+    let file = dir.write(
+        "web.yaml",
+        &service_yaml(
+            "apps",
+            "web",
+            "80:http,5353:dns",
+            &[("http", 8080, "TCP"), ("dns", 8080, "UDP")],
+            &[SERVER4, SERVER6],
+        ),
+    );
+    let wan = [
+        "--wan-interface",
+        "wan",
+        "--wan-address",
+        "203.0.113.1,2001:db8:1::1",
+    ];
+    // On by default. The server connecting to the router's WAN address is the hardest case
+    // of hairpin: without the masquerade its reply would go straight back to itself, from
+    // the wrong address, and the connection would never complete.
+    apply(&topology, &file, &wan);
+    for router in [ROUTER_WAN4, ROUTER_WAN6] {
+        assert_eq!(
+            tcp_greeting(&topology.server, sock(router, 80)).unwrap(),
+            "hello 8080"
+        );
+        assert_eq!(
+            udp_echo(&topology.server, sock(router, 5353), "ping").unwrap(),
+            "echo 8080 ping"
+        );
+        // WAN clients are not masqueraded: the server sees the client's own address.
+        assert_eq!(
+            tcp_greeting(&topology.client, sock(router, 80)).unwrap(),
+            "hello 8080"
+        );
+    }
+    let peers = server.peers();
+    assert!(peers.contains(&CLIENT4.parse().unwrap()), "{peers:?}");
+    assert!(
+        peers.contains(&"192.168.50.1".parse().unwrap()),
+        "{peers:?}"
+    );
+
+    apply(
+        &topology,
+        &file,
+        &[&wan[..], &["--reflection", "false"]].concat(),
+    );
+    let err = tcp_greeting(&topology.server, sock(ROUTER_WAN4, 80)).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{err}");
+    assert_eq!(
+        tcp_greeting(&topology.client, sock(ROUTER_WAN4, 80)).unwrap(),
+        "hello 8080"
+    );
+}
+
+/// A forward chain shaped like firewall4's: drop by default, established flows accepted,
+/// everything else from the WAN rejected, and the shipped include where fw4 puts
+/// `/usr/share/nftables.d/chain-pre/forward/*.nft` (or nothing there).
+fn fw4_like(include: Option<&str>) -> String {
+    let include = include.map_or(String::new(), |path| format!("include \"{path}\"\n"));
+    format!(
+        "table inet fw4 {{
+    chain forward {{
+        type filter hook forward priority filter; policy drop;
+        {include}
+        ct state vmap {{ established : accept, related : accept }}
+        iifname \"wan\" meta l4proto tcp reject with tcp reset
+        iifname \"wan\" reject
+        accept
+    }}
+}}
+"
+    )
+}
+
+#[test]
+fn the_firewall4_include_accepts_exactly_the_forwarded_flows() {
+    let topology = Topology::new();
+    let _server = Server::start(&topology.server, 8080);
+    let dir = TempDir::new();
+    let file = dir.write(
+        "web.yaml",
+        &service_yaml(
+            "apps",
+            "web",
+            "80:http",
+            &[("http", 8080, "TCP")],
+            &[SERVER4],
+        ),
+    );
+    apply(
+        &topology,
+        &file,
+        &["--wan-interface", "wan", "--wan-address", ROUTER_WAN4],
+    );
+    // The client may route to the LAN directly: that flow is not forwarded by the daemon.
+    topology
+        .client
+        .ip(&["route", "add", "192.168.50.0/24", "via", ROUTER_WAN4]);
+    let forwarded = || tcp_greeting(&topology.client, sock(ROUTER_WAN4, 80));
+    let direct = || tcp_greeting(&topology.client, sock(SERVER4, 8080));
+    assert_eq!(direct().unwrap(), "hello 8080");
+
+    let without = dir.write("fw4-without.nft", &fw4_like(None));
+    topology.router.nft(&["-f", &without]);
+    assert_eq!(
+        forwarded().unwrap_err().kind(),
+        ErrorKind::ConnectionRefused
+    );
+
+    let shipped = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/openwrt-pkg/kube-port-forward/files/30-kube-port-forward.nft"
+    );
+    topology.router.nft(&["delete", "table", "inet", "fw4"]);
+    let with = dir.write("fw4-with.nft", &fw4_like(Some(shipped)));
+    topology.router.nft(&["-f", &with]);
+    assert_eq!(forwarded().unwrap(), "hello 8080");
+    assert_eq!(direct().unwrap_err().kind(), ErrorKind::ConnectionRefused);
+}

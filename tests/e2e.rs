@@ -166,6 +166,8 @@ fn lifecycle_create_address_remap_delete() {
         );
     }
     assert!(daemon.log().contains("action=\"open\""), "no audit line");
+    // The ClusterRole shipped in deploy/ grants every request the daemon made.
+    assert_rbac_covers(&api.requests());
 }
 
 #[test]
@@ -621,4 +623,5 @@ fn a_namespace_selector_follows_the_labels_of_namespaces() {
             .any(|r| r.starts_with("GET /api/v1/namespaces?")
                 && r.contains("labelSelector=router-access"))
     );
+    assert_rbac_covers(&api.requests());
 }

@@ -303,9 +303,19 @@ table ip nat {
 
 #[test]
 fn the_rendered_script_loads_into_the_same_table_as_the_transaction() {
-    let from_text = Netns::new("k7");
-    let from_json = Netns::new("k8");
-    let desired = ruleset(many(25));
+    let plain = ruleset(many(25));
+    let mut reflecting = plain.clone();
+    reflecting.config.reflection = true;
+    reflecting.config.ct_mark = 0x100;
+    assert!(reflecting.config.reflects());
+    for (desired, names) in [(plain, ["k7", "k8"]), (reflecting, ["k9", "k10"])] {
+        loads_the_same(desired, names);
+    }
+}
+
+fn loads_the_same(desired: Ruleset, [text, json]: [&str; 2]) {
+    let from_text = Netns::new(text);
+    let from_json = Netns::new(json);
     let dir = TempDir::new();
     let script = dir.write("plan.nft", &desired.render());
     from_text.nft(&["-f", &script]);
@@ -314,6 +324,8 @@ fn the_rendered_script_loads_into_the_same_table_as_the_transaction() {
         Engine::new(NftCli::default())
             .apply(json_desired.clone())
             .unwrap();
+        // Read back whole, the table has the shape asked for.
+        assert_eq!(kernel_diff(&json_desired), Change::Nothing);
     });
     assert_eq!(
         from_text.nft(&["list", "ruleset"]),

@@ -24,6 +24,19 @@ impl Daemon {
         name: &str,
         args: &[&str],
     ) -> Daemon {
+        let wan = ["--wan-interface", "wan", "--wan-address", ROUTER_WAN4];
+        Daemon::spawn_with(router, dir, api, name, &[&wan, args].concat(), &[])
+    }
+
+    /// Starts `run` with only the flags given (no WAN ones added) and `env` set.
+    pub fn spawn_with(
+        router: &Netns,
+        dir: &TempDir,
+        api: SocketAddr,
+        name: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Daemon {
         let kubeconfig = dir.write(&format!("{name}.kubeconfig"), &ApiServer::kubeconfig(api));
         let log = dir.path.join(format!("{name}.log")).display().to_string();
         let file = std::fs::OpenOptions::new()
@@ -41,15 +54,9 @@ impl Daemon {
                 "--kubeconfig",
                 &kubeconfig,
             ])
-            .args([
-                "--wan-interface",
-                "wan",
-                "--wan-address",
-                ROUTER_WAN4,
-                "--instance",
-                name,
-            ])
+            .args(["--instance", name])
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(file.try_clone().unwrap())
             .stderr(file)

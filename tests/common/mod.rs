@@ -181,6 +181,8 @@ impl Topology {
 pub struct Server {
     stop: Arc<AtomicBool>,
     pub accepted: Arc<AtomicUsize>,
+    /// Addresses TCP connections came from.
+    peers: Arc<std::sync::Mutex<Vec<std::net::IpAddr>>>,
 }
 
 impl Server {
@@ -192,13 +194,15 @@ impl Server {
         });
         let stop = Arc::new(AtomicBool::new(false));
         let accepted = Arc::new(AtomicUsize::new(0));
+        let peers = Arc::new(std::sync::Mutex::new(Vec::new()));
         tcp.set_nonblocking(true).unwrap();
-        let (tcp_stop, counter) = (stop.clone(), accepted.clone());
+        let (tcp_stop, counter, seen) = (stop.clone(), accepted.clone(), peers.clone());
         std::thread::spawn(move || {
             while !tcp_stop.load(Ordering::SeqCst) {
                 match tcp.accept() {
-                    Ok((mut stream, _)) => {
+                    Ok((mut stream, peer)) => {
                         counter.fetch_add(1, Ordering::SeqCst);
+                        seen.lock().unwrap().push(peer.ip().to_canonical());
                         use std::io::Write;
                         let _ = stream.set_nonblocking(false);
                         let _ = writeln!(stream, "hello {port}");
@@ -220,7 +224,15 @@ impl Server {
                 }
             }
         });
-        Server { stop, accepted }
+        Server {
+            stop,
+            accepted,
+            peers,
+        }
+    }
+
+    pub fn peers(&self) -> Vec<std::net::IpAddr> {
+        self.peers.lock().unwrap().clone()
     }
 }
 
@@ -316,5 +328,69 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// The Kubernetes verb and resource (`group/resource`, core group empty) of a request line
+/// as the test API server records it (`METHOD URI`).
+pub fn rbac_of(request: &str) -> Option<(String, String)> {
+    let (method, uri) = request.split_once(' ')?;
+    let (path, query) = uri.split_once('?').unwrap_or((uri, ""));
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (group, rest) = match parts.as_slice() {
+        ["api", "v1", rest @ ..] => ("", rest),
+        ["apis", group, _version, rest @ ..] => (*group, rest),
+        _ => return None,
+    };
+    let rest: Vec<&str> = match rest {
+        ["namespaces", _ns, tail @ ..] if !tail.is_empty() => tail.to_vec(),
+        other => other.to_vec(),
+    };
+    let (resource, named) = match rest.as_slice() {
+        [resource] => (resource.to_string(), false),
+        [resource, _name] => (resource.to_string(), true),
+        [resource, _name, sub] => (format!("{resource}/{sub}"), true),
+        _ => return None,
+    };
+    let verb = match (method, named) {
+        ("GET", true) => "get",
+        ("GET", false) if query.split('&').any(|p| p == "watch=true") => "watch",
+        ("GET", false) => "list",
+        ("POST", _) => "create",
+        ("PATCH", _) => "patch",
+        ("PUT", _) => "update",
+        ("DELETE", _) => "delete",
+        _ => return None,
+    };
+    Some((verb.to_owned(), format!("{group}/{resource}")))
+}
+
+/// Panics unless `deploy/rbac.yaml` grants every request the daemon made.
+pub fn assert_rbac_covers(requests: &[String]) {
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/rbac.yaml")).unwrap();
+    let documents: Vec<serde_json::Value> = serde_saphyr::from_multiple(&text).unwrap();
+    let mut granted = std::collections::BTreeSet::new();
+    for role in documents.iter().filter(|d| d["kind"] == "ClusterRole") {
+        for rule in role["rules"].as_array().unwrap() {
+            let list = |key: &str| -> Vec<String> {
+                serde_json::from_value(rule[key].clone()).unwrap_or_default()
+            };
+            for group in list("apiGroups") {
+                for resource in list("resources") {
+                    for verb in list("verbs") {
+                        granted.insert((verb.clone(), format!("{group}/{resource}")));
+                    }
+                }
+            }
+        }
+    }
+    for request in requests {
+        if let Some(needed) = rbac_of(request) {
+            assert!(
+                granted.contains(&needed),
+                "deploy/rbac.yaml does not grant {needed:?}, needed by {request}"
+            );
+        }
     }
 }

@@ -1,0 +1,291 @@
+//! Health, readiness and Prometheus metrics, served on a loopback address when asked for.
+//!
+//! The daemon's loop writes [`Metrics`]; the server only reads them. Rendering is pure, so
+//! the text format is unit-tested without a socket.
+
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Request, Response, StatusCode};
+
+use crate::plan::{Plan, State};
+
+/// Upper bounds of the apply-latency histogram buckets, in seconds.
+const BUCKETS: [f64; 9] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
+const STATES: [(State, &str); 5] = [
+    (State::Forwarding, "forwarding"),
+    (State::Conflict, "conflict"),
+    (State::Invalid, "invalid"),
+    (State::Waiting, "waiting"),
+    (State::Refused, "refused"),
+];
+
+/// What the daemon reports about itself.
+#[derive(Debug)]
+pub struct Metrics {
+    started: Instant,
+    /// The loop that takes watch events and applies last turned at this moment.
+    pub loop_turned: Instant,
+    /// The first complete list was seen and applied.
+    pub synced: bool,
+    /// The last apply succeeded.
+    pub applying: bool,
+    /// The table was last confirmed in step with the cluster at this moment.
+    pub last_sync: Option<Instant>,
+    pub forwards: [usize; 5],
+    pub wan_addresses: usize,
+    pub transactions: u64,
+    pub apply_errors: u64,
+    pub watch_errors: u64,
+    pub table_restores: u64,
+    apply_buckets: [u64; BUCKETS.len()],
+    apply_count: u64,
+    apply_sum: f64,
+}
+
+pub type Shared = Arc<Mutex<Metrics>>;
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        let now = Instant::now();
+        Metrics {
+            started: now,
+            loop_turned: now,
+            synced: false,
+            applying: false,
+            last_sync: None,
+            forwards: [0; 5],
+            wan_addresses: 0,
+            transactions: 0,
+            apply_errors: 0,
+            watch_errors: 0,
+            table_restores: 0,
+            apply_buckets: [0; BUCKETS.len()],
+            apply_count: 0,
+            apply_sum: 0.0,
+        }
+    }
+}
+
+impl Metrics {
+    /// Records one apply round that reached the kernel, and how long it took.
+    pub fn applied(&mut self, took: Duration, sent: bool, plan: &Plan) {
+        let seconds = took.as_secs_f64();
+        for (bucket, bound) in self.apply_buckets.iter_mut().zip(BUCKETS) {
+            if seconds <= bound {
+                *bucket += 1;
+            }
+        }
+        self.apply_count += 1;
+        self.apply_sum += seconds;
+        if sent {
+            self.transactions += 1;
+        }
+        for (count, (state, _)) in self.forwards.iter_mut().zip(STATES) {
+            *count = plan.count(state);
+        }
+        self.synced = true;
+        self.applying = true;
+        self.last_sync = Some(Instant::now());
+    }
+
+    /// Alive: the loop turned within `stall` (it turns at least every heartbeat).
+    pub fn alive(&self, now: Instant, stall: Duration) -> bool {
+        now.duration_since(self.loop_turned) <= stall
+    }
+
+    /// Ready: the first sync is done and the last apply succeeded.
+    pub fn ready(&self) -> bool {
+        self.synced && self.applying
+    }
+
+    /// The Prometheus text exposition (version 0.0.4).
+    pub fn render(&self, now: Instant) -> String {
+        let mut out = String::new();
+        header(
+            &mut out,
+            "forwards",
+            "gauge",
+            "Annotation entries by state in the last plan.",
+        );
+        for (count, (_, word)) in self.forwards.iter().zip(STATES) {
+            let _ = writeln!(
+                out,
+                "kube_port_forward_forwards{{state=\"{word}\"}} {count}"
+            );
+        }
+        let since_sync = now.duration_since(self.last_sync.unwrap_or(self.started));
+        let gauges = [
+            (
+                "ready",
+                "Whether the first sync is done and the last apply succeeded.",
+                f64::from(u8::from(self.ready())),
+            ),
+            (
+                "wan_addresses",
+                "WAN addresses in the table's address sets.",
+                self.wan_addresses as f64,
+            ),
+            (
+                "seconds_since_last_sync",
+                "Seconds since the table was last confirmed in step with the cluster (since start if never).",
+                since_sync.as_secs_f64(),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            header(&mut out, name, "gauge", help);
+            let _ = writeln!(out, "kube_port_forward_{name} {value}");
+        }
+        let counters = [
+            (
+                "transactions_total",
+                "nft transactions sent.",
+                self.transactions,
+            ),
+            (
+                "apply_errors_total",
+                "Applies that failed.",
+                self.apply_errors,
+            ),
+            (
+                "watch_errors_total",
+                "Errors of the Kubernetes watches.",
+                self.watch_errors,
+            ),
+            (
+                "table_restores_total",
+                "Times the table was deleted from outside and restored.",
+                self.table_restores,
+            ),
+        ];
+        for (name, help, value) in counters {
+            header(&mut out, name, "counter", help);
+            let _ = writeln!(out, "kube_port_forward_{name} {value}");
+        }
+        header(
+            &mut out,
+            "apply_duration_seconds",
+            "histogram",
+            "Time to bring the table in step, per round.",
+        );
+        let name = "kube_port_forward_apply_duration_seconds";
+        for (count, bound) in self.apply_buckets.iter().zip(BUCKETS) {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {count}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.apply_count);
+        let _ = writeln!(out, "{name}_sum {}", self.apply_sum);
+        let _ = writeln!(out, "{name}_count {}", self.apply_count);
+        out
+    }
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP kube_port_forward_{name} {help}");
+    let _ = writeln!(out, "# TYPE kube_port_forward_{name} {kind}");
+}
+
+/// Serves `/healthz`, `/readyz` and `/metrics` on `listener` until the process ends.
+/// `stall` is how long the loop may go without turning before `/healthz` fails.
+pub async fn serve(listener: tokio::net::TcpListener, metrics: Shared, stall: Duration) {
+    if let Ok(address) = listener.local_addr() {
+        tracing::info!(%address, "serving /healthz, /readyz and /metrics");
+    }
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let service =
+                hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+                    let response = respond(request.uri().path(), &metrics, stall);
+                    async move { Ok::<_, std::convert::Infallible>(response) }
+                });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await;
+        });
+    }
+}
+
+fn respond(path: &str, metrics: &Shared, stall: Duration) -> Response<Full<Bytes>> {
+    let now = Instant::now();
+    let metrics = metrics
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let (status, body) = match path {
+        "/healthz" if metrics.alive(now, stall) => (StatusCode::OK, "ok\n".to_owned()),
+        "/healthz" => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the watch and apply loop is stuck\n".to_owned(),
+        ),
+        "/readyz" if metrics.ready() => (StatusCode::OK, "ready\n".to_owned()),
+        "/readyz" => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not synced, or the last apply failed\n".to_owned(),
+        ),
+        "/metrics" => (StatusCode::OK, metrics.render(now)),
+        _ => (StatusCode::NOT_FOUND, "not found\n".to_owned()),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    let kind = if path == "/metrics" {
+        "text/plain; version=0.0.4; charset=utf-8"
+    } else {
+        "text/plain; charset=utf-8"
+    };
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(kind),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_render_counts_histogram_and_readiness() {
+        let mut m = Metrics::default();
+        assert!(!m.ready());
+        let plan = Plan {
+            outcomes: Vec::new(),
+            forwards: Default::default(),
+        };
+        m.applied(Duration::from_millis(20), true, &plan);
+        m.applied(Duration::from_secs(2), false, &plan);
+        assert!(m.ready());
+        let text = m.render(Instant::now());
+        assert!(
+            text.contains("kube_port_forward_transactions_total 1\n"),
+            "{text}"
+        );
+        assert!(text.contains("kube_port_forward_apply_duration_seconds_bucket{le=\"0.025\"} 1\n"));
+        assert!(text.contains("kube_port_forward_apply_duration_seconds_bucket{le=\"5\"} 2\n"));
+        assert!(text.contains("kube_port_forward_apply_duration_seconds_count 2\n"));
+        assert!(text.contains("kube_port_forward_forwards{state=\"refused\"} 0\n"));
+        assert!(text.contains("kube_port_forward_ready 1\n"));
+        // Every sample line belongs to a declared metric.
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let name = line.split(['{', ' ']).next().unwrap();
+            let base = name
+                .trim_end_matches("_bucket")
+                .trim_end_matches("_sum")
+                .trim_end_matches("_count");
+            assert!(text.contains(&format!("# TYPE {base} ")), "{line}");
+        }
+    }
+
+    #[test]
+    fn a_loop_that_stopped_turning_is_not_alive() {
+        let m = Metrics::default();
+        let later = m.loop_turned + Duration::from_secs(61);
+        assert!(m.alive(m.loop_turned, Duration::from_secs(60)));
+        assert!(!m.alive(later, Duration::from_secs(60)));
+    }
+}

@@ -1,0 +1,311 @@
+//! The daemon as a router component: it follows the WAN interfaces' addresses, restores its
+//! table when something outside deletes it, and reports to systemd and on its health
+//! endpoints. The real binary in the router namespace, the test API server, the real kernel.
+//! Needs root.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::os::unix::net::UnixDatagram;
+use std::time::Duration;
+
+use common::apiserver::ApiServer;
+use common::daemon::Daemon;
+use common::*;
+use serde_json::json;
+
+fn service(name: &str) -> serde_json::Value {
+    json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": "apps",
+            "annotations": {"kube-port-forward-controller/mapping": "80:http"}},
+        "spec": {"type": "LoadBalancer", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]}})
+}
+
+fn greets(topology: &Topology, address: &str) -> bool {
+    let to: SocketAddr = format!("{address}:80").parse().unwrap();
+    tcp_greeting(&topology.client, to).is_ok_and(|g| g == "hello 8080")
+}
+
+struct Setup {
+    topology: Topology,
+    api: ApiServer,
+    addr: SocketAddr,
+    dir: TempDir,
+    _server: Server,
+}
+
+fn setup() -> Setup {
+    let topology = Topology::new();
+    let server = Server::start(&topology.server, 8080);
+    let api = ApiServer::new();
+    let addr = api.listen(Some(&topology.router));
+    Setup {
+        topology,
+        api,
+        addr,
+        dir: TempDir::new(),
+        _server: server,
+    }
+}
+
+/// A resync an hour away: whatever the test sees restored was restored by notification.
+const NO_RESYNC: [&str; 2] = ["--resync", "3600"];
+
+#[test]
+fn a_table_deleted_from_outside_comes_back_and_forwards_again() {
+    let s = setup();
+    let daemon = Daemon::spawn(&s.topology.router, &s.dir, s.addr, "r", &NO_RESYNC);
+    daemon.wait_log("ready");
+    s.api.create(service("web"));
+    s.api.set_lb_ips("apps", "web", &[SERVER4]);
+    wait_for("the forward", || greets(&s.topology, ROUTER_WAN4));
+
+    // What `/etc/init.d/firewall stop` (fw4 flush) and an admin's flush do.
+    s.topology.router.nft(&["flush", "ruleset"]);
+    wait_for("the forward after a flush", || {
+        greets(&s.topology, ROUTER_WAN4)
+    });
+    s.topology
+        .router
+        .nft(&["delete", "table", "inet", "kube_port_forward"]);
+    wait_for("the forward after the table's deletion", || {
+        greets(&s.topology, ROUTER_WAN4)
+    });
+    s.topology
+        .router
+        .nft(&["flush", "chain", "inet", "kube_port_forward", "prerouting"]);
+    wait_for("the forward after the chain's rules were deleted", || {
+        greets(&s.topology, ROUTER_WAN4)
+    });
+    assert!(daemon.log().contains("action=\"restore\""));
+}
+
+#[test]
+fn wan_addresses_are_followed_without_a_restart() {
+    let s = setup();
+    let args = [&["--wan-interface", "wan"], &NO_RESYNC[..]].concat();
+    let daemon = Daemon::spawn_with(&s.topology.router, &s.dir, s.addr, "r", &args, &[]);
+    daemon.wait_log("ready");
+    s.api.create(service("web"));
+    s.api.set_lb_ips("apps", "web", &[SERVER4]);
+    wait_for("the forward on the first address", || {
+        greets(&s.topology, ROUTER_WAN4)
+    });
+
+    // A new lease: a second address, then the first one goes (promoted, not taken along).
+    s.topology.router.exec(
+        "sysctl",
+        &["-qw", "net.ipv4.conf.wan.promote_secondaries=1"],
+    );
+    s.topology
+        .router
+        .ip(&["addr", "add", "203.0.113.7/24", "dev", "wan"]);
+    wait_for("the forward on the new address", || {
+        greets(&s.topology, "203.0.113.7")
+    });
+    s.topology
+        .router
+        .ip(&["addr", "del", "203.0.113.1/24", "dev", "wan"]);
+    let wan_set = || {
+        s.topology
+            .router
+            .nft(&["list", "set", "inet", "kube_port_forward", "wan_ipv4"])
+    };
+    wait_for("the old address to leave the WAN set", || {
+        !wan_set().contains("203.0.113.1")
+    });
+    // The interface goes down and up (PPPoE reconnect): still forwarded.
+    s.topology.router.ip(&["link", "set", "wan", "down"]);
+    s.topology.router.ip(&["link", "set", "wan", "up"]);
+    wait_for("the forward after the link came back", || {
+        greets(&s.topology, "203.0.113.7")
+    });
+    assert!(daemon.log().contains("WAN addresses changed"));
+    // LAN addresses are never WAN addresses.
+    assert!(!wan_set().contains("192.168.50.1"));
+}
+
+/// `GET path` over HTTP/1.0 from inside `ns`: status code and body.
+fn get(ns: &Netns, port: u16, path: &str) -> Option<(u16, String)> {
+    let path = path.to_owned();
+    ns.enter(move || {
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .ok()?;
+        write!(stream, "GET {path} HTTP/1.0\r\n\r\n").ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        let status = response.split(' ').nth(1)?.parse().ok()?;
+        let body = response.split_once("\r\n\r\n")?.1.to_owned();
+        Some((status, body))
+    })
+}
+
+#[test]
+fn health_metrics_and_systemd_notifications() {
+    let s = setup();
+    let socket_path = s.dir.path.join("notify");
+    let notify = UnixDatagram::bind(&socket_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let socket_text = socket_path.display().to_string();
+    let args = [
+        "--wan-interface",
+        "wan",
+        "--health",
+        "127.0.0.1:9477",
+        "--resync",
+        "3600",
+    ];
+    let env = [
+        ("NOTIFY_SOCKET", socket_text.as_str()),
+        ("WATCHDOG_USEC", "1000000"),
+    ];
+    let daemon = Daemon::spawn_with(&s.topology.router, &s.dir, s.addr, "r", &args, &env);
+
+    let mut seen = Vec::new();
+    let mut buffer = [0u8; 512];
+    while !(seen.iter().any(|m: &String| m.contains("READY=1"))
+        && seen.iter().any(|m| m.contains("WATCHDOG=1")))
+    {
+        let n = notify.recv(&mut buffer).expect("a notification in time");
+        seen.push(String::from_utf8_lossy(&buffer[..n]).into_owned());
+    }
+    wait_for("/readyz", || {
+        get(&s.topology.router, 9477, "/readyz").is_some_and(|(code, _)| code == 200)
+    });
+    let (code, _) = get(&s.topology.router, 9477, "/healthz").unwrap();
+    assert_eq!(code, 200);
+    assert_eq!(
+        get(&s.topology.router, 9477, "/nothing").map(|(c, _)| c),
+        Some(404)
+    );
+
+    s.api.create(service("web"));
+    s.api.set_lb_ips("apps", "web", &[SERVER4]);
+    wait_for("the forward in the metrics", || {
+        get(&s.topology.router, 9477, "/metrics").is_some_and(|(_, body)| {
+            body.contains("kube_port_forward_forwards{state=\"forwarding\"} 1\n")
+        })
+    });
+    let (_, metrics) = get(&s.topology.router, 9477, "/metrics").unwrap();
+    for line in [
+        "kube_port_forward_ready 1\n",
+        "kube_port_forward_wan_addresses 2\n",
+        "# TYPE kube_port_forward_apply_duration_seconds histogram\n",
+        "# TYPE kube_port_forward_seconds_since_last_sync gauge\n",
+    ] {
+        assert!(metrics.contains(line), "no {line:?} in\n{metrics}");
+    }
+    // The watchdog keeps being fed while the loop turns.
+    let fed = (0..3).all(|_| {
+        notify
+            .recv(&mut buffer)
+            .is_ok_and(|n| String::from_utf8_lossy(&buffer[..n]).contains("WATCHDOG=1"))
+    });
+    assert!(fed, "the watchdog stopped being fed:\n{}", daemon.log());
+}
+
+/// Under systemd with stderr on the journal, audit lines reach journald as fields. The
+/// journal here is a socket the test binds, mounted where journald's would be, inside the
+/// router namespace's own mount namespace (so the host's `/run` is left alone).
+#[test]
+fn audit_lines_go_to_journald_as_fields() {
+    use std::os::unix::fs::MetadataExt;
+    let topology = Topology::new();
+    let dir = TempDir::new();
+    let journal_dir = dir.path.join("journal");
+    std::fs::create_dir(&journal_dir).unwrap();
+    let journal = UnixDatagram::bind(journal_dir.join("socket")).unwrap();
+    journal
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let manifest = dir.write(
+        "web.yaml",
+        &service_yaml(
+            "apps",
+            "web",
+            "80:http",
+            &[("http", 8080, "TCP")],
+            &[SERVER4],
+        ),
+    );
+    let log = dir.path.join("stderr.log");
+    let stderr = std::fs::File::create(&log).unwrap();
+    let meta = std::fs::metadata(&log).unwrap();
+    let script = format!(
+        "mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/journal \
+         && mount --bind {} /run/systemd/journal \
+         && exec {} apply -f {manifest} --wan-interface wan --wan-address {ROUTER_WAN4}",
+        journal_dir.display(),
+        env!("CARGO_BIN_EXE_kube-port-forward"),
+    );
+    let status = std::process::Command::new("ip")
+        .args(["netns", "exec", &topology.router.name, "sh", "-c", &script])
+        .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
+        .stderr(stderr)
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    let mut entries: Vec<BTreeMap<String, String>> = Vec::new();
+    let mut buffer = vec![0u8; 65536];
+    while !entries
+        .iter()
+        .any(|e| e.get("ACTION").is_some_and(|a| a == "open"))
+    {
+        let n = journal.recv(&mut buffer).expect("journal entries in time");
+        entries.push(journal_fields(&buffer[..n]));
+    }
+    let open = entries
+        .iter()
+        .find(|e| e.get("ACTION").is_some_and(|a| a == "open"))
+        .unwrap();
+    for (field, value) in [
+        ("SYSLOG_IDENTIFIER", "kube-port-forward"),
+        ("MESSAGE", "forward opened"),
+        ("NAMESPACE", "apps"),
+        ("NAME", "web"),
+        ("PROTOCOL", "TCP"),
+        ("EXTERNAL_PORT", "80"),
+        ("FORWARD_TO", "192.168.50.10:8080"),
+    ] {
+        assert_eq!(open.get(field).map(String::as_str), Some(value), "{open:?}");
+    }
+    assert!(open["UID"].len() == 36, "{open:?}");
+    // Nothing went to stderr as plain lines meanwhile.
+    assert!(
+        !std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("forward opened")
+    );
+}
+
+/// One entry of journald's native protocol: `KEY=value` lines, or `KEY`, a newline, the
+/// value's length (u64, little-endian), the value and a newline for values of any bytes.
+fn journal_fields(mut entry: &[u8]) -> BTreeMap<String, String> {
+    let mut fields = BTreeMap::new();
+    while let Some(end) = entry.iter().position(|b| *b == b'\n' || *b == b'=') {
+        let key = String::from_utf8_lossy(&entry[..end]).into_owned();
+        let value;
+        if entry[end] == b'=' {
+            let rest = &entry[end + 1..];
+            let stop = rest.iter().position(|b| *b == b'\n').unwrap_or(rest.len());
+            value = &rest[..stop];
+            entry = &rest[(stop + 1).min(rest.len())..];
+        } else {
+            let len = u64::from_le_bytes(entry[end + 1..end + 9].try_into().unwrap()) as usize;
+            value = &entry[end + 9..end + 9 + len];
+            entry = &entry[(end + 10 + len).min(entry.len())..];
+        }
+        fields.insert(key, String::from_utf8_lossy(value).into_owned());
+    }
+    fields
+}
