@@ -232,14 +232,18 @@ pub async fn run(
         );
     }
     let mut events = futures::stream::select_all(streams);
-    // Following the WAN interfaces: their addresses now, then every change the kernel
-    // announces. Without this subscription the daemon could not keep its promise, so
-    // failing to subscribe stops it.
+    // The interfaces' addresses now, then every change the kernel announces: the WAN sets
+    // follow the WAN interfaces, and the policy the router's own addresses. Following WAN
+    // interfaces is a promise the daemon cannot keep without the subscription, so failing
+    // to subscribe then stops it.
     let follow = !settings.table.wan_interfaces.is_empty();
-    let mut links = if follow {
-        Some(LinkEvents::subscribe().map_err(DaemonError::Links)?)
-    } else {
-        None
+    let mut links = match LinkEvents::subscribe() {
+        Ok(links) => Some(links),
+        Err(error) if follow => return Err(DaemonError::Links(error)),
+        Err(error) => {
+            tracing::warn!(%error, "cannot follow address changes; the router's own addresses are those at start");
+            None
+        }
     };
     // Self-healing: deletions in the table, as the kernel announces them. Without it the
     // table still comes back at the next resync.
@@ -277,11 +281,12 @@ pub async fn run(
         failures: 0,
         metrics,
         fixed_wan: settings.table.wan_addresses.clone(),
-        fixed_router: settings.policy.router_addresses.clone(),
+        // The WAN flags; the interfaces' addresses are read again at every change.
+        fixed_router: settings.table.wan_addresses.clone(),
         verify_after_deletion: false,
         settings,
     };
-    if follow {
+    if links.is_some() {
         daemon.follow_addresses();
     }
     tracing::info!(
@@ -421,7 +426,7 @@ impl Daemon {
     }
 
     /// Reads the interfaces' addresses into the WAN sets and the policy's router addresses;
-    /// returns whether the WAN sets changed. A failed read keeps the addresses known.
+    /// returns whether either changed. A failed read keeps the addresses known.
     fn follow_addresses(&mut self) -> bool {
         let addresses = match Addresses::read(&self.settings.table.wan_interfaces) {
             Ok(addresses) => addresses,
@@ -430,10 +435,13 @@ impl Daemon {
                 return false;
             }
         };
-        let wan: BTreeSet<IpAddr> = self.fixed_wan.union(&addresses.wan).copied().collect();
         let router: BTreeSet<IpAddr> = self.fixed_router.union(&addresses.all).copied().collect();
         let policy_changed = router != self.settings.policy.router_addresses;
         self.settings.policy.router_addresses = router;
+        if self.settings.table.wan_interfaces.is_empty() {
+            return policy_changed;
+        }
+        let wan: BTreeSet<IpAddr> = self.fixed_wan.union(&addresses.wan).copied().collect();
         if wan == self.settings.table.wan_addresses {
             return policy_changed;
         }
