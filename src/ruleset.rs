@@ -864,30 +864,23 @@ impl Ruleset {
     }
 
     fn chain(&self) -> NfListObject<'_> {
-        NfListObject::Chain(schema::Chain {
-            family: NfFamily::INet,
-            table: Cow::Borrowed(&self.config.table),
-            name: Cow::Borrowed(CHAIN),
-            newname: None,
-            handle: None,
-            _type: Some(NfChainType::NAT),
-            hook: Some(NfHook::Prerouting),
-            prio: Some(DSTNAT_PRIORITY),
-            dev: None,
-            policy: Some(NfChainPolicy::Accept),
-        })
+        self.nat_chain(CHAIN, NfHook::Prerouting, DSTNAT_PRIORITY)
     }
 
     fn reflect_chain(&self) -> NfListObject<'_> {
+        self.nat_chain(REFLECT_CHAIN, NfHook::Postrouting, SRCNAT_PRIORITY)
+    }
+
+    fn nat_chain(&self, name: &'static str, hook: NfHook, prio: i32) -> NfListObject<'_> {
         NfListObject::Chain(schema::Chain {
             family: NfFamily::INet,
             table: Cow::Borrowed(&self.config.table),
-            name: Cow::Borrowed(REFLECT_CHAIN),
+            name: Cow::Borrowed(name),
             newname: None,
             handle: None,
             _type: Some(NfChainType::NAT),
-            hook: Some(NfHook::Postrouting),
-            prio: Some(SRCNAT_PRIORITY),
+            hook: Some(hook),
+            prio: Some(prio),
             dev: None,
             policy: Some(NfChainPolicy::Accept),
         })

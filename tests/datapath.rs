@@ -30,37 +30,31 @@ fn sock(addr: &str, port: u16) -> SocketAddr {
     .unwrap()
 }
 
-#[test]
-fn tcp_and_udp_over_ipv4_and_ipv6_reach_the_server_until_removed() {
+/// Client, router, server (on 8080) and `apps/web` applied on both WAN addresses.
+fn dual_stack_applied() -> (Topology, Server, TempDir, String) {
     let topology = Topology::new();
     let server = Server::start(&topology.server, 8080);
     let dir = TempDir::new();
-    let manifest = service_yaml(
-        "apps",
-        "web",
-        "80:http,5353:dns",
-        &[("http", 8080, "TCP"), ("dns", 8080, "UDP")],
-        &[SERVER4, SERVER6],
-    );
-    let file = dir.write("web.yaml", &manifest);
-    let wan = [
-        "--wan-interface",
-        "wan",
-        "--wan-address",
-        "203.0.113.1,2001:db8:1::1",
-    ];
-    apply(&topology, &file, &wan);
+    let file = dual_stack_manifest(&dir);
+    apply(&topology, &file, &DUAL_STACK_WAN);
+    (topology, server, dir, file)
+}
 
+/// TCP 80 and UDP 5353 of both WAN addresses, from `from`, reach the server's 8080.
+fn both_forwards_reach_the_server(from: &Netns) {
     for router in [ROUTER_WAN4, ROUTER_WAN6] {
+        assert_eq!(tcp_greeting(from, sock(router, 80)).unwrap(), "hello 8080");
         assert_eq!(
-            tcp_greeting(&topology.client, sock(router, 80)).unwrap(),
-            "hello 8080"
-        );
-        assert_eq!(
-            udp_echo(&topology.client, sock(router, 5353), "ping").unwrap(),
+            udp_echo(from, sock(router, 5353), "ping").unwrap(),
             "echo 8080 ping"
         );
     }
+}
+
+#[test]
+fn tcp_and_udp_over_ipv4_and_ipv6_reach_the_server_until_removed() {
+    let (topology, server, dir, _file) = dual_stack_applied();
+    both_forwards_reach_the_server(&topology.client);
     assert_eq!(server.accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
 
     // The counters in the kernel saw the new flows.
@@ -80,7 +74,7 @@ fn tcp_and_udp_over_ipv4_and_ipv6_reach_the_server_until_removed() {
 
     // Remove the forwards: the same connections are now refused by the router itself.
     let empty = dir.write("empty.yaml", "");
-    apply(&topology, &empty, &wan);
+    apply(&topology, &empty, &DUAL_STACK_WAN);
     for router in [ROUTER_WAN4, ROUTER_WAN6] {
         let err = tcp_greeting(&topology.client, sock(router, 80)).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{err}");
@@ -95,16 +89,7 @@ fn only_the_wan_side_is_forwarded() {
     let topology = Topology::new();
     let _server = Server::start(&topology.server, 8080);
     let dir = TempDir::new();
-    let file = dir.write(
-        "web.yaml",
-        &service_yaml(
-            "apps",
-            "web",
-            "80:http",
-            &[("http", 8080, "TCP")],
-            &[SERVER4],
-        ),
-    );
+    let file = web_manifest(&dir);
     // Interface only: packets to any router address arriving on `wan`.
     apply(&topology, &file, &["--wan-interface", "wan"]);
     assert_eq!(
@@ -124,16 +109,7 @@ fn a_changed_target_port_takes_effect_and_the_old_external_port_closes() {
     let _b = Server::start(&topology.server, 9090);
     let dir = TempDir::new();
     let wan = ["--wan-address", ROUTER_WAN4];
-    let first = dir.write(
-        "a.yaml",
-        &service_yaml(
-            "apps",
-            "web",
-            "80:http",
-            &[("http", 8080, "TCP")],
-            &[SERVER4],
-        ),
-    );
+    let first = web_manifest(&dir);
     apply(&topology, &first, &wan);
     assert_eq!(
         tcp_greeting(&topology.client, sock(ROUTER_WAN4, 80)).unwrap(),
@@ -216,44 +192,13 @@ fn source_ranges_let_only_the_allowed_clients_through() {
 
 #[test]
 fn nat_reflection_lets_lan_clients_use_the_wan_address_and_can_be_turned_off() {
-    let topology = Topology::new();
-    let server = Server::start(&topology.server, 8080);
-    let dir = TempDir::new();
-    let file = dir.write(
-        "web.yaml",
-        &service_yaml(
-            "apps",
-            "web",
-            "80:http,5353:dns",
-            &[("http", 8080, "TCP"), ("dns", 8080, "UDP")],
-            &[SERVER4, SERVER6],
-        ),
-    );
-    let wan = [
-        "--wan-interface",
-        "wan",
-        "--wan-address",
-        "203.0.113.1,2001:db8:1::1",
-    ];
     // On by default. The server connecting to the router's WAN address is the hardest case
     // of hairpin: without the masquerade its reply would go straight back to itself, from
     // the wrong address, and the connection would never complete.
-    apply(&topology, &file, &wan);
-    for router in [ROUTER_WAN4, ROUTER_WAN6] {
-        assert_eq!(
-            tcp_greeting(&topology.server, sock(router, 80)).unwrap(),
-            "hello 8080"
-        );
-        assert_eq!(
-            udp_echo(&topology.server, sock(router, 5353), "ping").unwrap(),
-            "echo 8080 ping"
-        );
-        // WAN clients are not masqueraded: the server sees the client's own address.
-        assert_eq!(
-            tcp_greeting(&topology.client, sock(router, 80)).unwrap(),
-            "hello 8080"
-        );
-    }
+    let (topology, server, _dir, file) = dual_stack_applied();
+    both_forwards_reach_the_server(&topology.server);
+    // WAN clients are not masqueraded: the server sees the client's own address.
+    both_forwards_reach_the_server(&topology.client);
     let peers = server.peers();
     assert!(peers.contains(&CLIENT4.parse().unwrap()), "{peers:?}");
     assert!(
@@ -264,7 +209,7 @@ fn nat_reflection_lets_lan_clients_use_the_wan_address_and_can_be_turned_off() {
     apply(
         &topology,
         &file,
-        &[&wan[..], &["--reflection", "false"]].concat(),
+        &[&DUAL_STACK_WAN[..], &["--reflection", "false"]].concat(),
     );
     let err = tcp_greeting(&topology.server, sock(ROUTER_WAN4, 80)).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{err}");
@@ -299,16 +244,7 @@ fn the_firewall4_include_accepts_exactly_the_forwarded_flows() {
     let topology = Topology::new();
     let _server = Server::start(&topology.server, 8080);
     let dir = TempDir::new();
-    let file = dir.write(
-        "web.yaml",
-        &service_yaml(
-            "apps",
-            "web",
-            "80:http",
-            &[("http", 8080, "TCP")],
-            &[SERVER4],
-        ),
-    );
+    let file = web_manifest(&dir);
     apply(
         &topology,
         &file,

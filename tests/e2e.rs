@@ -43,33 +43,6 @@ fn start_daemon(
     Daemon::spawn(router, dir, api, name, &args)
 }
 
-/// A client, router and server, the servers listening on `ports`, and the API server
-/// listening in the router namespace.
-struct Setup {
-    topology: Topology,
-    api: ApiServer,
-    addr: SocketAddr,
-    dir: TempDir,
-    _servers: Vec<Server>,
-}
-
-fn setup(ports: &[u16]) -> Setup {
-    let topology = Topology::new();
-    let servers = ports
-        .iter()
-        .map(|p| Server::start(&topology.server, *p))
-        .collect();
-    let api = ApiServer::new();
-    let addr = api.listen(Some(&topology.router));
-    Setup {
-        topology,
-        api,
-        addr,
-        dir: TempDir::new(),
-        _servers: servers,
-    }
-}
-
 fn service(name: &str, mapping: &str, port: u16) -> Value {
     let metadata = json!({"name": name, "namespace": "apps",
         "annotations": {"kube-port-forward-controller/mapping": mapping}});

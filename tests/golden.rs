@@ -2,30 +2,23 @@
 //! `tests/golden/NAME.txt` exactly. Run with `UPDATE_GOLDEN=1` to rewrite the expected files
 //! on purpose, then review the diff.
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
+
+use common::{DUAL_STACK_WAN, output_ok};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kube-port-forward");
 
 fn plan(manifest: &Path, extra: &[&str]) -> String {
-    let output = Command::new(BIN)
-        .args(["plan", "-f"])
-        .arg(manifest)
-        .args([
-            "--wan-interface",
-            "wan",
-            "--wan-address",
-            "203.0.113.1,2001:db8:1::1",
-        ])
-        .args(extra)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
+    output_ok(
+        Command::new(BIN)
+            .args(["plan", "-f"])
+            .arg(manifest)
+            .args(DUAL_STACK_WAN)
+            .args(extra),
+    )
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{TempDir, run};
+use common::{TempDir, output_ok, run};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kube-port-forward");
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
@@ -228,21 +228,14 @@ fn init_command(uci: &[(&str, &str)], dir: &TempDir) -> Vec<String> {
     harness.push_str(init.split_once('\n').unwrap().1);
     harness.push_str("\nstart_service\n");
     let script = dir.write("harness.sh", &harness);
-    let output = Command::new("sh")
-        .arg(&script)
-        .env("IPKG_INSTROOT", &dir.path)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout)
-        .unwrap()
-        .lines()
-        .map(str::to_owned)
-        .collect()
+    output_ok(
+        Command::new("sh")
+            .arg(&script)
+            .env("IPKG_INSTROOT", &dir.path),
+    )
+    .lines()
+    .map(str::to_owned)
+    .collect()
 }
 
 #[test]
@@ -366,21 +359,16 @@ fn the_minted_kubeconfig_is_private_and_reads_as_a_kubeconfig() {
         bin.display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    let output = Command::new("sh")
-        .arg(repo("deploy/mint-kubeconfig.sh"))
-        .args([
-            "-o",
-            out.to_str().unwrap(),
-            "-s",
-            "https://192.168.1.5:6443",
-        ])
-        .env("PATH", path)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
+    output_ok(
+        Command::new("sh")
+            .arg(repo("deploy/mint-kubeconfig.sh"))
+            .args([
+                "-o",
+                out.to_str().unwrap(),
+                "-s",
+                "https://192.168.1.5:6443",
+            ])
+            .env("PATH", path),
     );
     assert_eq!(mode(&out), 0o600);
     let config = kube::config::Kubeconfig::read_from(&out).unwrap();

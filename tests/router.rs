@@ -11,7 +11,6 @@ use std::net::SocketAddr;
 use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
-use common::apiserver::ApiServer;
 use common::daemon::Daemon;
 use common::*;
 use serde_json::json;
@@ -28,26 +27,8 @@ fn greets(topology: &Topology, address: &str) -> bool {
     tcp_greeting(&topology.client, to).is_ok_and(|g| g == "hello 8080")
 }
 
-struct Setup {
-    topology: Topology,
-    api: ApiServer,
-    addr: SocketAddr,
-    dir: TempDir,
-    _server: Server,
-}
-
 fn setup() -> Setup {
-    let topology = Topology::new();
-    let server = Server::start(&topology.server, 8080);
-    let api = ApiServer::new();
-    let addr = api.listen(Some(&topology.router));
-    Setup {
-        topology,
-        api,
-        addr,
-        dir: TempDir::new(),
-        _server: server,
-    }
+    common::setup(&[8080])
 }
 
 /// A resync an hour away: whatever the test sees restored was restored by notification.
@@ -224,16 +205,7 @@ fn audit_lines_go_to_journald_as_fields() {
     journal
         .set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
-    let manifest = dir.write(
-        "web.yaml",
-        &service_yaml(
-            "apps",
-            "web",
-            "80:http",
-            &[("http", 8080, "TCP")],
-            &[SERVER4],
-        ),
-    );
+    let manifest = web_manifest(&dir);
     let log = dir.path.join("stderr.log");
     let stderr = std::fs::File::create(&log).unwrap();
     let meta = std::fs::metadata(&log).unwrap();

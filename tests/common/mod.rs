@@ -29,6 +29,44 @@ pub fn run(program: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+/// Runs `command` and returns its standard output, panicking with its stderr when it fails.
+pub fn output_ok(command: &mut Command) -> String {
+    let output = command.output().unwrap();
+    assert!(
+        output.status.success(),
+        "{command:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// A client, router and server, the servers listening on `ports`, and the API server
+/// listening in the router namespace.
+pub struct Setup {
+    pub topology: Topology,
+    pub api: apiserver::ApiServer,
+    pub addr: SocketAddr,
+    pub dir: TempDir,
+    pub _servers: Vec<Server>,
+}
+
+pub fn setup(ports: &[u16]) -> Setup {
+    let topology = Topology::new();
+    let servers = ports
+        .iter()
+        .map(|p| Server::start(&topology.server, *p))
+        .collect();
+    let api = apiserver::ApiServer::new();
+    let addr = api.listen(Some(&topology.router));
+    Setup {
+        topology,
+        api,
+        addr,
+        dir: TempDir::new(),
+        _servers: servers,
+    }
+}
+
 /// Runs a command line split on whitespace (no quoting), panicking when it fails.
 pub fn run_line(line: &str) -> String {
     let words: Vec<&str> = line.split_whitespace().collect();
@@ -301,6 +339,42 @@ pub fn service_yaml(
             & 0xffff_ffff_ffff
     )
 }
+
+/// `apps/web` forwarding port 80 to the server's TCP 8080 over IPv4, written into `dir`.
+pub fn web_manifest(dir: &TempDir) -> String {
+    dir.write(
+        "web.yaml",
+        &service_yaml(
+            "apps",
+            "web",
+            "80:http",
+            &[("http", 8080, "TCP")],
+            &[SERVER4],
+        ),
+    )
+}
+
+/// `apps/web` forwarding TCP 80 and UDP 5353 to the server's 8080 over IPv4 and IPv6.
+pub fn dual_stack_manifest(dir: &TempDir) -> String {
+    dir.write(
+        "web.yaml",
+        &service_yaml(
+            "apps",
+            "web",
+            "80:http,5353:dns",
+            &[("http", 8080, "TCP"), ("dns", 8080, "UDP")],
+            &[SERVER4, SERVER6],
+        ),
+    )
+}
+
+/// The WAN flags for both of the router's WAN addresses.
+pub const DUAL_STACK_WAN: [&str; 4] = [
+    "--wan-interface",
+    "wan",
+    "--wan-address",
+    "203.0.113.1,2001:db8:1::1",
+];
 
 /// A fresh temporary folder, removed on drop.
 pub struct TempDir {
