@@ -187,7 +187,6 @@ impl PolicyArgs {
     }
 }
 
-/// The addresses of this host's interfaces, which forwards may never point at.
 #[derive(Debug, Args)]
 pub struct TableArgs {
     /// Name of the inet table the daemon owns.
@@ -440,6 +439,7 @@ fn on_router(table: &TableArgs, policy: &PolicyArgs) -> Result<Policy, CommandEr
     if table.wan_interfaces.is_empty() && table.wan_addresses.is_empty() {
         return Err(CommandError::NoWan);
     }
+    // The addresses of this host's interfaces, which forwards may never point at.
     let local = Addresses::read(&BTreeSet::new()).unwrap_or_default().all;
     let router = table.wan_addresses.iter().copied().chain(local);
     Ok(policy.policy(router)?)

@@ -16,8 +16,7 @@ fn main() -> ExitCode {
         LevelFilter::INFO
     };
     // Under systemd with stderr going to the journal, log to journald with structured fields
-    // (`journalctl ACTION=close`); elsewhere (procd's logd, a
-    // terminal) plain lines on stderr.
+    // (`journalctl ACTION=close`); elsewhere (procd's logd, a terminal) plain lines on stderr.
     let journald = stderr_is_journal()
         .then(tracing_journald::layer)
         .and_then(Result::ok);

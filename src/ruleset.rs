@@ -100,12 +100,11 @@ impl TableConfig {
                 return Err(ConfigError::Interface(name.clone()));
             }
         }
-        let wan_addresses: BTreeSet<IpAddr> = wan_addresses.into_iter().collect();
         Ok(TableConfig {
             table: table.to_owned(),
             wan_interfaces,
-            listed_addresses: !wan_addresses.is_empty(),
-            wan_addresses,
+            wan_addresses: wan_addresses.into_iter().collect(),
+            listed_addresses: false,
             reflection: false,
             ct_mark: DEFAULT_CT_MARK,
         })
@@ -176,9 +175,7 @@ impl TableConfig {
 
     /// Whether NAT reflection is in effect: asked for, and the table can tell LAN from WAN.
     pub fn reflects(&self) -> bool {
-        self.reflection
-            && !self.wan_interfaces.is_empty()
-            && (self.listed_addresses || !self.wan_addresses.is_empty())
+        self.reflection && self.match_interfaces() && self.match_addresses()
     }
 
     fn reflect_comment(&self) -> String {
