@@ -195,9 +195,9 @@ fn the_uci_config_ships_disabled_with_a_comment_per_option() {
     }
 }
 
-/// Runs the init script's `start_service` with procd and UCI stubbed, the UCI options of
-/// `uci` set, and returns the daemon's command line.
-fn init_command(uci: &[(&str, &str)], dir: &TempDir) -> Vec<String> {
+/// The init script with procd, rc.common and UCI stubbed, the UCI options of `uci` set,
+/// then `tail` (the function to run); written into `dir`.
+fn init_harness(uci: &[(&str, &str)], dir: &TempDir, tail: &str) -> String {
     let functions = dir.path.join("lib/functions");
     std::fs::create_dir_all(&functions).unwrap();
     // network.sh: the logical networks' devices, as netifd would report them.
@@ -210,6 +210,7 @@ fn init_command(uci: &[(&str, &str)], dir: &TempDir) -> Vec<String> {
     let mut harness = String::from(
         "\
          extra_command() { :; }\n\
+         stop() { :; }\n\
          config_load() { :; }\n\
          config_get() { eval \"$1=\\${UCI_$2_$3:-$4}\"; }\n\
          config_get_bool() { config_get \"$@\"; }\n\
@@ -226,8 +227,15 @@ fn init_command(uci: &[(&str, &str)], dir: &TempDir) -> Vec<String> {
     ))
     .unwrap();
     harness.push_str(init.split_once('\n').unwrap().1);
-    harness.push_str("\nstart_service\n");
-    let script = dir.write("harness.sh", &harness);
+    harness.push('\n');
+    harness.push_str(tail);
+    harness.push('\n');
+    dir.write("harness.sh", &harness)
+}
+
+/// Runs the init script's `start_service` and returns the daemon's command line.
+fn init_command(uci: &[(&str, &str)], dir: &TempDir) -> Vec<String> {
+    let script = init_harness(uci, dir, "start_service");
     output_ok(
         Command::new("sh")
             .arg(&script)
@@ -383,4 +391,66 @@ fn the_minted_kubeconfig_is_private_and_reads_as_a_kubeconfig() {
     use secrecy::ExposeSecret;
     assert_eq!(token.expose_secret(), "secret-token");
     assert_eq!(config.current_context.as_deref(), Some("router"));
+}
+
+#[test]
+fn uninstall_releases_the_finalizers_and_the_table_or_fails_and_keeps_both() {
+    let router = common::Netns::new("un");
+    let api = common::apiserver::ApiServer::new();
+    let addr = api.listen(Some(&router));
+    let finalizers = ["kube-port-forward-controller/finalizer", "example.com/keep"];
+    api.create(serde_json::json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web", "namespace": "apps", "finalizers": finalizers},
+        "spec": {"type": "LoadBalancer", "ports": [{"name": "http", "port": 80}]}}));
+    let dir = TempDir::new();
+    let kubeconfig = dir.write(
+        "kubeconfig",
+        &common::apiserver::ApiServer::kubeconfig(addr),
+    );
+    let uci = [("kubeconfig", kubeconfig.as_str())];
+    // The package's binary is this build's; `uninstall`'s exit status is the prerm's.
+    let script = init_harness(&uci, &dir, &format!("PROG={BIN}\nuninstall"));
+    let uninstall = || {
+        Command::new("ip")
+            .args(["netns", "exec", &router.name, "sh", &script])
+            .output()
+            .unwrap()
+    };
+    let table_present = || {
+        router
+            .output("nft", &["list", "table", "inet", "kube_port_forward"])
+            .status
+            .success()
+    };
+    let ours_present = || {
+        api.get("apps", "web").unwrap()["metadata"]["finalizers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f == finalizers[0])
+    };
+
+    // The cluster cannot be reached: uninstall fails, the table and the finalizer stay.
+    router.nft(&["add", "table", "inet", "kube_port_forward"]);
+    api.stop();
+    let failed = uninstall();
+    assert!(!failed.status.success());
+    assert!(String::from_utf8_lossy(&failed.stderr).contains("cannot release the finalizers"));
+    assert!(table_present());
+    assert!(ours_present());
+
+    // Back: this router's finalizer is released (the other stays) and the table removed.
+    api.listen_at(Some(&router), addr.port());
+    let done = uninstall();
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    assert!(!table_present());
+    assert!(!ours_present());
+    assert_eq!(
+        api.get("apps", "web").unwrap()["metadata"]["finalizers"],
+        serde_json::json!(["example.com/keep"])
+    );
 }
