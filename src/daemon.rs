@@ -368,10 +368,7 @@ async fn feed_watchdog(metrics: health::Shared, period: Duration) {
     let mut tick = tokio::time::interval(period / 2);
     loop {
         tick.tick().await;
-        let alive = metrics
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .alive(std::time::Instant::now(), period);
+        let alive = health::lock(&metrics).alive(std::time::Instant::now(), period);
         if alive {
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
         }
@@ -414,9 +411,7 @@ async fn sleep_until(at: Option<Instant>) {
 
 impl Daemon {
     fn lock_metrics(&self) -> std::sync::MutexGuard<'_, Metrics> {
-        self.metrics
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        health::lock(&self.metrics)
     }
 
     /// The loop turned, or a round got one step further (an apply, an API call): a round
@@ -520,10 +515,7 @@ impl Daemon {
             Ok(Event::Apply(meta)) => selected.insert(name(&meta)),
             Ok(Event::Delete(meta)) => selected.remove(&name(&meta)),
             Err(error) => {
-                self.metrics
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner())
-                    .watch_errors += 1;
+                health::lock(&self.metrics).watch_errors += 1;
                 tracing::warn!(%error, "watching Namespaces failed; rules stay, retrying");
                 false
             }

@@ -4,7 +4,7 @@
 //! the text format is unit-tested without a socket.
 
 use std::fmt::Write as _;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use http_body_util::Full;
@@ -47,6 +47,13 @@ pub struct Metrics {
 }
 
 pub type Shared = Arc<Mutex<Metrics>>;
+
+/// The metrics, even if a holder panicked: they are counters, never half-written invariants.
+pub fn lock(metrics: &Shared) -> MutexGuard<'_, Metrics> {
+    metrics
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 impl Default for Metrics {
     fn default() -> Metrics {
@@ -214,9 +221,7 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Shared, stall: Du
 
 fn respond(path: &str, metrics: &Shared, stall: Duration) -> Response<Full<Bytes>> {
     let now = Instant::now();
-    let metrics = metrics
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let metrics = lock(metrics);
     let (status, body) = match path {
         "/healthz" if metrics.alive(now, stall) => (StatusCode::OK, "ok\n".to_owned()),
         "/healthz" => (
