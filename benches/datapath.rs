@@ -12,9 +12,9 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::{Netns, TempDir, Topology};
-use kube_port_forward::model::{Family, Forward, ForwardKey, Owner, Protocol, Target};
-use kube_port_forward::nft::{Engine, NftCli};
-use kube_port_forward::ruleset::{DEFAULT_TABLE, Ruleset, TableConfig};
+use kube_port_forward::core::model::{Family, Forward, ForwardKey, Owner, Protocol, Target};
+use kube_port_forward::kernel::{DEFAULT_TABLE, Ruleset, TableConfig};
+use kube_port_forward::kernel::{Engine, NftCli};
 
 const SERVER_PORT: u16 = 8080;
 /// The forward under test is added last, on this external port.

@@ -10,9 +10,9 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::Netns;
-use kube_port_forward::model::{Family, Forward, ForwardKey, Owner, Protocol, Target};
-use kube_port_forward::nft::{Engine, NftCli};
-use kube_port_forward::ruleset::{DEFAULT_TABLE, Ruleset, TableConfig};
+use kube_port_forward::core::model::{Family, Forward, ForwardKey, Owner, Protocol, Target};
+use kube_port_forward::kernel::{DEFAULT_TABLE, Ruleset, TableConfig};
+use kube_port_forward::kernel::{Engine, NftCli};
 
 fn ruleset(n: usize) -> Ruleset {
     let forwards: BTreeMap<ForwardKey, Forward> = (0..n)

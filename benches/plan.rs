@@ -4,11 +4,11 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use kube_port_forward::manifest;
-use kube_port_forward::plan;
-use kube_port_forward::policy::Policy;
-use kube_port_forward::ruleset::{Change, DEFAULT_TABLE, Ruleset, TableConfig};
-use kube_port_forward::service::Service;
+use kube_port_forward::cli::manifest;
+use kube_port_forward::core::plan;
+use kube_port_forward::core::policy::Policy;
+use kube_port_forward::core::service::Service;
+use kube_port_forward::kernel::{Change, DEFAULT_TABLE, Ruleset, TableConfig};
 
 const SERVICES: usize = 10_000;
 

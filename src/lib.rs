@@ -1,22 +1,15 @@
 //! kube-port-forward: forwards router ports to Kubernetes Services' LoadBalancer addresses.
 //!
-//! The core ([`annotation`], [`service`], [`plan`], [`ruleset`]) is pure and synchronous;
-//! [`nft`] is the adapter to the kernel and [`manifest`] reads Service manifests from files.
+//! A pure [`core`] (what Services ask for, who wins, what the daemon does next) and lanes
+//! around it that each own one outside system: [`kernel`] (the nf_tables table), [`cluster`]
+//! (the Kubernetes API: watches, finalizers, events, conditions) and [`router`] (addresses,
+//! policy file, health, audit). [`daemon`] joins the lanes; [`cli`] is the commands.
 #![forbid(unsafe_code)]
 
-pub mod annotation;
-pub mod audit;
 pub mod cli;
-pub mod controller;
+pub mod cluster;
+pub mod core;
 pub mod daemon;
-pub mod health;
-pub mod manifest;
-pub mod model;
-pub mod netlink;
-pub mod nft;
-pub mod output;
-pub mod plan;
-pub mod policy;
-pub mod ruleset;
-pub mod service;
-pub mod watched;
+pub mod kernel;
+mod netlink;
+pub mod router;

@@ -2,12 +2,12 @@
 //! arbitrary input, stay bounded, and nothing from a Service reaches nft unchecked.
 //! CI runs proptest's default number of cases; `bench/fuzz.sh` runs a million of each.
 
-use kube_port_forward::annotation;
-use kube_port_forward::manifest;
-use kube_port_forward::plan;
-use kube_port_forward::policy::Policy;
-use kube_port_forward::ruleset::{DEFAULT_TABLE, Ruleset, TableConfig};
-use kube_port_forward::service::Service;
+use kube_port_forward::cli::manifest;
+use kube_port_forward::core::annotation;
+use kube_port_forward::core::plan;
+use kube_port_forward::core::policy::Policy;
+use kube_port_forward::core::service::Service;
+use kube_port_forward::kernel::{DEFAULT_TABLE, Ruleset, TableConfig};
 use proptest::prelude::*;
 use serde_json::json;
 
@@ -78,7 +78,7 @@ proptest! {
             prop_assert_eq!(line.matches('"').count(), 2, "{}", line);
         }
         let transaction = ruleset
-            .transaction(&kube_port_forward::ruleset::Change::Rebuild(String::new()))
+            .transaction(&kube_port_forward::kernel::Change::Rebuild(String::new()))
             .unwrap();
         prop_assert!(serde_json::from_str::<serde_json::Value>(&transaction).is_ok());
     }

@@ -7,9 +7,9 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use common::*;
-use kube_port_forward::model::{Family, Forward, ForwardKey, Owner, Protocol, Target};
-use kube_port_forward::nft::{Engine, Firewall, NftCli, NftError};
-use kube_port_forward::ruleset::{Change, DEFAULT_TABLE, Ruleset, TableConfig};
+use kube_port_forward::core::model::{Family, Forward, ForwardKey, Owner, Protocol, Target};
+use kube_port_forward::kernel::{Change, DEFAULT_TABLE, Ruleset, TableConfig};
+use kube_port_forward::kernel::{Engine, Firewall, NftCli, NftError};
 use nftables::schema::Nftables;
 
 /// The real adapter, recording every transaction it sends.

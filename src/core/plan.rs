@@ -9,12 +9,13 @@ use std::net::IpAddr;
 
 use serde::Serialize;
 
-use crate::annotation::{self, PortRef};
+use crate::core::annotation::{self, PortRef};
+use crate::core::names::{is_dns_label, is_kubernetes_time};
 use ipnet::IpNet;
 
-use crate::model::{Family, Forward, ForwardKey, Owner, Protocol, Target};
-use crate::policy::Policy;
-use crate::service::{Service, ServicePort};
+use crate::core::model::{Family, Forward, ForwardKey, Owner, Protocol, Target};
+use crate::core::policy::Policy;
+use crate::core::service::{Service, ServicePort};
 
 /// What happens to one annotation entry (for one Service port and family).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -441,38 +442,6 @@ fn check_identity(service: &Service) -> Result<(), (&'static str, String)> {
     Ok(())
 }
 
-/// An RFC 1123 label: what Kubernetes requires of namespaces and Service names.
-pub fn is_dns_label(text: &str) -> bool {
-    let bytes = text.as_bytes();
-    !bytes.is_empty()
-        && bytes.len() <= 63
-        && bytes
-            .iter()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
-        && bytes[0] != b'-'
-        && bytes[bytes.len() - 1] != b'-'
-}
-
-/// `metadata.creationTimestamp` as the API server writes it: RFC 3339, UTC, whole seconds.
-/// In that fixed form, text order is time order, so no date library is needed to rank.
-fn is_kubernetes_time(text: &str) -> bool {
-    let b = text.as_bytes();
-    let digits = |range: std::ops::Range<usize>| b[range].iter().all(u8::is_ascii_digit);
-    b.len() == 20
-        && digits(0..4)
-        && b[4] == b'-'
-        && digits(5..7)
-        && b[7] == b'-'
-        && digits(8..10)
-        && b[10] == b'T'
-        && digits(11..13)
-        && b[13] == b':'
-        && digits(14..16)
-        && b[16] == b':'
-        && digits(17..19)
-        && b[19] == b'Z'
-}
-
 /// Text from a Service as it may appear in a message: printable ASCII, at most 64 chars.
 fn printable(text: &str) -> String {
     text.chars()
@@ -490,7 +459,7 @@ fn printable(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::service::ServicePort;
+    use crate::core::service::ServicePort;
 
     fn port(name: Option<&str>, port: i64, protocol: &str) -> ServicePort {
         ServicePort {

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use crate::annotation;
+use crate::core::annotation;
 
 /// A Service as the core sees it. Strings are kept as the API gave them and checked by the
 /// planner, so every refusal can name the field at fault.

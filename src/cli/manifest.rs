@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use crate::service::{DecodeError, Service};
+use crate::core::service::{DecodeError, Service};
 
 /// A manifest that could not be read at all.
 #[derive(Debug, thiserror::Error)]

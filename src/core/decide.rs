@@ -4,9 +4,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::plan::{self, Plan, State};
-use crate::policy::Policy;
-use crate::watched::Tracked;
+use crate::core::plan::{self, Plan, State};
+use crate::core::policy::Policy;
+use crate::core::tracked::Tracked;
 
 /// Services by namespace and name.
 pub type Store = BTreeMap<(String, String), Tracked>;
@@ -136,7 +136,7 @@ mod tests {
     ) -> (String, String, Tracked) {
         let mut annotations = json!({});
         if let Some(mapping) = mapping {
-            annotations[crate::annotation::MAPPING] = json!(mapping);
+            annotations[crate::core::annotation::MAPPING] = json!(mapping);
         }
         let mut value = json!({
             "metadata": {"name": name, "namespace": "ns", "uid": uid, "finalizers": finalizers,
@@ -147,9 +147,7 @@ mod tests {
         if deleting {
             value["metadata"]["deletionTimestamp"] = json!("2026-01-02T00:00:00Z");
         }
-        let w = crate::watched::WatchedService::from_value(value);
-        let (ns, name) = w.key();
-        (ns, name, w.tracked)
+        ("ns".into(), name.into(), Tracked::from_value(value))
     }
 
     fn store(services: Vec<(String, String, Tracked)>) -> Store {
@@ -226,7 +224,7 @@ mod tests {
     #[test]
     fn undecodable_annotated_services_are_reported_and_released() {
         let mut bad = watched("bad", "u9", Some("http"), &[F], false);
-        bad.2.service = Err(crate::service::DecodeError {
+        bad.2.service = Err(crate::core::service::DecodeError {
             object: "ns/bad".into(),
             field: "spec.ports".into(),
             message: "invalid type".into(),

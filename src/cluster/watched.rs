@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{Deserialize, Deserializer};
 
-use crate::service::{DecodeError, Service};
+use crate::core::tracked::Tracked;
 
 /// A Service as the watch delivers it.
 #[derive(Clone, Debug)]
@@ -22,47 +22,18 @@ pub struct WatchedService {
     pub tracked: Tracked,
 }
 
-/// What the daemon keeps of a Service between events: no more than forwarding and the
-/// finalizer need.
-#[derive(Clone, Debug)]
-pub struct Tracked {
-    pub uid: String,
-    pub resource_version: Option<String>,
-    pub finalizers: Vec<String>,
-    /// `metadata.deletionTimestamp` is set.
-    pub terminating: bool,
-    /// The mapping annotation is present (known even when the rest cannot be decoded).
-    pub annotated: bool,
-    pub service: Result<Service, DecodeError>,
-}
-
 impl WatchedService {
     pub fn from_value(value: serde_json::Value) -> WatchedService {
-        let meta = &value["metadata"];
-        let text = |field: &str| meta[field].as_str().map(str::to_owned);
-        let finalizers: Vec<String> = meta["finalizers"]
-            .as_array()
-            .map(|list| {
-                list.iter()
-                    .filter_map(|f| f.as_str().map(str::to_owned))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let text = |field: &str| value["metadata"][field].as_str().map(str::to_owned);
+        let (name, namespace, uid) = (text("name"), text("namespace"), text("uid"));
+        let tracked = Tracked::from_value(value);
         let metadata = ObjectMeta {
-            name: text("name"),
-            namespace: text("namespace"),
-            uid: text("uid"),
-            resource_version: text("resourceVersion"),
-            finalizers: (!finalizers.is_empty()).then(|| finalizers.clone()),
+            name,
+            namespace,
+            uid,
+            resource_version: tracked.resource_version.clone(),
+            finalizers: (!tracked.finalizers.is_empty()).then(|| tracked.finalizers.clone()),
             ..ObjectMeta::default()
-        };
-        let tracked = Tracked {
-            uid: text("uid").unwrap_or_default(),
-            resource_version: text("resourceVersion"),
-            finalizers,
-            terminating: !meta["deletionTimestamp"].is_null(),
-            annotated: !meta["annotations"][crate::annotation::MAPPING].is_null(),
-            service: Service::decode(value),
         };
         WatchedService { metadata, tracked }
     }
@@ -75,37 +46,16 @@ impl WatchedService {
     }
 }
 
-impl Tracked {
-    pub fn uid(&self) -> &str {
-        &self.uid
-    }
-
-    pub fn has_finalizer(&self, finalizer: &str) -> bool {
-        self.finalizers.iter().any(|f| f == finalizer)
-    }
-
-    /// Position of `finalizer` in the list, for a JSON Patch that removes exactly it.
-    pub fn finalizer_index(&self, finalizer: &str) -> Option<usize> {
-        self.finalizers.iter().position(|f| f == finalizer)
-    }
-
-    /// Whether this router has any business with the Service: it asks for forwards, or it
-    /// still carries this router's finalizer. Others are not kept.
-    pub fn relevant(&self, finalizer: &str) -> bool {
-        self.annotated || self.has_finalizer(finalizer)
-    }
-
-    /// The reference events point at.
-    pub fn object_ref(&self, key: &(String, String)) -> ObjectReference {
-        ObjectReference {
-            api_version: Some("v1".into()),
-            kind: Some("Service".into()),
-            namespace: Some(key.0.clone()),
-            name: Some(key.1.clone()),
-            uid: Some(self.uid.clone()),
-            resource_version: self.resource_version.clone(),
-            ..ObjectReference::default()
-        }
+/// The reference events about a Service point at.
+pub fn object_ref(tracked: &Tracked, key: &(String, String)) -> ObjectReference {
+    ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Service".into()),
+        namespace: Some(key.0.clone()),
+        name: Some(key.1.clone()),
+        uid: Some(tracked.uid.clone()),
+        resource_version: tracked.resource_version.clone(),
+        ..ObjectReference::default()
     }
 }
 

@@ -6,6 +6,8 @@
 
 use std::fmt;
 
+use crate::core::names::is_port_name;
+
 use serde::Serialize;
 
 /// Prefix of every annotation and of the default finalizer.
@@ -151,21 +153,6 @@ pub fn parse_port_number(text: &str) -> Result<u16, String> {
     }
 }
 
-/// An IANA service name as Kubernetes accepts for a port name: 1 to 15 characters of
-/// lower-case letters, digits and single inner hyphens, with at least one letter.
-pub fn is_port_name(text: &str) -> bool {
-    let bytes = text.as_bytes();
-    !bytes.is_empty()
-        && bytes.len() <= 15
-        && bytes
-            .iter()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
-        && bytes.iter().any(u8::is_ascii_lowercase)
-        && bytes[0] != b'-'
-        && bytes[bytes.len() - 1] != b'-'
-        && !text.contains("--")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -219,17 +206,6 @@ mod tests {
         assert!(parse_port_number("-1").is_err());
         assert!(parse_port_number("99999999999999999999").is_err());
         assert_eq!(parse_port_number("00080"), Ok(80));
-    }
-
-    #[test]
-    fn port_names_follow_kubernetes() {
-        assert!(is_port_name("http"));
-        assert!(is_port_name("web-2"));
-        assert!(!is_port_name("Web"));
-        assert!(!is_port_name("-web"));
-        assert!(!is_port_name("web--x"));
-        assert!(!is_port_name("sixteen-chars-xx"));
-        assert!(!is_port_name("123"));
     }
 
     #[test]

@@ -9,7 +9,6 @@
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::ops::RangeInclusive;
-use std::path::Path;
 
 use ipnet::IpNet;
 use serde::Deserialize;
@@ -102,7 +101,7 @@ impl Policy {
         };
         if let Some(namespaces) = namespaces.filter(|n| !n.is_empty()) {
             for namespace in namespaces {
-                if !crate::plan::is_dns_label(namespace) {
+                if !crate::core::names::is_dns_label(namespace) {
                     return Err(PolicyError::Namespace(namespace.clone()));
                 }
             }
@@ -120,18 +119,13 @@ impl Policy {
         Ok(policy)
     }
 
-    /// Reads a policy file (YAML).
-    pub fn read(path: &Path) -> Result<Policy, PolicyError> {
-        let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
-            file: file.clone(),
-            source,
-        })?;
+    /// Reads the text of a policy file (YAML) named `file` in errors.
+    pub fn parse_file(file: &str, text: &str) -> Result<Policy, PolicyError> {
         let parts: PolicyFile = if text.trim().is_empty() {
             PolicyFile::default()
         } else {
-            serde_saphyr::from_str(&text).map_err(|e| PolicyError::Syntax {
-                file,
+            serde_saphyr::from_str(text).map_err(|e| PolicyError::Syntax {
+                file: file.to_owned(),
                 message: e.to_string(),
             })?
         };
@@ -284,7 +278,8 @@ fn host_address(addr: IpAddr) -> bool {
 /// `80,443,8000-8999`
 pub fn parse_ports(text: &str) -> Result<Vec<RangeInclusive<u16>>, PolicyError> {
     let error = || PolicyError::Ports(text.to_owned());
-    let number = |t: &str| crate::annotation::parse_port_number(t.trim()).map_err(|_| error());
+    let number =
+        |t: &str| crate::core::annotation::parse_port_number(t.trim()).map_err(|_| error());
     text.split(',')
         .map(|part| match part.split_once('-') {
             Some((low, high)) => {

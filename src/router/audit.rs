@@ -1,7 +1,7 @@
 //! The audit trail: one structured log line per change to the router, so "who opened this
 //! port and when" is answered by `journalctl` or `logread`.
 
-use crate::nft::Applied;
+use crate::kernel::Applied;
 
 /// Logs every forward an apply added or removed, and a rebuild with its reason.
 pub fn record(table: &str, applied: &Applied) {

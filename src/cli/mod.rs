@@ -7,15 +7,18 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::cluster::client::{self, ClientError};
+use crate::cluster::finalizer;
+use crate::core::plan::{self, Plan, State};
+use crate::core::policy::{Policy, PolicyError};
 use crate::daemon::{self, DaemonError};
-use crate::manifest::{self, ManifestError, Manifests};
-use crate::netlink::Addresses;
-use crate::nft::{Engine, NftCli, NftError};
-use crate::plan::{self, Plan, State};
-use crate::policy::{Policy, PolicyError};
-use crate::ruleset::{ConfigError, DEFAULT_TABLE, Ruleset, TableConfig};
-use crate::watched::WatchedService;
-use crate::{audit, output};
+use crate::kernel::{ConfigError, DEFAULT_TABLE, Engine, NftCli, NftError, Ruleset, TableConfig};
+use crate::router::links::Addresses;
+use crate::router::{audit, policy_file};
+use manifest::{ManifestError, Manifests};
+
+pub mod manifest;
+pub mod output;
 
 /// Exit codes, documented in README.
 pub mod exit {
@@ -174,7 +177,7 @@ impl PolicyArgs {
     /// The policy, with `router` as the router's own addresses.
     fn policy(&self, router: impl IntoIterator<Item = IpAddr>) -> Result<Policy, PolicyError> {
         let mut policy = match &self.policy {
-            Some(file) => Policy::read(file)?,
+            Some(file) => policy_file::read(file)?,
             None => Policy::from_parts(
                 Some(&self.allowed_namespaces),
                 self.namespace_selector.as_deref(),
@@ -260,6 +263,8 @@ pub enum CommandError {
     Nft(#[from] NftError),
     #[error(transparent)]
     Daemon(#[from] DaemonError),
+    #[error(transparent)]
+    Client(#[from] ClientError),
     #[error("cannot start the async runtime")]
     Runtime(#[source] std::io::Error),
     #[error("listing Services failed")]
@@ -272,7 +277,10 @@ impl CommandError {
             CommandError::Nft(_)
             | CommandError::Runtime(_)
             | CommandError::Kube(_)
-            | CommandError::Daemon(DaemonError::Client(_) | DaemonError::Worker) => exit::FAILED,
+            | CommandError::Client(ClientError::Build(_))
+            | CommandError::Daemon(
+                DaemonError::Client(ClientError::Build(_)) | DaemonError::Worker,
+            ) => exit::FAILED,
             _ => exit::BAD_INPUT,
         }
     }
@@ -486,47 +494,15 @@ async fn release_finalizers(
     cluster: ClusterArgs,
     finalizer: String,
 ) -> Result<usize, CommandError> {
-    let client = daemon::client(cluster.kubeconfig.as_deref(), cluster.context.as_deref()).await?;
-    let scopes: Vec<Option<String>> = if cluster.namespaces.is_empty() {
-        vec![None]
-    } else {
-        cluster.namespaces.into_iter().map(Some).collect()
-    };
-    let mut released = 0;
-    for scope in scopes {
-        let api: kube::Api<WatchedService> = match &scope {
-            Some(ns) => kube::Api::namespaced(client.clone(), ns),
-            None => kube::Api::all(client.clone()),
-        };
-        let mut params = kube::api::ListParams::default();
-        if let Some(selector) = &cluster.selector {
-            params = params.labels(selector);
-        }
-        let list = api.list(&params).await.map_err(CommandError::Kube)?;
-        for service in list.items {
-            let Some(index) = service.tracked.finalizer_index(&finalizer) else {
-                continue;
-            };
-            let (ns, name) = service.key();
-            let path = format!("/metadata/finalizers/{index}");
-            let patch: json_patch::Patch = serde_json::from_value(serde_json::json!([
-                {"op": "test", "path": path, "value": finalizer},
-                {"op": "remove", "path": path},
-            ]))
-            .expect("a valid JSON Patch");
-            kube::Api::<WatchedService>::namespaced(client.clone(), &ns)
-                .patch(
-                    &name,
-                    &kube::api::PatchParams::default(),
-                    &kube::api::Patch::Json::<()>(patch),
-                )
-                .await
-                .map_err(CommandError::Kube)?;
-            tracing::info!(action = "finalizer", namespace = %ns, name = %name, "finalizer released");
-            released += 1;
-        }
-    }
-    Ok(released)
+    let client = client::client(cluster.kubeconfig.as_deref(), cluster.context.as_deref()).await?;
+    finalizer::release_everywhere(
+        &client,
+        cluster.namespaces,
+        cluster.selector.as_deref(),
+        &finalizer,
+    )
+    .await
+    .map_err(CommandError::Kube)
 }
 
 #[cfg(test)]

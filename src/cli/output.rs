@@ -3,10 +3,10 @@
 
 use serde::Serialize;
 
-use crate::manifest::Manifests;
-use crate::model::ForwardKey;
-use crate::plan::{Outcome, Plan, State};
-use crate::ruleset::{KernelTable, Ruleset};
+use crate::cli::manifest::Manifests;
+use crate::core::model::ForwardKey;
+use crate::core::plan::{Outcome, Plan, State};
+use crate::kernel::{KernelTable, Ruleset};
 
 /// `plan` as text: the forwards with their states, then the nft table.
 pub fn plan_text(plan: &Plan, manifests: &Manifests, ruleset: &Ruleset) -> String {
@@ -120,7 +120,7 @@ struct RefusedJson {
 /// `plan --output json`.
 pub fn plan_json(plan: &Plan, manifests: &Manifests, ruleset: &Ruleset) -> String {
     let transaction = ruleset
-        .transaction(&crate::ruleset::Change::Rebuild(String::new()))
+        .transaction(&crate::kernel::Change::Rebuild(String::new()))
         .expect("a rebuild has a transaction");
     let value = PlanJson {
         forwards: &plan.outcomes,
@@ -160,7 +160,7 @@ fn status_forwards(table: &KernelTable) -> Vec<StatusForward> {
             let port = table.ports.get(key);
             let target = match (addr, port) {
                 (Some(a), Some(p)) => Some(
-                    crate::model::Target {
+                    crate::core::model::Target {
                         addr: a.value,
                         port: p.value,
                     }

@@ -1,0 +1,108 @@
+//! What this router tells Services: events (Normal for ports opened and closed, Warning for
+//! refusals and failed cleanups) and its own condition in `status.conditions`.
+
+use std::collections::{BTreeMap, HashMap};
+
+use kube::api::{Patch, PatchParams};
+use kube::runtime::events::{Event as KubeEvent, EventType};
+use serde_json::json;
+
+use super::watched::object_ref;
+use super::{Cluster, Key};
+use crate::core::decide::{Store, Summary};
+use crate::core::tracked::Tracked;
+use crate::kernel::Applied;
+
+/// Event notes longer than this are cut; the API server refuses notes over 1 kB.
+const NOTE_MAX: usize = 1000;
+
+impl Cluster {
+    /// Publishes an event about a Service; a failure is logged, never fatal.
+    pub async fn event(
+        &self,
+        key: &Key,
+        tracked: &Tracked,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: &str,
+    ) {
+        let mut note = note.to_owned();
+        if note.len() > NOTE_MAX {
+            let mut cut = NOTE_MAX;
+            while !note.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            note.truncate(cut);
+        }
+        let event = KubeEvent {
+            type_,
+            reason: reason.to_owned(),
+            note: Some(note),
+            action: action.to_owned(),
+            secondary: None,
+        };
+        let result = self
+            .recorder
+            .publish(&event, &object_ref(tracked, key))
+            .await;
+        if let Err(error) = result {
+            tracing::warn!(%error, namespace = %key.0, name = %key.1, "cannot publish an event");
+        }
+    }
+
+    /// Writes this router's condition on a Service. A strategic merge keys conditions by
+    /// type, so each router's stays its own.
+    pub async fn condition(&self, key: &Key, summary: &Summary) {
+        let now = k8s_openapi::jiff::Timestamp::now()
+            .strftime("%Y-%m-%dT%H:%M:%SZ")
+            .to_string();
+        let condition = json!({"status": {"conditions": [{
+            "type": self.condition_type,
+            "status": summary.status,
+            "reason": summary.reason,
+            "message": format!("router {}: {}", self.instance, summary.message),
+            "lastTransitionTime": now,
+        }]}});
+        let result = self
+            .api(&key.0)
+            .patch_status(
+                &key.1,
+                &PatchParams::default(),
+                &Patch::Strategic(condition),
+            )
+            .await;
+        if let Err(error) = result {
+            tracing::debug!(%error, namespace = %key.0, name = %key.1, "condition not written");
+        }
+    }
+}
+
+/// The forwards an apply opened and closed, by the Service that owns them: the notes of
+/// `PortsOpened` and `PortsClosed` events.
+pub fn changes_by_service(
+    applied: &Applied,
+    store: &Store,
+) -> BTreeMap<Key, (Vec<String>, Vec<String>)> {
+    let by_uid: HashMap<&str, &Key> = store.iter().map(|(k, w)| (w.uid(), k)).collect();
+    let mut notes: BTreeMap<Key, (Vec<String>, Vec<String>)> = BTreeMap::new();
+    for forward in &applied.added {
+        if let Some(key) = forward.owner.uid.as_deref().and_then(|u| by_uid.get(u)) {
+            notes
+                .entry((*key).clone())
+                .or_default()
+                .0
+                .push(format!("{} -> {}", forward.key, forward.target));
+        }
+    }
+    for removed in &applied.removed {
+        if let Some(key) = removed.uid.as_deref().and_then(|u| by_uid.get(u)) {
+            notes
+                .entry((*key).clone())
+                .or_default()
+                .1
+                .push(removed.key.to_string());
+        }
+    }
+    notes
+}

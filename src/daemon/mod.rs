@@ -1,0 +1,306 @@
+//! The daemon: joins the lanes. It takes what the cluster's watches, the router's interfaces
+//! and the kernel's notifications report, asks the core what the table and the Services
+//! should hold, and has the kernel lane apply it, then the cluster lane tell it.
+//!
+//! Fail static: nothing is applied before the first complete list, and a watch error, an API
+//! outage or a restart never removes a rule; only a complete list or a watch event that says
+//! a Service changed or went does.
+
+mod inputs;
+mod reconcile;
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use futures::{FutureExt, StreamExt};
+use tokio::time::Instant;
+
+use crate::cluster::client::{self, ClientError};
+use crate::cluster::{Cluster, Key, watch};
+use crate::core::decide::{Store, Summary};
+use crate::core::names::valid_finalizer;
+use crate::core::policy::Policy;
+use crate::kernel::monitor::TableEvents;
+use crate::kernel::{Engine, NftCli, TableConfig};
+use crate::router::health::{self, Metrics};
+use crate::router::links::LinkEvents;
+
+pub const DEFAULT_FINALIZER: &str = "kube-port-forward-controller/finalizer";
+pub const DEFAULT_CONDITION: &str = "kube-port-forward-controller/Forwarded";
+/// The loop turns at least this often, to show it is alive (watchdog, `/healthz`).
+const HEARTBEAT: Duration = Duration::from_secs(5);
+/// `/healthz` fails when the loop has not turned for this long (an apply is stuck).
+const STALL: Duration = Duration::from_secs(60);
+
+/// How the daemon runs.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub kubeconfig: Option<PathBuf>,
+    pub context: Option<String>,
+    /// Watch only these namespaces; empty: all.
+    pub namespaces: Vec<String>,
+    pub selector: Option<String>,
+    pub finalizer: String,
+    pub condition_type: String,
+    /// This router's name in events (`reportingInstance`).
+    pub instance: String,
+    pub table: TableConfig,
+    /// How long a Service's cleanup may fail before its finalizer is released anyway.
+    pub cleanup_deadline: Duration,
+    /// How often the kernel table is read in full and compared.
+    pub resync: Duration,
+    pub nft: NftCli,
+    pub policy: Policy,
+    /// Where the policy came from, re-read on SIGHUP; `None`: from flags, fixed.
+    pub policy_file: Option<PathBuf>,
+    /// Serve `/healthz`, `/readyz` and `/metrics` here.
+    pub health: Option<SocketAddr>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error(
+        "finalizer \"{0}\" is not a qualified name (prefix/name, name of letters, digits, '-', '_', '.')"
+    )]
+    Finalizer(String),
+    #[error("the nft worker stopped")]
+    Worker,
+    #[error("cannot follow the WAN interfaces' addresses (rtnetlink)")]
+    Links(#[source] std::io::Error),
+    #[error("cannot serve health and metrics on {0}")]
+    Health(SocketAddr, #[source] std::io::Error),
+}
+
+struct Daemon {
+    settings: Settings,
+    cluster: Cluster,
+    /// One scope per watch: `None` is every namespace.
+    scopes: Vec<Option<String>>,
+    store: Store,
+    buffers: Vec<Option<Store>>,
+    synced: Vec<bool>,
+    namespace_buffer: Option<BTreeSet<String>>,
+    /// The Namespace watch has listed once (or there is none).
+    namespaces_synced: bool,
+    engine: Option<Engine<NftCli>>,
+    published: HashMap<Key, Summary>,
+    /// Since when a Service's forwards have refused to leave the kernel.
+    cleanup_since: HashMap<String, Instant>,
+    ready: bool,
+    failures: u32,
+    metrics: health::Shared,
+    /// WAN and router addresses given as flags, kept whatever the interfaces hold.
+    fixed_wan: BTreeSet<IpAddr>,
+    fixed_router: BTreeSet<IpAddr>,
+    /// The next apply follows a deletion nf_tables announced in the table.
+    verify_after_deletion: bool,
+}
+
+/// Runs until `shutdown` completes; a reconcile in progress finishes first.
+pub async fn run(
+    settings: Settings,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), DaemonError> {
+    if !valid_finalizer(&settings.finalizer) {
+        return Err(DaemonError::Finalizer(settings.finalizer.clone()));
+    }
+    let client =
+        client::client(settings.kubeconfig.as_deref(), settings.context.as_deref()).await?;
+    let scopes: Vec<Option<String>> = if settings.namespaces.is_empty() {
+        vec![None]
+    } else {
+        settings.namespaces.iter().cloned().map(Some).collect()
+    };
+    let mut events = watch::streams(
+        &client,
+        &scopes,
+        settings.selector.as_deref(),
+        settings.policy.namespace_selector.as_ref(),
+    );
+    let watch_namespaces = settings.policy.namespace_selector.is_some();
+    // The interfaces' addresses now, then every change the kernel announces: the WAN sets
+    // follow the WAN interfaces, and the policy the router's own addresses. Following WAN
+    // interfaces is a promise the daemon cannot keep without the subscription, so failing
+    // to subscribe then stops it.
+    let follow = !settings.table.wan_interfaces.is_empty();
+    let mut links = match LinkEvents::subscribe() {
+        Ok(links) => Some(links),
+        Err(error) if follow => return Err(DaemonError::Links(error)),
+        Err(error) => {
+            tracing::warn!(%error, "cannot follow address changes; the router's own addresses are those at start");
+            None
+        }
+    };
+    // Self-healing: deletions in the table, as the kernel announces them. Without it the
+    // table still comes back at the next resync.
+    let mut tables = match TableEvents::subscribe(&settings.table.table) {
+        Ok(tables) => Some(tables),
+        Err(error) => {
+            tracing::warn!(%error, "cannot subscribe to nf_tables changes; a deleted table comes back only at the next resync");
+            None
+        }
+    };
+    let metrics = health::Shared::default();
+    if let Some(address) = settings.health {
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .map_err(|error| DaemonError::Health(address, error))?;
+        tokio::spawn(health::serve(listener, metrics.clone(), STALL));
+    }
+    let mut daemon = Daemon {
+        cluster: Cluster::new(
+            client,
+            settings.finalizer.clone(),
+            settings.condition_type.clone(),
+            settings.instance.clone(),
+        ),
+        buffers: vec![None; scopes.len()],
+        synced: vec![false; scopes.len()],
+        namespace_buffer: None,
+        namespaces_synced: !watch_namespaces,
+        scopes,
+        store: Store::new(),
+        engine: Some(Engine::new(settings.nft.clone())),
+        published: HashMap::new(),
+        cleanup_since: HashMap::new(),
+        ready: false,
+        failures: 0,
+        metrics,
+        fixed_wan: settings.table.wan_addresses.clone(),
+        // The WAN flags; the interfaces' addresses are read again at every change.
+        fixed_router: settings.table.wan_addresses.clone(),
+        verify_after_deletion: false,
+        settings,
+    };
+    if links.is_some() {
+        daemon.follow_addresses();
+    }
+    tracing::info!(
+        finalizer = %daemon.settings.finalizer,
+        table = %daemon.settings.table.table,
+        "starting; the kernel table stays as it is until the first complete list"
+    );
+    let mut resync = tokio::time::interval(daemon.settings.resync);
+    resync.tick().await;
+    let mut retry_at: Option<Instant> = None;
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut heartbeat = tokio::time::interval(HEARTBEAT);
+    if let Some(period) = sd_notify::watchdog_enabled() {
+        tokio::spawn(feed_watchdog(daemon.metrics.clone(), period));
+    }
+    tokio::pin!(shutdown);
+    loop {
+        let mut dirty = false;
+        // Set by a retry or a resync: apply even if the forwards look unchanged.
+        let mut force = false;
+        tokio::select! {
+            _ = &mut shutdown => break,
+            input = events.next() => {
+                let Some(input) = input else { break };
+                dirty |= daemon.take(input);
+                // Take what else is ready before reconciling, so a burst costs one apply.
+                while let Some(Some(input)) = events.next().now_or_never() {
+                    dirty |= daemon.take(input);
+                }
+            }
+            _ = sleep_until(retry_at), if retry_at.is_some() => {
+                retry_at = None;
+                dirty = true;
+                force = true;
+            }
+            Some(()) = recv(&mut hangup) => {
+                daemon.reload_policy();
+                dirty = true;
+                force = true;
+            }
+            _ = resync.tick() => {
+                if let Some(engine) = daemon.engine.as_mut() {
+                    engine.forget();
+                }
+                dirty = true;
+                force = true;
+            }
+            () = changed(&mut links) => {
+                dirty |= daemon.follow_addresses();
+            }
+            () = touched(&mut tables) => {
+                // Our own rebuilds are announced too: read the table whole and compare, and
+                // only a difference (someone else's deletion) brings a rebuild.
+                tracing::debug!("nf_tables announced a deletion in the table; reading it");
+                if let Some(engine) = daemon.engine.as_mut() {
+                    engine.forget();
+                }
+                daemon.verify_after_deletion = true;
+                dirty = true;
+                force = true;
+            }
+            _ = heartbeat.tick() => daemon.progress(),
+        }
+        if dirty && daemon.namespaces_synced && daemon.synced.iter().all(|s| *s) {
+            match daemon.reconcile(force).await? {
+                Some(delay) => retry_at = Some(Instant::now() + delay),
+                None => retry_at = None,
+            }
+        }
+    }
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    tracing::info!("stopped; the kernel table stays as it is");
+    Ok(())
+}
+
+/// Tells systemd the daemon is alive while its loop turns or a round makes progress: a
+/// loop stuck on a hung `nft` or API call stops the pings, and systemd restarts it.
+async fn feed_watchdog(metrics: health::Shared, period: Duration) {
+    let mut tick = tokio::time::interval(period / 2);
+    loop {
+        tick.tick().await;
+        let alive = health::lock(&metrics).alive(std::time::Instant::now(), period);
+        if alive {
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+        }
+    }
+}
+
+async fn changed(links: &mut Option<LinkEvents>) {
+    match links {
+        Some(links) => links.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn touched(tables: &mut Option<TableEvents>) {
+    match tables {
+        Some(tables) => tables.table_touched().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn recv(signal: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
+    match signal {
+        Some(signal) => signal.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Daemon {
+    fn lock_metrics(&self) -> std::sync::MutexGuard<'_, Metrics> {
+        health::lock(&self.metrics)
+    }
+
+    /// The loop turned, or a round got one step further (an apply, an API call): a round
+    /// that writes a thousand finalizers is slow, not stuck.
+    fn progress(&self) {
+        self.lock_metrics().loop_turned = std::time::Instant::now();
+    }
+}

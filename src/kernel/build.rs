@@ -1,0 +1,544 @@
+//! The transactions that bring the kernel's table to a [`Ruleset`]: a rebuild of the whole
+//! table or an update of its elements, each one `nft -j -f -` batch (one kernel
+//! transaction), and the probes that check a table or keys without changing anything.
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+use std::net::IpAddr;
+
+use nftables::expr::{BinaryOperation, CT, Map as MapExpr, Payload, PayloadField};
+use nftables::expr::{Elem, Expression, Fib, FibFlag, FibResult, Meta, MetaKey, NamedExpression};
+use nftables::schema::{self, NfCmd, NfListObject, NfObject, SetType, SetTypeValue};
+use nftables::stmt::{Mangle, Match, NAT, NATFamily, Operator, Statement};
+use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
+
+use super::diff::{Change, Update};
+use super::layout::*;
+use crate::core::model::{Family, ForwardKey};
+
+impl Ruleset {
+    /// The nft JSON transaction for a change. `None` for [`Change::Nothing`].
+    pub fn transaction(&self, change: &Change) -> Option<String> {
+        let commands = match change {
+            Change::Nothing => return None,
+            Change::Rebuild(_) => self.rebuild_commands(),
+            Change::Update(update) => self.update_commands(update),
+        };
+        Some(to_json(commands))
+    }
+
+    pub(super) fn table(&self) -> schema::Table<'_> {
+        schema::Table {
+            family: NfFamily::INet,
+            name: Cow::Borrowed(&self.config.table),
+            handle: None,
+        }
+    }
+
+    pub(super) fn element<'a>(
+        &'a self,
+        set: &'static str,
+        elem: Vec<Expression<'a>>,
+    ) -> NfListObject<'a> {
+        NfListObject::Element(schema::Element {
+            family: NfFamily::INet,
+            table: Cow::Borrowed(&self.config.table),
+            name: Cow::Borrowed(set),
+            elem: Cow::Owned(elem),
+        })
+    }
+
+    pub(super) fn set_decl(&self, name: &'static str, set_type: SetType) -> NfListObject<'_> {
+        self.set_of(name, SetTypeValue::Single(set_type), None)
+    }
+
+    /// `src_ipv4 { type ipv4_addr . inet_proto . inet_service; flags interval; }`
+    pub(super) fn source_set_decl(&self, family: Family) -> NfListObject<'_> {
+        let types = vec![addr_type(family), SetType::InetProto, SetType::InetService];
+        let flags = HashSet::from([nftables::schema::SetFlag::Interval]);
+        self.set_of(
+            src_set(family),
+            SetTypeValue::Concatenated(Cow::Owned(types)),
+            Some(flags),
+        )
+    }
+
+    pub(super) fn set_of(
+        &self,
+        name: &'static str,
+        set_type: SetTypeValue<'static>,
+        flags: Option<HashSet<nftables::schema::SetFlag>>,
+    ) -> NfListObject<'_> {
+        NfListObject::Set(Box::new(schema::Set {
+            family: NfFamily::INet,
+            table: Cow::Borrowed(&self.config.table),
+            name: Cow::Borrowed(name),
+            handle: None,
+            set_type,
+            policy: None,
+            flags,
+            elem: None,
+            timeout: None,
+            gc_interval: None,
+            size: None,
+            comment: None,
+        }))
+    }
+
+    pub(super) fn map_decl(&self, name: &'static str, value: SetType) -> NfListObject<'_> {
+        NfListObject::Map(Box::new(schema::Map {
+            family: NfFamily::INet,
+            table: Cow::Borrowed(&self.config.table),
+            name: Cow::Borrowed(name),
+            handle: None,
+            set_type: SetTypeValue::Concatenated(Cow::Borrowed(&[
+                SetType::InetProto,
+                SetType::InetService,
+            ])),
+            map: SetTypeValue::Single(value),
+            policy: None,
+            flags: None,
+            elem: None,
+            timeout: None,
+            gc_interval: None,
+            size: None,
+            comment: None,
+        }))
+    }
+
+    pub(super) fn rule(&self, family: Family, who: Who, side: Side) -> NfListObject<'_> {
+        let mut expr = Vec::new();
+        let iifname = || {
+            Expression::Named(NamedExpression::Meta(Meta {
+                key: MetaKey::Iifname,
+            }))
+        };
+        match side {
+            Side::Wan => expr.push(matches(iifname(), set_ref(WAN_IFACES))),
+            Side::Lan => expr.push(Statement::Match(Match {
+                left: iifname(),
+                right: set_ref(WAN_IFACES),
+                op: Operator::NEQ,
+            })),
+            Side::Any => {}
+        }
+        if self.config.match_addresses() {
+            expr.push(matches(
+                payload(
+                    match family {
+                        Family::Ipv4 => "ip",
+                        Family::Ipv6 => "ip6",
+                    },
+                    "daddr",
+                ),
+                set_ref(wan_set(family)),
+            ));
+        } else {
+            expr.push(matches(
+                Expression::Named(NamedExpression::Meta(Meta {
+                    key: MetaKey::Nfproto,
+                })),
+                Expression::String(Cow::Borrowed(family_word(family))),
+            ));
+            expr.push(matches(
+                Expression::Named(NamedExpression::Fib(Fib {
+                    result: FibResult::Type,
+                    flags: HashSet::from([FibFlag::Daddr]),
+                })),
+                Expression::String(Cow::Borrowed("local")),
+            ));
+        }
+        let proto_port = vec![
+            Expression::Named(NamedExpression::Meta(Meta {
+                key: MetaKey::L4proto,
+            })),
+            payload("th", "dport"),
+        ];
+        expr.push(match who {
+            // Forwards open to every client.
+            Who::Open => matches(
+                Expression::Named(NamedExpression::Concat(proto_port)),
+                set_ref(open_set(family)),
+            ),
+            // Forwards limited to the clients of their source ranges.
+            Who::Ranges => {
+                let source = payload(
+                    match family {
+                        Family::Ipv4 => "ip",
+                        Family::Ipv6 => "ip6",
+                    },
+                    "saddr",
+                );
+                let key = std::iter::once(source).chain(proto_port).collect();
+                matches(
+                    Expression::Named(NamedExpression::Concat(key)),
+                    set_ref(src_set(family)),
+                )
+            }
+        });
+        expr.push(Statement::Mangle(Mangle {
+            key: ct_mark(),
+            value: Expression::BinaryOperation(Box::new(BinaryOperation::OR(vec![
+                ct_mark(),
+                Expression::Number(self.config.mark_of(side)),
+            ]))),
+        }));
+        expr.push(Statement::DNAT(Some(NAT {
+            addr: Some(map_lookup(addr_map(family))),
+            family: Some(match family {
+                Family::Ipv4 => NATFamily::IP,
+                Family::Ipv6 => NATFamily::IP6,
+            }),
+            port: Some(map_lookup(port_map(family))),
+            flags: None,
+        })));
+        NfListObject::Rule(schema::Rule {
+            family: NfFamily::INet,
+            table: Cow::Borrowed(&self.config.table),
+            chain: Cow::Borrowed(CHAIN),
+            expr: Cow::Owned(expr),
+            handle: None,
+            index: None,
+            comment: Some(Cow::Owned(self.config.rule_comment(family, who, side))),
+        })
+    }
+
+    /// The reflection rule: flows DNATed for LAN clients leave masqueraded, so the server
+    /// answers the router, which un-NATs both ways.
+    pub(super) fn reflect_rule(&self) -> NfListObject<'_> {
+        let bit = self.config.reflect_mark();
+        let expr = vec![
+            matches(
+                Expression::BinaryOperation(Box::new(BinaryOperation::AND(
+                    ct_mark(),
+                    Expression::Number(bit),
+                ))),
+                Expression::Number(bit),
+            ),
+            Statement::Masquerade(None),
+        ];
+        NfListObject::Rule(schema::Rule {
+            family: NfFamily::INet,
+            table: Cow::Borrowed(&self.config.table),
+            chain: Cow::Borrowed(REFLECT_CHAIN),
+            expr: Cow::Owned(expr),
+            handle: None,
+            index: None,
+            comment: Some(Cow::Owned(self.config.reflect_comment())),
+        })
+    }
+
+    pub(super) fn forward_elements(
+        &self,
+        family: Family,
+        keys: &[ForwardKey],
+    ) -> [Vec<Expression<'_>>; 2] {
+        let mut addrs = Vec::new();
+        let mut ports = Vec::new();
+        for key in keys.iter().filter(|k| k.family == family) {
+            let forward = &self.forwards[key];
+            let comment = owner_comment(forward);
+            addrs.push(Expression::List(vec![
+                elem(key, Some(comment.clone())),
+                Expression::String(Cow::Owned(forward.target.addr.to_string())),
+            ]));
+            ports.push(Expression::List(vec![
+                elem(key, Some(comment)),
+                Expression::Number(u32::from(forward.target.port)),
+            ]));
+        }
+        [addrs, ports]
+    }
+
+    /// A transaction that only re-declares the base chain: `nft -c` accepts it exactly when
+    /// the table and chain exist, and it changes nothing even if committed.
+    pub fn probe(&self) -> String {
+        to_json(vec![NfCmd::Add(self.chain())])
+    }
+
+    /// A transaction that `nft -c` accepts exactly when none of `keys` is in the address
+    /// maps: `create` fails on an element that exists. Nothing is committed.
+    pub fn absence_check(&self, keys: &[ForwardKey]) -> String {
+        let mut cmds = Vec::new();
+        for family in FAMILIES {
+            let unspecified = match family {
+                Family::Ipv4 => "0.0.0.0",
+                Family::Ipv6 => "::",
+            };
+            let elems: Vec<Expression<'_>> = keys
+                .iter()
+                .filter(|k| k.family == family)
+                .map(|k| {
+                    let value = Expression::String(Cow::Borrowed(unspecified));
+                    Expression::List(vec![elem(k, None), value])
+                })
+                .collect();
+            if !elems.is_empty() {
+                cmds.push(NfCmd::Create(self.element(addr_map(family), elems)));
+            }
+        }
+        to_json(cmds)
+    }
+
+    pub(super) fn chain(&self) -> NfListObject<'_> {
+        self.nat_chain(CHAIN, NfHook::Prerouting, DSTNAT_PRIORITY)
+    }
+
+    pub(super) fn reflect_chain(&self) -> NfListObject<'_> {
+        self.nat_chain(REFLECT_CHAIN, NfHook::Postrouting, SRCNAT_PRIORITY)
+    }
+
+    pub(super) fn nat_chain(
+        &self,
+        name: &'static str,
+        hook: NfHook,
+        prio: i32,
+    ) -> NfListObject<'_> {
+        NfListObject::Chain(schema::Chain {
+            family: NfFamily::INet,
+            table: Cow::Borrowed(&self.config.table),
+            name: Cow::Borrowed(name),
+            newname: None,
+            handle: None,
+            _type: Some(NfChainType::NAT),
+            hook: Some(hook),
+            prio: Some(prio),
+            dev: None,
+            policy: Some(NfChainPolicy::Accept),
+        })
+    }
+
+    pub(super) fn rebuild_commands(&self) -> Vec<NfCmd<'_>> {
+        let table = || NfListObject::Table(self.table());
+        // `add` then `delete` makes the delete valid whether or not the table exists; the
+        // kernel applies the whole batch at once, so no packet sees the table absent.
+        let mut cmds = vec![
+            NfCmd::Add(table()),
+            NfCmd::Delete(table()),
+            NfCmd::Add(table()),
+        ];
+        cmds.push(NfCmd::Add(self.set_decl(WAN_IFACES, SetType::Ifname)));
+        for family in FAMILIES {
+            cmds.push(NfCmd::Add(
+                self.set_decl(wan_set(family), addr_type(family)),
+            ));
+        }
+        for family in FAMILIES {
+            let key = vec![SetType::InetProto, SetType::InetService];
+            let open = SetTypeValue::Concatenated(Cow::Owned(key));
+            cmds.push(NfCmd::Add(self.set_of(open_set(family), open, None)));
+            cmds.push(NfCmd::Add(self.source_set_decl(family)));
+        }
+        for family in FAMILIES {
+            cmds.push(NfCmd::Add(
+                self.map_decl(addr_map(family), addr_type(family)),
+            ));
+            cmds.push(NfCmd::Add(
+                self.map_decl(port_map(family), SetType::InetService),
+            ));
+        }
+        cmds.push(NfCmd::Add(self.chain()));
+        if self.config.reflects() {
+            cmds.push(NfCmd::Add(self.reflect_chain()));
+        }
+        for (family, who, side) in self.config.rules() {
+            cmds.push(NfCmd::Add(self.rule(family, who, side)));
+        }
+        if self.config.reflects() {
+            cmds.push(NfCmd::Add(self.reflect_rule()));
+        }
+        let all = Update {
+            add: self.forwards.keys().copied().collect(),
+            add_sources: self.forwards.values().flat_map(sources_of).collect(),
+            add_open: self.forwards.values().filter_map(open_of).collect(),
+            add_interfaces: self.config.wan_interfaces.iter().cloned().collect(),
+            add_addresses: self.config.wan_addresses.iter().copied().collect(),
+            ..Update::default()
+        };
+        cmds.extend(self.update_commands(&all));
+        cmds
+    }
+
+    pub(super) fn update_commands(&self, update: &Update) -> Vec<NfCmd<'_>> {
+        let keys = |list: &[ForwardKey], family: Family| -> Vec<Expression<'_>> {
+            list.iter()
+                .filter(|k| k.family == family)
+                .map(|k| elem(k, None))
+                .collect()
+        };
+        let addrs = |list: &[IpAddr], family: Family| -> Vec<Expression<'_>> {
+            list.iter()
+                .filter(|a| Family::of(**a) == family)
+                .map(|a| Expression::String(Cow::Owned(a.to_string())))
+                .collect()
+        };
+        let sources = |list: &[Source], family: Family| -> Vec<Expression<'_>> {
+            list.iter()
+                .filter(|s| s.key.family == family)
+                .map(source_elem)
+                .collect()
+        };
+        let names = |list: &[String]| -> Vec<Expression<'_>> {
+            list.iter()
+                .map(|n| Expression::String(Cow::Owned(n.clone())))
+                .collect()
+        };
+        // Deletions first: a changed forward is deleted and re-added under the same key.
+        let mut deletes = vec![(WAN_IFACES, names(&update.delete_interfaces))];
+        let mut adds = vec![(WAN_IFACES, names(&update.add_interfaces))];
+        for family in FAMILIES {
+            deletes.push((addr_map(family), keys(&update.delete_addrs, family)));
+            deletes.push((port_map(family), keys(&update.delete_ports, family)));
+            deletes.push((wan_set(family), addrs(&update.delete_addresses, family)));
+            deletes.push((src_set(family), sources(&update.delete_sources, family)));
+            deletes.push((open_set(family), keys(&update.delete_open, family)));
+            adds.push((wan_set(family), addrs(&update.add_addresses, family)));
+            adds.push((src_set(family), sources(&update.add_sources, family)));
+            adds.push((open_set(family), keys(&update.add_open, family)));
+            let [addr_elems, port_elems] = self.forward_elements(family, &update.add);
+            adds.push((addr_map(family), addr_elems));
+            adds.push((port_map(family), port_elems));
+        }
+        let deletes = deletes
+            .into_iter()
+            .filter(|(_, elems)| !elems.is_empty())
+            .map(|(set, elems)| NfCmd::Delete(self.element(set, elems)));
+        let adds = adds
+            .into_iter()
+            .filter(|(_, elems)| !elems.is_empty())
+            .map(|(set, elems)| NfCmd::Add(self.element(set, elems)));
+        deletes.chain(adds).collect()
+    }
+}
+
+/// A source set element `net . proto . port`.
+pub(super) fn source_elem(source: &Source) -> Expression<'static> {
+    Expression::Named(NamedExpression::Concat(vec![
+        Expression::Named(NamedExpression::Prefix(nftables::expr::Prefix {
+            addr: Box::new(Expression::String(Cow::Owned(
+                source.net.network().to_string(),
+            ))),
+            len: u32::from(source.net.prefix_len()),
+        })),
+        Expression::String(Cow::Borrowed(source.key.protocol.nft_name())),
+        Expression::Number(u32::from(source.key.external_port)),
+    ]))
+}
+
+/// A map key `proto . port`, with the owner comment when adding.
+pub(super) fn elem(key: &ForwardKey, comment: Option<String>) -> Expression<'static> {
+    let concat = Expression::Named(NamedExpression::Concat(vec![
+        Expression::String(Cow::Borrowed(key.protocol.nft_name())),
+        Expression::Number(u32::from(key.external_port)),
+    ]));
+    match comment {
+        None => concat,
+        Some(comment) => Expression::Named(NamedExpression::Elem(Elem {
+            val: Box::new(concat),
+            timeout: None,
+            expires: None,
+            comment: Some(Cow::Owned(comment)),
+            counter: None,
+        })),
+    }
+}
+
+pub(super) fn matches<'a>(left: Expression<'a>, right: Expression<'a>) -> Statement<'a> {
+    Statement::Match(Match {
+        left,
+        right,
+        op: Operator::EQ,
+    })
+}
+
+pub(super) fn ct_mark() -> Expression<'static> {
+    Expression::Named(NamedExpression::CT(CT {
+        key: Cow::Borrowed("mark"),
+        family: None,
+        dir: None,
+    }))
+}
+
+pub(super) fn set_ref(name: &str) -> Expression<'static> {
+    Expression::String(Cow::Owned(format!("@{name}")))
+}
+
+pub(super) fn payload(protocol: &'static str, field: &'static str) -> Expression<'static> {
+    Expression::Named(NamedExpression::Payload(Payload::PayloadField(
+        PayloadField {
+            protocol: Cow::Borrowed(protocol),
+            field: Cow::Borrowed(field),
+        },
+    )))
+}
+
+/// `meta l4proto . th dport map @name`
+pub(super) fn map_lookup(name: &'static str) -> Expression<'static> {
+    Expression::Named(NamedExpression::Map(Box::new(MapExpr {
+        key: Expression::Named(NamedExpression::Concat(vec![
+            Expression::Named(NamedExpression::Meta(Meta {
+                key: MetaKey::L4proto,
+            })),
+            payload("th", "dport"),
+        ])),
+        data: set_ref(name),
+    })))
+}
+
+/// Serializes commands for `nft -j -f -`, one command at a time so no JSON tree of the
+/// whole batch is built. The `nftables` crate has no field for a map's statements, so the
+/// per-element `counter` of the address maps is added to their declarations here.
+pub(super) fn to_json(commands: Vec<NfCmd<'_>>) -> String {
+    let mut out = String::from("{\"nftables\":[");
+    for (index, command) in commands.into_iter().enumerate() {
+        if index > 0 {
+            out.push(',');
+        }
+        let counted_map = match &command {
+            NfCmd::Add(NfListObject::Map(map)) => FAMILIES.iter().any(|f| map.name == addr_map(*f)),
+            _ => false,
+        };
+        let object = NfObject::CmdObject(command);
+        let text = if counted_map {
+            let mut value = serde_json::to_value(&object).expect("nft commands serialize");
+            value["add"]["map"]["stmt"] = serde_json::json!([{ "counter": null }]);
+            value.to_string()
+        } else {
+            serde_json::to_string(&object).expect("nft commands serialize")
+        };
+        out.push_str(&text);
+    }
+    out.push_str("]}");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::fixtures::{forward, ruleset};
+
+    #[test]
+    fn transactions_are_one_batch_with_counters_on_address_maps() {
+        let r = ruleset(&[forward(80, "10.0.0.1", "a")]);
+        let json: serde_json::Value =
+            serde_json::from_str(&r.transaction(&Change::Rebuild(String::new())).unwrap()).unwrap();
+        let cmds = json["nftables"].as_array().unwrap();
+        assert_eq!(cmds[0]["add"]["table"]["name"], DEFAULT_TABLE);
+        assert_eq!(cmds[1]["delete"]["table"]["name"], DEFAULT_TABLE);
+        let maps: Vec<&serde_json::Value> =
+            cmds.iter().filter_map(|c| c["add"].get("map")).collect();
+        assert_eq!(maps.len(), 4);
+        for map in maps {
+            let counted = map.get("stmt").is_some();
+            assert_eq!(
+                counted,
+                map["name"].as_str().unwrap().ends_with("_addr"),
+                "{map}"
+            );
+        }
+        assert!(
+            cmds.iter()
+                .all(|c| c.get("add").is_none_or(|a| !a.is_null()))
+        );
+    }
+}

@@ -1,0 +1,333 @@
+//! A Kubernetes API server for tests, owned by this project, with the semantics the daemon
+//! relies on, matched against `shared/kube-apiserver-1.36-transcripts/`:
+//! - Services: list (with `limit`/`continue`, label selectors, namespaced or not) and watch
+//!   from a resourceVersion, with bookmarks and `410 Gone` for versions older than the
+//!   history it keeps; GET, POST, PATCH (JSON Patch with `test`, merge, strategic merge for
+//!   the lists that have merge keys), DELETE; the `/status` subresource.
+//! - resourceVersion conflicts (409), finalizers and `deletionTimestamp`, no new finalizer on
+//!   a terminating object, qualified-name checks on finalizers and annotation keys (422).
+//! - events.k8s.io/v1 Events: create and merge patch.
+//!
+//! Not modelled: server-side apply field ownership (apply is treated as a strategic merge),
+//! list snapshots across pages (pages are read from the current state), authentication.
+//!
+//! Listeners can be opened inside network namespaces, stopped (connections cut, as when the
+//! API server goes down) and reopened; `forget_history` compacts everything seen so far.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, combinators::BoxBody};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::{Value, json};
+use tokio::sync::{broadcast, watch};
+
+use super::Netns;
+
+mod lists;
+mod objects;
+mod rules;
+
+use rules::*;
+
+type Body = BoxBody<Bytes, Infallible>;
+
+/// One change to a Service, as a watch reports it.
+#[derive(Clone, Debug)]
+struct Change {
+    rv: u64,
+    kind: &'static str,
+    object: Value,
+}
+
+#[derive(Default)]
+struct State {
+    rv: u64,
+    uid: u64,
+    services: BTreeMap<(String, String), Value>,
+    /// Namespaces, keyed ("", name) like cluster-scoped objects.
+    namespaces: BTreeMap<(String, String), Value>,
+    history: Vec<Change>,
+    /// Versions at or below this are compacted: too old to list or watch from.
+    compacted: u64,
+    events: Vec<Value>,
+    requests: Vec<String>,
+}
+
+/// Handle to the server; cheap to clone.
+#[derive(Clone)]
+pub struct ApiServer {
+    state: Arc<Mutex<State>>,
+    changes: broadcast::Sender<Change>,
+    runtime: Arc<tokio::runtime::Runtime>,
+    /// Bumped to cut every open connection and stop the listeners.
+    generation: Arc<watch::Sender<u64>>,
+}
+
+impl ApiServer {
+    pub fn new() -> ApiServer {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        ApiServer {
+            state: Arc::default(),
+            changes: broadcast::channel(4096).0,
+            runtime: Arc::new(runtime),
+            generation: Arc::new(watch::channel(0).0),
+        }
+    }
+
+    /// Listens on 127.0.0.1 inside `ns` (or the test's own namespace) until [`stop`].
+    pub fn listen(&self, ns: Option<&Netns>) -> SocketAddr {
+        self.listen_at(ns, 0)
+    }
+
+    /// Listens on a given port (0: any), waiting for a previous listener on it to close.
+    pub fn listen_at(&self, ns: Option<&Netns>, port: u16) -> SocketAddr {
+        let bind = move || {
+            let mut listener = None;
+            super::wait_for("the API server's port to be free", || {
+                listener = std::net::TcpListener::bind(("127.0.0.1", port)).ok();
+                listener.is_some()
+            });
+            listener.unwrap()
+        };
+        let listener = match ns {
+            Some(ns) => ns.enter(bind),
+            None => bind(),
+        };
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = self.clone();
+        let mut stop = self.generation.subscribe();
+        self.runtime.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            loop {
+                tokio::select! {
+                    accepted = listener.accept() => {
+                        let Ok((stream, _)) = accepted else { continue };
+                        let server = server.clone();
+                        let mut stop = server.generation.subscribe();
+                        tokio::spawn(async move {
+                            let service = hyper::service::service_fn(move |req| {
+                                let server = server.clone();
+                                async move { Ok::<_, Infallible>(server.handle(req).await) }
+                            });
+                            let conn = hyper::server::conn::http1::Builder::new()
+                                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                            tokio::select! {
+                                _ = conn => {}
+                                _ = stop.changed() => {}
+                            }
+                        });
+                    }
+                    _ = stop.changed() => break,
+                }
+            }
+        });
+        addr
+    }
+
+    /// Closes the listeners and every open connection, watches included.
+    pub fn stop(&self) {
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// A kubeconfig that points at `addr`.
+    pub fn kubeconfig(addr: SocketAddr) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: http://{addr}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: test\n    namespace: default\ncurrent-context: test\nusers:\n- name: test\n  user:\n    token: test-token\n"
+        )
+    }
+
+    /// Forgets the history: every resourceVersion seen so far is now too old (410).
+    pub fn forget_history(&self) {
+        let mut state = self.state.lock().unwrap();
+        state.rv += 1;
+        state.compacted = state.rv;
+        state.history.clear();
+    }
+
+    pub fn create(&self, object: Value) -> Value {
+        let ns = object["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("default")
+            .to_owned();
+        let (status, body) = self.create_service(&ns, object);
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        body
+    }
+
+    /// Creates or relabels a Namespace (its labels replaced by `labels`).
+    pub fn put_namespace(&self, name: &str, labels: Value) {
+        let mut state = self.state.lock().unwrap();
+        state.rv += 1;
+        let key = (String::new(), name.to_owned());
+        let (kind, mut object) = match state.namespaces.get(&key) {
+            Some(old) => ("MODIFIED", old.clone()),
+            None => {
+                state.uid += 1;
+                let uid = format!("00000000-0000-4000-a000-{:012x}", state.uid);
+                let object = json!({"kind": "Namespace", "apiVersion": "v1",
+                    "metadata": {"name": name, "uid": uid, "creationTimestamp": now()},
+                    "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}});
+                ("ADDED", object)
+            }
+        };
+        object["metadata"]["labels"] = labels;
+        object["metadata"]["resourceVersion"] = json!(state.rv.to_string());
+        state.namespaces.insert(key, object.clone());
+        self.record(&mut state, kind, &object);
+    }
+
+    pub fn get(&self, ns: &str, name: &str) -> Option<Value> {
+        let state = self.state.lock().unwrap();
+        state
+            .services
+            .get(&(ns.to_owned(), name.to_owned()))
+            .cloned()
+    }
+
+    /// A merge patch, as `kubectl patch --type merge` (or `--subresource status`) sends.
+    pub fn merge_patch(&self, ns: &str, name: &str, patch: Value, status: bool) -> Value {
+        let (code, body) = self.patch_service(
+            ns,
+            name,
+            "application/merge-patch+json",
+            &patch.to_string(),
+            status,
+        );
+        assert_eq!(code, StatusCode::OK, "{body}");
+        body
+    }
+
+    pub fn set_lb_ips(&self, ns: &str, name: &str, ips: &[&str]) {
+        let ingress: Vec<Value> = ips.iter().map(|ip| json!({"ip": ip})).collect();
+        self.merge_patch(
+            ns,
+            name,
+            json!({"status": {"loadBalancer": {"ingress": ingress}}}),
+            true,
+        );
+    }
+
+    pub fn delete(&self, ns: &str, name: &str) -> StatusCode {
+        self.delete_service(ns, name).0
+    }
+
+    /// Removes every finalizer, as an admin's `kubectl patch` does to force a deletion.
+    pub fn force_remove_finalizers(&self, ns: &str, name: &str) {
+        self.merge_patch(ns, name, json!({"metadata": {"finalizers": null}}), false);
+    }
+
+    pub fn events(&self) -> Vec<Value> {
+        self.state.lock().unwrap().events.clone()
+    }
+
+    /// `METHOD path?query` of every request so far.
+    pub fn requests(&self) -> Vec<String> {
+        self.state.lock().unwrap().requests.clone()
+    }
+
+    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        let query: BTreeMap<String, String> = req
+            .uri()
+            .query()
+            .unwrap_or_default()
+            .split('&')
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                let (k, v) = p.split_once('=').unwrap_or((p, ""));
+                (k.to_owned(), decode(v))
+            })
+            .collect();
+        self.state
+            .lock()
+            .unwrap()
+            .requests
+            .push(format!("{method} {}", req.uri()));
+        // kube-rs asks for metadata only (`Api<PartialObjectMeta<K>>`) with this Accept.
+        let partial = req
+            .headers()
+            .get("accept")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|a| a.contains("as=PartialObjectMetadata"));
+        let content_type = req
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let body = match req.into_body().collect().await {
+            Ok(body) => String::from_utf8_lossy(&body.to_bytes()).into_owned(),
+            Err(_) => String::new(),
+        };
+        let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let (status, value) = match (method.clone(), parts.as_slice()) {
+            (Method::GET, ["api", "v1", "services"]) => {
+                return self.list_or_watch("Service", None, &query, partial);
+            }
+            (Method::GET, ["api", "v1", "namespaces", ns, "services"]) => {
+                return self.list_or_watch("Service", Some(ns), &query, partial);
+            }
+            (Method::GET, ["api", "v1", "namespaces"]) => {
+                return self.list_or_watch("Namespace", None, &query, partial);
+            }
+            (Method::POST, ["api", "v1", "namespaces", ns, "services"]) => {
+                match serde_json::from_str(&body) {
+                    Ok(object) => self.create_service(ns, object),
+                    Err(e) => bad_request(&e.to_string()),
+                }
+            }
+            (Method::GET, ["api", "v1", "namespaces", ns, "services", name, rest @ ..])
+                if rest.is_empty() || rest == ["status"] =>
+            {
+                match self.get(ns, name) {
+                    Some(object) => (StatusCode::OK, object),
+                    None => not_found(name),
+                }
+            }
+            (Method::PATCH, ["api", "v1", "namespaces", ns, "services", name, rest @ ..])
+                if rest.is_empty() || rest == ["status"] =>
+            {
+                self.patch_service(ns, name, &content_type, &body, !rest.is_empty())
+            }
+            (Method::DELETE, ["api", "v1", "namespaces", ns, "services", name]) => {
+                self.delete_service(ns, name)
+            }
+            (Method::POST, ["apis", "events.k8s.io", "v1", "namespaces", ns, "events"]) => {
+                self.create_event(ns, &body)
+            }
+            (
+                Method::PATCH,
+                [
+                    "apis",
+                    "events.k8s.io",
+                    "v1",
+                    "namespaces",
+                    _,
+                    "events",
+                    name,
+                ],
+            ) => self.patch_event(name, &body),
+            _ => (
+                StatusCode::NOT_FOUND,
+                status_body(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    "the server could not find the requested resource",
+                    json!({}),
+                ),
+            ),
+        };
+        json_response(status, &value)
+    }
+}
