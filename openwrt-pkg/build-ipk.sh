@@ -71,16 +71,19 @@ sed -n '/^define Package\/kube-port-forward\/conffiles$/,/^endef$/p' "$pkg/Makef
 	| sed '1d;$d' > "$control/conffiles"
 sed -n '/^define Package\/kube-port-forward\/prerm$/,/^endef$/p' "$pkg/Makefile" \
 	| sed '1d;$d' | sed 's/\$\$/$/g' > "$control/prerm"
-cat > "$control/postinst" <<'POSTINST'
+sed -n '/^define Package\/kube-port-forward\/postrm$/,/^endef$/p' "$pkg/Makefile" \
+	| sed '1d;$d' | sed 's/\$\$/$/g' > "$control/postrm"
+# The feed's postinst, after what the SDK's default_postinst does there: enable at boot (it
+# starts only once enabled in /etc/config/kube-port-forward).
+{
+	cat <<'ENABLE'
 #!/bin/sh
-[ -n "${IPKG_INSTROOT}" ] && exit 0
-# Enabled at boot; it starts only once enabled in /etc/config/kube-port-forward.
-/etc/init.d/kube-port-forward enable
-# firewall4 reads its includes on reload.
-[ -x /etc/init.d/firewall ] && /etc/init.d/firewall reload >/dev/null 2>&1
-exit 0
-POSTINST
-chmod 0755 "$control/prerm" "$control/postinst"
+[ -n "${IPKG_INSTROOT}" ] || /etc/init.d/kube-port-forward enable
+ENABLE
+	sed -n '/^define Package\/kube-port-forward\/postinst$/,/^endef$/p' "$pkg/Makefile" \
+		| sed '1,2d;$d' | sed 's/\$\$/$/g'
+} > "$control/postinst"
+chmod 0755 "$control/prerm" "$control/postinst" "$control/postrm"
 echo "2.0" > "$work/debian-binary"
 
 tarball() { # DIR OUTPUT: a gzip tar of DIR's contents, owned by root, reproducible order

@@ -275,3 +275,33 @@ fn the_firewall4_include_accepts_exactly_the_forwarded_flows() {
     assert_eq!(forwarded().unwrap(), "hello 8080");
     assert_eq!(direct().unwrap_err().kind(), ErrorKind::ConnectionRefused);
 }
+
+#[test]
+fn a_port_the_router_serves_is_taken_only_when_the_allowed_ports_name_it() {
+    let topology = Topology::new();
+    let _server = Server::start(&topology.server, 8080);
+    let dir = TempDir::new();
+    let file = web_manifest(&dir);
+    // The router's own service on TCP 80 of every address (its web interface, say).
+    let _own = topology
+        .router
+        .enter(|| std::net::TcpListener::bind("0.0.0.0:80").unwrap());
+    let wan = ["--wan-address", ROUTER_WAN4];
+    let refused = topology
+        .router
+        .exec(BIN, &[&["apply", "-f", &file], &wan[..]].concat());
+    assert!(refused.starts_with("0 forwards"), "{refused}");
+    let status = topology.router.exec(BIN, &["status"]);
+    assert!(!status.contains("apps/web"), "{status}");
+
+    // Named by the owner: forwarded, and WAN clients reach the Service, not the router.
+    let allowed = topology.router.exec(
+        BIN,
+        &[&["apply", "-f", &file, "--allow-ports", "80,443"], &wan[..]].concat(),
+    );
+    assert!(allowed.starts_with("1 forwards"), "{allowed}");
+    assert_eq!(
+        tcp_greeting(&topology.client, sock(ROUTER_WAN4, 80)).unwrap(),
+        "hello 8080"
+    );
+}

@@ -5,6 +5,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -121,7 +122,7 @@ fn the_ipk_has_opkgs_layout_fields_conffiles_and_clean_scripts() {
     assert_eq!(depends, ["nftables-json", "kmod-nft-nat"]);
     assert!(fields["Installed-Size"].parse::<u64>().unwrap() > 0);
 
-    // Conffiles and prerm are the feed Makefile's, so opkg and the SDK build agree.
+    // Conffiles and the scripts are the feed Makefile's, so opkg and the SDK build agree.
     let conffiles = std::fs::read_to_string(control.join("conffiles")).unwrap();
     assert_eq!(
         conffiles.lines().collect::<Vec<_>>(),
@@ -136,6 +137,32 @@ fn the_ipk_has_opkgs_layout_fields_conffiles_and_clean_scripts() {
         .collect();
     assert_eq!(prerm.lines().collect::<Vec<_>>(), from_makefile);
     assert!(prerm.contains("kube-port-forward uninstall"));
+    // firewall4 reloads its includes after install and removal, never while building an
+    // image; the .ipk's postinst also enables the service, as the SDK's default_postinst does.
+    let script_of = |name: &str| -> Vec<String> {
+        makefile_block(name)
+            .iter()
+            .map(|l| l.replace("$$", "$"))
+            .collect()
+    };
+    let postrm = std::fs::read_to_string(control.join("postrm")).unwrap();
+    assert_eq!(postrm.lines().collect::<Vec<_>>(), script_of("postrm"));
+    let postinst = std::fs::read_to_string(control.join("postinst")).unwrap();
+    let feed_postinst = script_of("postinst");
+    assert!(
+        postinst.ends_with(&(feed_postinst[1..].join("\n") + "\n")),
+        "{postinst}"
+    );
+    assert!(postinst.contains("/etc/init.d/kube-port-forward enable"));
+    for script in [&postinst, &postrm] {
+        let reload = script
+            .find("/etc/init.d/firewall reload")
+            .expect("a firewall reload");
+        let guard = script
+            .find("[ -n \"${IPKG_INSTROOT}\" ] && exit 0")
+            .expect("no reload while building an image");
+        assert!(guard < reload, "{script}");
+    }
 
     for (path, expected) in [
         ("usr/sbin/kube-port-forward", 0o755),
@@ -152,6 +179,7 @@ fn the_ipk_has_opkgs_layout_fields_conffiles_and_clean_scripts() {
     for script in [
         control.join("prerm"),
         control.join("postinst"),
+        control.join("postrm"),
         data.join("etc/init.d/kube-port-forward"),
         repo("openwrt-pkg/build-ipk.sh"),
         repo("deploy/mint-kubeconfig.sh"),
@@ -196,7 +224,8 @@ fn the_uci_config_ships_disabled_with_a_comment_per_option() {
 }
 
 /// The init script with procd, rc.common and UCI stubbed, the UCI options of `uci` set,
-/// then `tail` (the function to run); written into `dir`.
+/// then `tail` (the function to run); written into `dir`. The procd stubs print what procd
+/// would be told: `<open>`, the command's words, `<close>`, and the triggers.
 fn init_harness(uci: &[(&str, &str)], dir: &TempDir, tail: &str) -> String {
     let functions = dir.path.join("lib/functions");
     std::fs::create_dir_all(&functions).unwrap();
@@ -214,8 +243,10 @@ fn init_harness(uci: &[(&str, &str)], dir: &TempDir, tail: &str) -> String {
          config_load() { :; }\n\
          config_get() { eval \"$1=\\${UCI_$2_$3:-$4}\"; }\n\
          config_get_bool() { config_get \"$@\"; }\n\
-         procd_open_instance() { :; }\n\
-         procd_close_instance() { :; }\n\
+         procd_open_instance() { echo '<open>'; }\n\
+         procd_close_instance() { echo '<close>'; }\n\
+         procd_add_reload_trigger() { echo \"<reload-trigger $*>\"; }\n\
+         procd_add_interface_trigger() { echo \"<interface-trigger $*>\"; }\n\
          procd_set_param() { [ \"$1\" = command ] && shift && for a; do printf '%s\\n' \"$a\"; done; return 0; }\n\
          procd_append_param() { [ \"$1\" = command ] && shift && for a; do printf '%s\\n' \"$a\"; done; return 0; }\n",
     );
@@ -233,17 +264,31 @@ fn init_harness(uci: &[(&str, &str)], dir: &TempDir, tail: &str) -> String {
     dir.write("harness.sh", &harness)
 }
 
-/// Runs the init script's `start_service` and returns the daemon's command line.
+/// Runs a function of the init script; returns what it printed and its stderr.
+fn init_run(uci: &[(&str, &str)], dir: &TempDir, function: &str) -> (Vec<String>, String) {
+    let script = init_harness(uci, dir, function);
+    let output = Command::new("sh")
+        .arg(&script)
+        .env("IPKG_INSTROOT", &dir.path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let lines = stdout.lines().map(str::to_owned).collect();
+    (lines, String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+/// Runs the init script's `start_service` and returns the command line procd would run:
+/// that of an instance opened and closed, as procd starts only those; empty when none was.
 fn init_command(uci: &[(&str, &str)], dir: &TempDir) -> Vec<String> {
-    let script = init_harness(uci, dir, "start_service");
-    output_ok(
-        Command::new("sh")
-            .arg(&script)
-            .env("IPKG_INSTROOT", &dir.path),
-    )
-    .lines()
-    .map(str::to_owned)
-    .collect()
+    let (lines, _) = init_run(uci, dir, "start_service");
+    let Some(open) = lines.iter().position(|l| l == "<open>") else {
+        return Vec::new();
+    };
+    let close = lines
+        .iter()
+        .position(|l| l == "<close>")
+        .expect("an opened instance is closed");
+    lines[open + 1..close].to_vec()
 }
 
 #[test]
@@ -297,9 +342,80 @@ fn every_uci_option_becomes_a_flag_the_daemon_accepts() {
 }
 
 #[test]
-fn a_disabled_or_unconfigured_service_does_not_start() {
+fn a_disabled_or_unconfigured_service_does_not_start_and_says_why() {
     let dir = TempDir::new();
-    assert!(init_command(&[("enabled", "0")], &dir).is_empty());
+    let kubeconfig = dir.write("kubeconfig", "");
+    let cases = [
+        (vec![("enabled", "0")], "disabled"),
+        (
+            vec![("enabled", "1"), ("kubeconfig", "/nonexistent")],
+            "kubeconfig /nonexistent is missing",
+        ),
+        // The WAN network is not up (boot, a PPPoE drop): no instance at all, rather than a
+        // daemon started with half its flags.
+        (
+            vec![
+                ("enabled", "1"),
+                ("kubeconfig", kubeconfig.as_str()),
+                ("wan_network", "wanb"),
+            ],
+            "no WAN device is up",
+        ),
+    ];
+    for (uci, reason) in cases {
+        let (lines, stderr) = init_run(&uci, &dir, "start_service");
+        assert!(!lines.iter().any(|l| l == "<open>"), "{uci:?}: {lines:?}");
+        assert!(stderr.contains(reason), "{uci:?}: {stderr}");
+    }
+    // The same with a device named directly starts it.
+    let uci = [
+        ("enabled", "1"),
+        ("kubeconfig", kubeconfig.as_str()),
+        ("wan_network", "wanb"),
+        ("wan_device", "eth9"),
+    ];
+    let command = init_command(&uci, &dir).join(" ");
+    assert!(command.contains("--wan-interface eth9 "), "{command}");
+    assert!(command.contains("--table kube_port_forward"), "{command}");
+}
+
+#[test]
+fn every_wan_network_coming_up_reloads_the_service() {
+    let dir = TempDir::new();
+    let (lines, _) = init_run(
+        &[("wan_network", "wan wan6 wanb")],
+        &dir,
+        "service_triggers",
+    );
+    assert_eq!(
+        lines,
+        [
+            "<reload-trigger kube-port-forward>",
+            "<interface-trigger interface.*.up wan /etc/init.d/kube-port-forward reload>",
+            "<interface-trigger interface.*.up wan6 /etc/init.d/kube-port-forward reload>",
+            "<interface-trigger interface.*.up wanb /etc/init.d/kube-port-forward reload>",
+        ]
+    );
+}
+
+#[test]
+fn uninstall_releases_on_the_daemons_context() {
+    let dir = TempDir::new();
+    let kubeconfig = dir.write("kubeconfig", "");
+    // `PROG` prints its arguments; `nft` is a no-op here, not the host's.
+    let tail = "PROG=echo\nnft() { :; }\nuninstall";
+    for (context, expected) in [
+        (Some("homelab"), "--context homelab --finalizer"),
+        (None, "--kubeconfig"),
+    ] {
+        let mut uci = vec![("kubeconfig", kubeconfig.as_str())];
+        uci.extend(context.map(|c| ("context", c)));
+        let (lines, stderr) = init_run(&uci, &dir, tail);
+        let line = lines.join(" ");
+        assert!(line.starts_with("release-finalizers"), "{line} {stderr}");
+        assert!(line.contains(expected), "{line}");
+        assert_eq!(line.contains("--context"), context.is_some(), "{line}");
+    }
 }
 
 #[test]
@@ -339,6 +455,76 @@ fn the_systemd_unit_verifies() {
     assert!(
         output.status.success() && stderr.trim().is_empty(),
         "{stderr}"
+    );
+}
+
+/// The install steps at the top of the unit, which README repeats word for word.
+fn systemd_steps() -> Vec<String> {
+    let unit = std::fs::read_to_string(repo("systemd/kube-port-forward.service")).unwrap();
+    unit.lines()
+        .filter_map(|l| l.strip_prefix("#   "))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn the_systemd_steps_let_the_dynamic_user_read_the_policy_and_not_the_kubeconfig() {
+    let steps = systemd_steps();
+    assert!(steps.len() >= 6, "{steps:?}");
+    let readme = std::fs::read_to_string(repo("README.md")).unwrap();
+    for step in &steps {
+        assert!(readme.contains(step.as_str()), "README lacks {step:?}");
+    }
+    // The steps, into a root of the test's own, with the kubeconfig and policy to install.
+    let dir = TempDir::new();
+    let root = dir.path.join("root");
+    for sub in ["usr/sbin", "etc/systemd/system", "etc/default"] {
+        std::fs::create_dir_all(root.join(sub)).unwrap();
+    }
+    let kubeconfig = dir.write("router.kubeconfig", "apiVersion: v1\nkind: Config\n");
+    let policy = dir.write("policy.yaml", "ports: 80,443,8080\n");
+    let root = root.display().to_string();
+    for step in steps.iter().filter(|s| !s.starts_with("systemctl")) {
+        let line = step
+            .replace(" /etc/", &format!(" {root}/etc/"))
+            .replace("/usr/sbin/", &format!("{root}/usr/sbin/"))
+            .replace("target/release/kube-port-forward", BIN)
+            .replace("router.kubeconfig", &kubeconfig)
+            .replace(" policy.yaml ", &format!(" {policy} "));
+        output_ok(Command::new("sh").args(["-c", &line]).current_dir(repo("")));
+    }
+    let defaults =
+        std::fs::read_to_string(format!("{root}/etc/default/kube-port-forward")).unwrap();
+    let args = defaults
+        .trim()
+        .strip_prefix("KUBE_PORT_FORWARD_ARGS=")
+        .unwrap();
+    // A user of systemd's dynamic range, as the unit's DynamicUser= gets.
+    let dynamic = 61_184;
+    let output = Command::new(format!("{root}/usr/sbin/kube-port-forward"))
+        .args(["plan", "-f", "examples/"])
+        .args(args.split_whitespace())
+        .current_dir(repo(""))
+        .uid(dynamic)
+        .gid(dynamic)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let installed = format!("{root}/etc/kube-port-forward/kubeconfig");
+    assert_eq!(mode(Path::new(&installed)), 0o600);
+    let cat = Command::new("cat")
+        .arg(&installed)
+        .uid(dynamic)
+        .gid(dynamic)
+        .output()
+        .unwrap();
+    assert!(
+        !cat.status.success(),
+        "the kubeconfig is readable by others"
     );
 }
 
@@ -453,4 +639,32 @@ fn uninstall_releases_the_finalizers_and_the_table_or_fails_and_keeps_both() {
         api.get("apps", "web").unwrap()["metadata"]["finalizers"],
         serde_json::json!(["example.com/keep"])
     );
+}
+
+#[test]
+fn the_admission_policy_names_the_routers_account_finalizer_and_condition() {
+    let policy = std::fs::read_to_string(repo("deploy/admission-policy.yaml")).unwrap();
+    let rbac = std::fs::read_to_string(repo("deploy/rbac.yaml")).unwrap();
+    // The ServiceAccount of deploy/rbac.yaml, and the daemon's defaults.
+    assert!(rbac.contains(
+        "kind: ServiceAccount\nmetadata:\n  name: router\n  namespace: kube-port-forward"
+    ));
+    for expected in [
+        "request.userInfo.username == \"system:serviceaccount:kube-port-forward:router\"",
+        &format!(
+            "expression: \"'{}'\"",
+            kube_port_forward::daemon::DEFAULT_FINALIZER
+        ),
+        &format!(
+            "expression: \"'{}'\"",
+            kube_port_forward::daemon::DEFAULT_CONDITION
+        ),
+        "apiVersion: admissionregistration.k8s.io/v1",
+        "validationActions: [Deny]",
+        "policyName: kube-port-forward-router",
+    ] {
+        assert!(policy.contains(expected), "{expected:?} not in the policy");
+    }
+    // It covers what RBAC lets the router patch.
+    assert!(policy.contains("resources: [\"services\", \"services/status\"]"));
 }

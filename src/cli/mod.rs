@@ -10,11 +10,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::cluster::client::{self, ClientError};
 use crate::cluster::finalizer;
 use crate::core::plan::{self, Plan, State};
-use crate::core::policy::{Policy, PolicyError};
+use crate::core::policy::{Policy, PolicyError, PolicyParts};
 use crate::daemon::{self, DaemonError};
 use crate::kernel::{ConfigError, DEFAULT_TABLE, Engine, NftCli, NftError, Ruleset, TableConfig};
 use crate::router::links::Addresses;
-use crate::router::{audit, policy_file};
+use crate::router::{audit, policy_file, sockets};
 use manifest::{ManifestError, Manifests};
 
 pub mod manifest;
@@ -156,7 +156,8 @@ pub struct PolicyArgs {
     /// Namespaces, `plan` and `apply` read Namespace manifests).
     #[arg(long = "allow-namespace-selector", conflicts_with = "policy")]
     pub namespace_selector: Option<String>,
-    /// External ports that may be opened, e.g. `80,443,8000-8999`; default: all.
+    /// External ports that may be opened, e.g. `80,443,8000-8999`; default: all but those
+    /// the router itself serves on its WAN side, which are opened only when named here.
     #[arg(long = "allow-ports", conflicts_with = "policy")]
     pub allowed_ports: Option<String>,
     /// Networks forwards may point at (repeat, or separate with commas); default: the
@@ -167,8 +168,13 @@ pub struct PolicyArgs {
         conflicts_with = "policy"
     )]
     pub allowed_targets: Vec<String>,
-    /// A YAML file with `namespaces`, `ports` and `targets` instead of the flags; `run`
-    /// re-reads it on SIGHUP.
+    /// Also forward to `spec.externalIPs` when a Service has no LoadBalancer address. Off by
+    /// default: anyone who may create a Service may write any address there
+    /// (CVE-2020-8554).
+    #[arg(long = "allow-external-ips", conflicts_with = "policy")]
+    pub external_ips: bool,
+    /// A YAML file with `namespaces`, `namespace_selector`, `ports`, `targets` and
+    /// `external_ips` instead of the flags; `run` re-reads it on SIGHUP.
     #[arg(long, value_name = "FILE")]
     pub policy: Option<PathBuf>,
 }
@@ -178,12 +184,13 @@ impl PolicyArgs {
     fn policy(&self, router: impl IntoIterator<Item = IpAddr>) -> Result<Policy, PolicyError> {
         let mut policy = match &self.policy {
             Some(file) => policy_file::read(file)?,
-            None => Policy::from_parts(
-                Some(&self.allowed_namespaces),
-                self.namespace_selector.as_deref(),
-                self.allowed_ports.as_deref(),
-                Some(&self.allowed_targets),
-            )?,
+            None => Policy::from_parts(&PolicyParts {
+                namespaces: Some(self.allowed_namespaces.clone()),
+                namespace_selector: self.namespace_selector.clone(),
+                ports: self.allowed_ports.clone(),
+                targets: Some(self.allowed_targets.clone()),
+                external_ips: Some(self.external_ips),
+            })?,
         };
         policy.router_addresses.extend(router);
         Ok(policy)
@@ -267,6 +274,8 @@ pub enum CommandError {
     Client(#[from] ClientError),
     #[error("cannot start the async runtime")]
     Runtime(#[source] std::io::Error),
+    #[error("cannot read the ports the router serves (/proc/net)")]
+    Sockets(#[source] std::io::Error),
     #[error("listing Services failed")]
     Kube(#[source] kube::Error),
 }
@@ -277,6 +286,7 @@ impl CommandError {
             CommandError::Nft(_)
             | CommandError::Runtime(_)
             | CommandError::Kube(_)
+            | CommandError::Sockets(_)
             | CommandError::Client(ClientError::Build(_))
             | CommandError::Daemon(
                 DaemonError::Client(ClientError::Build(_)) | DaemonError::Worker,
@@ -448,9 +458,19 @@ fn on_router(table: &TableArgs, policy: &PolicyArgs) -> Result<Policy, CommandEr
         return Err(CommandError::NoWan);
     }
     // The addresses of this host's interfaces, which forwards may never point at.
-    let local = Addresses::read(&BTreeSet::new()).unwrap_or_default().all;
-    let router = table.wan_addresses.iter().copied().chain(local);
-    Ok(policy.policy(router)?)
+    let addresses =
+        Addresses::read(&table.wan_interfaces.iter().cloned().collect()).unwrap_or_default();
+    let router = table.wan_addresses.iter().copied().chain(addresses.all);
+    let mut policy = policy.policy(router)?;
+    // And the ports it serves where WAN clients reach, which forwards would take away.
+    let wan: BTreeSet<IpAddr> = table
+        .wan_addresses
+        .iter()
+        .copied()
+        .chain(addresses.wan)
+        .collect();
+    policy.router_ports = sockets::served(&wan).map_err(CommandError::Sockets)?;
+    Ok(policy)
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, CommandError> {

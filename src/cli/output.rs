@@ -51,6 +51,9 @@ pub fn plan_text(plan: &Plan, manifests: &Manifests, ruleset: &Ruleset) -> Strin
             "\nnote: no --wan-interface or --wan-address given, so this table matches packets to any\naddress of the router on any interface; `apply` and the daemon require one of them.\n",
         );
     }
+    out.push_str(
+        "\nnote: plan cannot see the ports a router itself serves on its WAN side (SSH, WireGuard, its web\ninterface); `apply` and the daemon refuse forwards on those unless --allow-ports names them.\n",
+    );
     out.push_str(&format!(
         "\nThe nft table it would apply (`nft -f` syntax):\n\n{}",
         ruleset.render()

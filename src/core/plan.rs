@@ -156,7 +156,7 @@ fn resolve_service<'a>(
         winner: None,
     };
     if let Err((field, reason)) = check_identity(service) {
-        outcomes.push(outcome(field, State::Invalid, Some(reason)));
+        outcomes.push(outcome(&field, State::Invalid, Some(reason)));
         return;
     }
     if service.service_type.as_deref() == Some("ExternalName") {
@@ -240,7 +240,7 @@ fn resolve_service<'a>(
                 continue;
             }
             taken.push((protocol, external_port, &entry.text));
-            if let Err(reason) = policy.check_port(external_port) {
+            if let Err(reason) = policy.check_port(protocol, external_port) {
                 outcomes.push(described(State::Refused, Some(reason)));
                 continue;
             }
@@ -358,8 +358,14 @@ fn source_ranges(service: &Service) -> Result<Vec<IpNet>, (String, String)> {
 type Targets = (Vec<IpAddr>, Vec<(String, String)>);
 
 /// The addresses to forward to: the first IPv4 and first IPv6 of the LoadBalancer ingress,
-/// else of `spec.externalIPs`, each checked against the policy.
+/// else, where the policy allows it, of `spec.externalIPs`; each checked against the policy.
 fn targets(service: &Service, policy: &Policy) -> Result<Targets, (String, String)> {
+    if service.ingress_ips.is_empty() && !service.external_ips.is_empty() && !policy.external_ips {
+        // Anyone who may create a Service may write any address here (CVE-2020-8554): no
+        // LoadBalancer controller vouches for it.
+        let reason = "spec.externalIPs is not used as a target unless the router's owner allows it (--allow-external-ips); waiting for a LoadBalancer address";
+        return Ok((Vec::new(), vec![("spec.externalIPs".into(), reason.into())]));
+    }
     let (field, list) = if service.ingress_ips.is_empty() {
         ("spec.externalIPs", &service.external_ips)
     } else {
@@ -396,12 +402,12 @@ fn targets(service: &Service, policy: &Policy) -> Result<Targets, (String, Strin
     Ok((allowed, refused))
 }
 
-/// Namespace, name, uid and creationTimestamp reach the kernel (in element comments) and
+/// Namespace, name, uid, port names and creationTimestamp reach the kernel (in element comments) and
 /// the logs, so they must be what the API server allows, whatever a manifest says.
-fn check_identity(service: &Service) -> Result<(), (&'static str, String)> {
+fn check_identity(service: &Service) -> Result<(), (String, String)> {
     if !is_dns_label(&service.namespace) {
         return Err((
-            "metadata.namespace",
+            "metadata.namespace".to_owned(),
             format!(
                 "\"{}\" is not a valid namespace",
                 printable(&service.namespace)
@@ -410,7 +416,7 @@ fn check_identity(service: &Service) -> Result<(), (&'static str, String)> {
     }
     if !is_dns_label(&service.name) {
         return Err((
-            "metadata.name",
+            "metadata.name".to_owned(),
             format!(
                 "\"{}\" is not a valid Service name",
                 printable(&service.name)
@@ -423,8 +429,23 @@ fn check_identity(service: &Service) -> Result<(), (&'static str, String)> {
             && uid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
         if !ok {
             return Err((
-                "metadata.uid",
+                "metadata.uid".to_owned(),
                 format!("\"{}\" is not a valid uid", printable(uid)),
+            ));
+        }
+    }
+    // Port names reach element comments too; the API server takes only lowercase RFC 1123
+    // labels, so anything else is a manifest it would have refused.
+    for (index, port) in service.ports.iter().enumerate() {
+        if let Some(name) = &port.name
+            && !is_dns_label(name)
+        {
+            return Err((
+                format!("spec.ports[{index}].name"),
+                format!(
+                    "\"{}\" is not a valid port name (lowercase letters, digits and '-', at most 63)",
+                    printable(name)
+                ),
             ));
         }
     }
@@ -432,7 +453,7 @@ fn check_identity(service: &Service) -> Result<(), (&'static str, String)> {
         && !is_kubernetes_time(created)
     {
         return Err((
-            "metadata.creationTimestamp",
+            "metadata.creationTimestamp".to_owned(),
             format!(
                 "\"{}\" is not of the form 2006-01-02T15:04:05Z",
                 printable(created)
@@ -459,6 +480,7 @@ fn printable(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::policy::PolicyParts;
     use crate::core::service::ServicePort;
 
     fn port(name: Option<&str>, port: i64, protocol: &str) -> ServicePort {
@@ -612,10 +634,50 @@ mod tests {
     }
 
     #[test]
-    fn external_ips_when_no_ingress() {
+    fn external_ips_only_when_the_owner_allows_them() {
         let mut s = svc("a", "web", "http", "");
         s.external_ips = vec!["192.168.5.5".into()];
-        assert_eq!(plan([&s], &Policy::default()).count(State::Forwarding), 1);
+        let refused = plan([&s], &Policy::default());
+        assert_eq!(refused.count(State::Refused), 1);
+        let outcome = &refused.outcomes[0];
+        assert_eq!(outcome.entry, "spec.externalIPs");
+        assert!(
+            outcome
+                .reason
+                .as_deref()
+                .unwrap()
+                .contains("--allow-external-ips")
+        );
+        let allowing = Policy {
+            external_ips: true,
+            ..Policy::default()
+        };
+        assert_eq!(plan([&s], &allowing).count(State::Forwarding), 1);
+        // A LoadBalancer address is used whatever the policy says of externalIPs.
+        let mut both = svc("a", "web", "http", "10.0.0.1");
+        both.external_ips = vec!["192.168.5.5".into()];
+        assert_eq!(
+            plan([&both], &Policy::default()).count(State::Forwarding),
+            1
+        );
+    }
+
+    #[test]
+    fn port_names_are_checked_as_the_api_server_does() {
+        for name in [
+            "é".repeat(60),
+            "x\" } ; flush ruleset ; #".into(),
+            "Web".into(),
+        ] {
+            let mut s = svc("a", "web", "8080", "10.0.0.1");
+            s.ports[0].name = Some(name.clone());
+            let p = plan([&s], &Policy::default());
+            assert_eq!(p.count(State::Invalid), 1, "{name}");
+            assert!(p.forwards.is_empty());
+            let outcome = &p.outcomes[0];
+            assert_eq!(outcome.entry, "spec.ports[0].name");
+            assert!(outcome.reason.as_deref().unwrap().is_ascii());
+        }
     }
 
     #[test]
@@ -657,12 +719,12 @@ mod tests {
 
     #[test]
     fn policy_refuses_namespaces_ports_and_targets_and_nothing_else() {
-        let policy = Policy::from_parts(
-            Some(&["a".into()]),
-            None,
-            Some("1-1023"),
-            Some(&["10.0.0.0/8".into(), "fd00::/8".into()]),
-        )
+        let policy = Policy::from_parts(&PolicyParts {
+            namespaces: Some(vec!["a".into()]),
+            ports: Some("1-1023".into()),
+            targets: Some(vec!["10.0.0.0/8".into(), "fd00::/8".into()]),
+            ..PolicyParts::default()
+        })
         .unwrap();
         let other_ns = svc("b", "web", "http", "10.0.0.1");
         let high_port = svc("a", "dns", "8053:dns, http", "10.0.0.2");

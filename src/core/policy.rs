@@ -11,6 +11,8 @@ use std::net::IpAddr;
 use std::ops::RangeInclusive;
 
 use ipnet::IpNet;
+
+use crate::core::model::Protocol;
 use serde::Deserialize;
 
 /// The private ranges allowed as targets by default.
@@ -35,6 +37,15 @@ pub struct Policy {
     pub targets: Vec<IpNet>,
     /// Addresses of the router itself, never a target.
     pub router_addresses: BTreeSet<IpAddr>,
+    /// Whether `spec.externalIPs` may be a target. Off by default: any Service may set it
+    /// (CVE-2020-8554), while a LoadBalancer address comes from a controller.
+    pub external_ips: bool,
+    /// Whether the owner named the allowed ports; only then may a forward take a port the
+    /// router itself serves on its WAN side.
+    pub explicit_ports: bool,
+    /// Ports the router itself serves on its WAN side (listening on any address or a WAN
+    /// one), read from the kernel by the daemon and `apply`.
+    pub router_ports: BTreeSet<(Protocol, u16)>,
 }
 
 impl Default for Policy {
@@ -49,6 +60,9 @@ impl Default for Policy {
                 .map(|t| t.parse().expect("the default targets are networks"))
                 .collect(),
             router_addresses: BTreeSet::new(),
+            external_ips: false,
+            explicit_ports: false,
+            router_ports: BTreeSet::new(),
         }
     }
 }
@@ -76,30 +90,31 @@ pub enum PolicyError {
     Syntax { file: String, message: String },
 }
 
-/// The policy file: the same settings as the flags, re-read on SIGHUP.
+/// What the owner sets, from the flags or the policy file (the same settings, re-read on
+/// SIGHUP); `None` keeps the default.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct PolicyFile {
+pub struct PolicyParts {
     pub namespaces: Option<Vec<String>>,
     pub namespace_selector: Option<String>,
     pub ports: Option<String>,
     pub targets: Option<Vec<String>>,
+    pub external_ips: Option<bool>,
 }
 
 impl Policy {
-    /// Builds a policy from its parts as flags or the file give them; `None` keeps the
-    /// default.
-    pub fn from_parts(
-        namespaces: Option<&[String]>,
-        namespace_selector: Option<&str>,
-        ports: Option<&str>,
-        targets: Option<&[String]>,
-    ) -> Result<Policy, PolicyError> {
+    /// Builds a policy from its parts as flags or the file give them.
+    pub fn from_parts(parts: &PolicyParts) -> Result<Policy, PolicyError> {
         let mut policy = Policy {
-            namespace_selector: namespace_selector.map(LabelSelector::parse).transpose()?,
+            namespace_selector: parts
+                .namespace_selector
+                .as_deref()
+                .map(LabelSelector::parse)
+                .transpose()?,
+            external_ips: parts.external_ips.unwrap_or(false),
             ..Policy::default()
         };
-        if let Some(namespaces) = namespaces.filter(|n| !n.is_empty()) {
+        if let Some(namespaces) = parts.namespaces.as_ref().filter(|n| !n.is_empty()) {
             for namespace in namespaces {
                 if !crate::core::names::is_dns_label(namespace) {
                     return Err(PolicyError::Namespace(namespace.clone()));
@@ -107,10 +122,11 @@ impl Policy {
             }
             policy.namespaces = Some(namespaces.iter().cloned().collect());
         }
-        if let Some(ports) = ports {
+        if let Some(ports) = &parts.ports {
             policy.ports = parse_ports(ports)?;
+            policy.explicit_ports = true;
         }
-        if let Some(targets) = targets.filter(|t| !t.is_empty()) {
+        if let Some(targets) = parts.targets.as_ref().filter(|t| !t.is_empty()) {
             policy.targets = targets
                 .iter()
                 .map(|t| t.parse().map_err(|_| PolicyError::Target(t.clone())))
@@ -121,20 +137,15 @@ impl Policy {
 
     /// Reads the text of a policy file (YAML) named `file` in errors.
     pub fn parse_file(file: &str, text: &str) -> Result<Policy, PolicyError> {
-        let parts: PolicyFile = if text.trim().is_empty() {
-            PolicyFile::default()
+        let parts: PolicyParts = if text.trim().is_empty() {
+            PolicyParts::default()
         } else {
             serde_saphyr::from_str(text).map_err(|e| PolicyError::Syntax {
                 file: file.to_owned(),
                 message: e.to_string(),
             })?
         };
-        Policy::from_parts(
-            parts.namespaces.as_deref(),
-            parts.namespace_selector.as_deref(),
-            parts.ports.as_deref(),
-            parts.targets.as_deref(),
-        )
+        Policy::from_parts(&parts)
     }
 
     pub fn check_namespace(&self, namespace: &str) -> Result<(), String> {
@@ -156,12 +167,16 @@ impl Policy {
         }
     }
 
-    pub fn check_port(&self, port: u16) -> Result<(), String> {
-        if self.ports.iter().any(|r| r.contains(&port)) {
-            Ok(())
-        } else {
-            Err(format!("external port {port} is not allowed (policy)"))
+    pub fn check_port(&self, protocol: Protocol, port: u16) -> Result<(), String> {
+        if !self.ports.iter().any(|r| r.contains(&port)) {
+            return Err(format!("external port {port} is not allowed (policy)"));
         }
+        if self.router_ports.contains(&(protocol, port)) && !self.explicit_ports {
+            return Err(format!(
+                "the router itself serves {port}/{protocol} on its WAN side; name the port in the allowed ports (--allow-ports) to forward it anyway"
+            ));
+        }
+        Ok(())
     }
 
     pub fn check_target(&self, addr: IpAddr) -> Result<(), String> {
@@ -332,7 +347,11 @@ mod tests {
 
     #[test]
     fn the_routers_own_addresses_are_never_targets() {
-        let mut policy = Policy::from_parts(None, None, None, Some(&["0.0.0.0/0".into()])).unwrap();
+        let mut policy = Policy::from_parts(&PolicyParts {
+            targets: Some(vec!["0.0.0.0/0".into()]),
+            ..PolicyParts::default()
+        })
+        .unwrap();
         policy
             .router_addresses
             .insert("192.168.1.1".parse().unwrap());
@@ -342,32 +361,50 @@ mod tests {
 
     #[test]
     fn ports_and_namespaces() {
-        let policy = Policy::from_parts(
-            Some(&["games".into(), "media".into()]),
-            None,
-            Some("80, 443,25000-25999"),
-            None,
-        )
+        let mut policy = Policy::from_parts(&PolicyParts {
+            namespaces: Some(vec!["games".into(), "media".into()]),
+            ports: Some("80, 443,25000-25999".into()),
+            ..PolicyParts::default()
+        })
         .unwrap();
-        assert!(policy.check_port(443).is_ok() && policy.check_port(25565).is_ok());
-        assert!(policy.check_port(22).is_err());
+        let tcp = Protocol::Tcp;
+        assert!(policy.check_port(tcp, 443).is_ok() && policy.check_port(tcp, 25565).is_ok());
+        assert!(policy.check_port(tcp, 22).is_err());
+        // A port the router serves is taken only when the owner names it.
+        policy.router_ports.insert((tcp, 443));
+        assert!(policy.check_port(tcp, 443).is_ok());
+        let mut default = Policy::default();
+        default.router_ports.insert((Protocol::Udp, 51820));
+        let refused = default.check_port(Protocol::Udp, 51820).unwrap_err();
+        assert!(
+            refused.contains("router itself serves 51820/UDP"),
+            "{refused}"
+        );
+        assert!(default.check_port(tcp, 51820).is_ok());
         assert!(policy.check_namespace("games").is_ok());
         assert!(policy.check_namespace("kube-system").is_err());
         assert!(parse_ports("90-80").is_err());
         assert!(parse_ports("0").is_err());
         assert!(parse_ports("http").is_err());
-        assert!(Policy::from_parts(None, None, None, Some(&["10.0.0.0/33".into()])).is_err());
-        assert!(Policy::from_parts(Some(&["Bad_NS".into()]), None, None, None).is_err());
+        let targets = PolicyParts {
+            targets: Some(vec!["10.0.0.0/33".into()]),
+            ..PolicyParts::default()
+        };
+        assert!(Policy::from_parts(&targets).is_err());
+        let namespaces = PolicyParts {
+            namespaces: Some(vec!["Bad_NS".into()]),
+            ..PolicyParts::default()
+        };
+        assert!(Policy::from_parts(&namespaces).is_err());
     }
 
     #[test]
     fn namespaces_by_label_selector_and_by_name() {
-        let mut policy = Policy::from_parts(
-            Some(&["infra".into()]),
-            Some("router-access=yes,!blocked"),
-            None,
-            None,
-        )
+        let mut policy = Policy::from_parts(&PolicyParts {
+            namespaces: Some(vec!["infra".into()]),
+            namespace_selector: Some("router-access=yes,!blocked".into()),
+            ..PolicyParts::default()
+        })
         .unwrap();
         let labels = |pairs: &[(&str, &str)]| -> std::collections::BTreeMap<String, String> {
             pairs

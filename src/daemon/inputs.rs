@@ -15,12 +15,37 @@ use crate::cluster::watched::WatchedService;
 use crate::core::decide::Store;
 use crate::router::health;
 use crate::router::links::Addresses;
-use crate::router::policy_file;
+use crate::router::{policy_file, sockets};
 
 impl Daemon {
-    /// Reads the interfaces' addresses into the WAN sets and the policy's router addresses;
-    /// returns whether either changed. A failed read keeps the addresses known.
+    /// Reads the interfaces' addresses into the WAN sets and the policy's router addresses,
+    /// then the ports the router serves on them; returns whether any of it changed. A failed
+    /// read keeps what is known.
     pub(super) fn follow_addresses(&mut self) -> bool {
+        let addresses_changed = self.follow_interfaces();
+        self.follow_served_ports() || addresses_changed
+    }
+
+    /// The ports the router itself serves where WAN clients reach: forwards may not take
+    /// them unless the owner names them.
+    pub(super) fn follow_served_ports(&mut self) -> bool {
+        let served = match sockets::served(&self.settings.table.wan_addresses) {
+            Ok(served) => served,
+            Err(error) => {
+                tracing::error!(%error, "cannot read the ports the router serves; keeping the known ones");
+                return false;
+            }
+        };
+        if served == self.settings.policy.router_ports {
+            return false;
+        }
+        let list: Vec<String> = served.iter().map(|(p, n)| format!("{n}/{p}")).collect();
+        tracing::info!(ports = %list.join(","), "ports the router serves on its WAN side");
+        self.settings.policy.router_ports = served;
+        true
+    }
+
+    fn follow_interfaces(&mut self) -> bool {
         let addresses = match Addresses::read(&self.settings.table.wan_interfaces) {
             Ok(addresses) => addresses,
             Err(error) => {
@@ -61,6 +86,7 @@ impl Daemon {
             Ok(mut policy) => {
                 let current = &self.settings.policy;
                 policy.router_addresses = current.router_addresses.clone();
+                policy.router_ports = current.router_ports.clone();
                 if policy.namespace_selector != current.namespace_selector {
                     tracing::error!(
                         "the namespace selector cannot change on reload (the Namespace watch is set up at start); keeping the current one: restart to change it"

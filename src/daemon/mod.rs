@@ -221,6 +221,7 @@ pub async fn run(
                 if let Some(engine) = daemon.engine.as_mut() {
                     engine.forget();
                 }
+                daemon.follow_served_ports();
                 dirty = true;
                 force = true;
             }

@@ -5,3 +5,4 @@ pub mod audit;
 pub mod health;
 pub mod links;
 pub mod policy_file;
+pub mod sockets;
