@@ -5,82 +5,13 @@
 
 mod common;
 
-use std::io::ErrorKind;
-use std::net::SocketAddr;
-
 use common::apiserver::ApiServer;
 use common::daemon::Daemon;
+use common::scenario::*;
 use common::*;
-use serde_json::{Value, json};
+use serde_json::json;
 
 const BIN: &str = env!("CARGO_BIN_EXE_kube-port-forward");
-const FINALIZER: &str = "kube-port-forward-controller/finalizer";
-
-/// Starts the daemon as router `name` with its own finalizer and condition type, resyncing
-/// every 5 s, plus `extra` flags (default: a 60 s cleanup deadline).
-fn start_daemon(
-    router: &Netns,
-    dir: &TempDir,
-    api: SocketAddr,
-    name: &str,
-    finalizer: &str,
-    extra: &[&str],
-) -> Daemon {
-    let condition = format!("kube-port-forward-controller/{name}");
-    let mut args = vec![
-        "--finalizer",
-        finalizer,
-        "--condition-type",
-        &condition,
-        "--resync",
-        "5",
-    ];
-    args.extend_from_slice(if extra.is_empty() {
-        &["--cleanup-deadline", "60"]
-    } else {
-        extra
-    });
-    Daemon::spawn(router, dir, api, name, &args)
-}
-
-fn service(name: &str, mapping: &str, port: u16) -> Value {
-    let metadata = json!({"name": name, "namespace": "apps",
-        "annotations": {"kube-port-forward-controller/mapping": mapping}});
-    json!({"apiVersion": "v1", "kind": "Service", "metadata": metadata,
-        "spec": {"type": "LoadBalancer", "ports": [{"name": "http", "port": port, "protocol": "TCP"}]}})
-}
-
-/// Creates a Service in `apps` and gives it the server's address, as MetalLB would.
-fn create_with_address(api: &ApiServer, name: &str, mapping: &str, port: u16) {
-    api.create(service(name, mapping, port));
-    api.set_lb_ips("apps", name, &[SERVER4]);
-}
-
-fn wan(port: u16) -> SocketAddr {
-    format!("{ROUTER_WAN4}:{port}").parse().unwrap()
-}
-
-fn greets(topology: &Topology, port: u16, greeting: &str) -> bool {
-    tcp_greeting(&topology.client, wan(port)).is_ok_and(|g| g == greeting)
-}
-
-fn refused(topology: &Topology, port: u16) -> bool {
-    tcp_greeting(&topology.client, wan(port))
-        .is_err_and(|e| e.kind() == ErrorKind::ConnectionRefused)
-}
-
-fn finalizers(api: &ApiServer, name: &str) -> Vec<String> {
-    api.get("apps", name)
-        .and_then(|s| serde_json::from_value(s["metadata"]["finalizers"].clone()).ok())
-        .unwrap_or_default()
-}
-
-fn table_forwards(topology: &Topology) -> usize {
-    let status = topology.router.exec(BIN, &["status", "--output", "json"]);
-    let status: Value = serde_json::from_str(&status).unwrap();
-    status["forwards"].as_array().map_or(0, Vec::len)
-}
-
 #[test]
 fn lifecycle_create_address_remap_delete() {
     let Setup {

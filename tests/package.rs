@@ -424,6 +424,7 @@ fn the_systemd_unit_verifies() {
     for directive in [
         "Type=notify",
         "WatchdogSec=",
+        "TimeoutStartSec=infinity\n",
         "CapabilityBoundingSet=CAP_NET_ADMIN\n",
         "AmbientCapabilities=CAP_NET_ADMIN\n",
         "ProtectSystem=strict",

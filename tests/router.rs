@@ -6,12 +6,12 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
 use common::daemon::Daemon;
+use common::scenario::get;
 use common::*;
 use serde_json::json;
 
@@ -108,23 +108,6 @@ fn wan_addresses_are_followed_without_a_restart() {
     assert!(!wan_set().contains("192.168.50.1"));
 }
 
-/// `GET path` over HTTP/1.0 from inside `ns`: status code and body.
-fn get(ns: &Netns, port: u16, path: &str) -> Option<(u16, String)> {
-    let path = path.to_owned();
-    ns.enter(move || {
-        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .ok()?;
-        write!(stream, "GET {path} HTTP/1.0\r\n\r\n").ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).ok()?;
-        let status = response.split(' ').nth(1)?.parse().ok()?;
-        let body = response.split_once("\r\n\r\n")?.1.to_owned();
-        Some((status, body))
-    })
-}
-
 #[test]
 fn health_metrics_and_systemd_notifications() {
     let s = setup();
@@ -146,10 +129,21 @@ fn health_metrics_and_systemd_notifications() {
         ("NOTIFY_SOCKET", socket_text.as_str()),
         ("WATCHDOG_USEC", "1000000"),
     ];
+    // At boot with the cluster away: the daemon says it waits, and is not ready.
+    s.api.stop();
     let daemon = Daemon::spawn_with(&s.topology.router, &s.dir, s.addr, "r", &args, &env);
-
     let mut seen = Vec::new();
     let mut buffer = [0u8; 512];
+    while !seen
+        .iter()
+        .any(|m: &String| m.contains("STATUS=waiting for the API server"))
+    {
+        let n = notify.recv(&mut buffer).expect("a notification in time");
+        seen.push(String::from_utf8_lossy(&buffer[..n]).into_owned());
+    }
+    assert!(!seen.iter().any(|m| m.contains("READY=1")), "{seen:?}");
+    s.api.listen_at(Some(&s.topology.router), s.addr.port());
+
     while !(seen.iter().any(|m: &String| m.contains("READY=1"))
         && seen.iter().any(|m| m.contains("WATCHDOG=1")))
     {

@@ -35,18 +35,26 @@ fn remove_patch(index: usize, finalizer: &str) -> json_patch::Patch {
 }
 
 impl Cluster {
-    /// Adds this router's finalizer; returns the Service as updated, `None` if the patch
-    /// failed (the Service changed meanwhile: its watch event brings the next round).
-    pub async fn add_finalizer(&self, key: &Key, tracked: &Tracked) -> Option<WatchedService> {
+    /// Adds this router's finalizer to the Service as last seen; returns it as updated. A
+    /// Service changed meanwhile fails the guard (422).
+    pub async fn add_finalizer(
+        &self,
+        key: &Key,
+        tracked: &Tracked,
+    ) -> Result<WatchedService, kube::Error> {
         let patch = add_patch(&tracked.finalizers, &self.finalizer);
         self.patch_finalizers(key, patch, "added").await
     }
 
-    /// Removes this router's finalizer, if the Service holds it.
-    pub async fn remove_finalizer(&self, key: &Key, tracked: &Tracked) -> Option<WatchedService> {
+    /// Removes this router's finalizer, if the Service as last seen holds it.
+    pub async fn remove_finalizer(
+        &self,
+        key: &Key,
+        tracked: &Tracked,
+    ) -> Option<Result<WatchedService, kube::Error>> {
         let index = tracked.finalizer_index(&self.finalizer)?;
         let patch = remove_patch(index, &self.finalizer);
-        self.patch_finalizers(key, patch, "removed").await
+        Some(self.patch_finalizers(key, patch, "removed").await)
     }
 
     async fn patch_finalizers(
@@ -54,29 +62,19 @@ impl Cluster {
         key: &Key,
         patch: json_patch::Patch,
         what: &str,
-    ) -> Option<WatchedService> {
-        let result = self
+    ) -> Result<WatchedService, kube::Error> {
+        let updated = self
             .api(&key.0)
             .patch(&key.1, &PatchParams::default(), &Patch::Json::<()>(patch))
-            .await;
-        match result {
-            Ok(updated) => {
-                tracing::info!(
-                    action = "finalizer",
-                    namespace = %key.0,
-                    name = %key.1,
-                    finalizer = %self.finalizer,
-                    "finalizer {what}"
-                );
-                Some(updated)
-            }
-            // The Service changed meanwhile (the guard failed, it is being deleted, or it is
-            // gone); its watch event brings the next round.
-            Err(error) => {
-                tracing::debug!(%error, namespace = %key.0, name = %key.1, "finalizer not {what}");
-                None
-            }
-        }
+            .await?;
+        tracing::info!(
+            action = "finalizer",
+            namespace = %key.0,
+            name = %key.1,
+            finalizer = %self.finalizer,
+            "finalizer {what}"
+        );
+        Ok(updated)
     }
 }
 

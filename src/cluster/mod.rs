@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod finalizer;
+pub mod lane;
 pub mod report;
 pub mod watch;
 pub mod watched;

@@ -10,14 +10,15 @@ use serde_json::json;
 use super::watched::object_ref;
 use super::{Cluster, Key};
 use crate::core::decide::{Store, Summary};
-use crate::core::tracked::Tracked;
+use crate::core::tracked::{Condition, Tracked};
 use crate::kernel::Applied;
 
 /// Event notes longer than this are cut; the API server refuses notes over 1 kB.
 const NOTE_MAX: usize = 1000;
 
 impl Cluster {
-    /// Publishes an event about a Service; a failure is logged, never fatal.
+    /// Publishes an event about a Service; repeated ones become a series (kube-runtime's
+    /// recorder counts them, as client-go's correlator does).
     pub async fn event(
         &self,
         key: &Key,
@@ -26,7 +27,7 @@ impl Cluster {
         reason: &str,
         action: &str,
         note: &str,
-    ) {
+    ) -> Result<(), kube::Error> {
         let mut note = note.to_owned();
         if note.len() > NOTE_MAX {
             let mut cut = NOTE_MAX;
@@ -42,39 +43,43 @@ impl Cluster {
             action: action.to_owned(),
             secondary: None,
         };
-        let result = self
-            .recorder
+        self.recorder
             .publish(&event, &object_ref(tracked, key))
-            .await;
-        if let Err(error) = result {
-            tracing::warn!(%error, namespace = %key.0, name = %key.1, "cannot publish an event");
-        }
+            .await
     }
 
     /// Writes this router's condition on a Service. A strategic merge keys conditions by
     /// type, so each router's stays its own.
-    pub async fn condition(&self, key: &Key, summary: &Summary) {
+    pub async fn condition(&self, key: &Key, summary: &Summary) -> Result<(), kube::Error> {
         let now = k8s_openapi::jiff::Timestamp::now()
             .strftime("%Y-%m-%dT%H:%M:%SZ")
             .to_string();
+        let wanted = condition_of(&self.condition_type, &self.instance, summary);
         let condition = json!({"status": {"conditions": [{
-            "type": self.condition_type,
-            "status": summary.status,
-            "reason": summary.reason,
-            "message": format!("router {}: {}", self.instance, summary.message),
+            "type": wanted.type_,
+            "status": wanted.status,
+            "reason": wanted.reason,
+            "message": wanted.message,
             "lastTransitionTime": now,
         }]}});
-        let result = self
-            .api(&key.0)
+        self.api(&key.0)
             .patch_status(
                 &key.1,
                 &PatchParams::default(),
                 &Patch::Strategic(condition),
             )
-            .await;
-        if let Err(error) = result {
-            tracing::debug!(%error, namespace = %key.0, name = %key.1, "condition not written");
-        }
+            .await
+            .map(drop)
+    }
+}
+
+/// This router's condition for a summary, as it is written.
+pub fn condition_of(condition_type: &str, instance: &str, summary: &Summary) -> Condition {
+    Condition {
+        type_: condition_type.to_owned(),
+        status: summary.status.to_owned(),
+        reason: summary.reason.to_owned(),
+        message: format!("router {instance}: {}", summary.message),
     }
 }
 

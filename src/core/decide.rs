@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::core::plan::{self, Plan, State};
+use crate::core::plan::{self, Holders, Plan, State};
 use crate::core::policy::Policy;
 use crate::core::tracked::Tracked;
 
@@ -35,13 +35,14 @@ pub struct Decision {
     pub summaries: BTreeMap<(String, String), Summary>,
 }
 
-/// Plans the Services that may forward: decoded, annotated, not being deleted.
-pub fn decide(store: &Store, finalizer: &str, policy: &Policy) -> Decision {
+/// Plans the Services that may forward: decoded, annotated, not being deleted, still
+/// watched; the ports in `holders` stay with the Services that hold them.
+pub fn decide(store: &Store, finalizer: &str, policy: &Policy, holders: &Holders) -> Decision {
     let eligible = store
         .values()
-        .filter(|w| !w.terminating)
+        .filter(|w| !w.terminating && !w.out_of_scope)
         .filter_map(|w| w.service.as_ref().ok());
-    let plan = plan::plan(eligible, policy);
+    let plan = plan::plan_held(eligible, policy, holders);
     let owners: BTreeSet<&str> = plan
         .forwards
         .values()
@@ -51,7 +52,7 @@ pub fn decide(store: &Store, finalizer: &str, policy: &Policy) -> Decision {
     for (key, watched) in store {
         let forwards = owners.contains(watched.uid());
         let ours = watched.has_finalizer(finalizer);
-        if forwards && !ours && !watched.terminating {
+        if forwards && !ours && !watched.terminating && !watched.out_of_scope {
             decision.add_finalizer.push(key.clone());
         }
         if ours && !forwards {
@@ -60,6 +61,7 @@ pub fn decide(store: &Store, finalizer: &str, policy: &Policy) -> Decision {
         if let Err(error) = &watched.service
             && watched.annotated
             && !watched.terminating
+            && !watched.out_of_scope
         {
             decision.summaries.insert(
                 key.clone(),
@@ -174,7 +176,7 @@ mod tests {
             watched("unannotated", "u4", None, &[F], false),
             watched("plain", "u5", None, &[], false),
         ]);
-        let d = decide(&s, F, &Policy::default());
+        let d = decide(&s, F, &Policy::default(), &Holders::new());
         assert_eq!(d.plan.forwards.len(), 2);
         assert_eq!(d.add_finalizer, vec![("ns".into(), "new".into())]);
         assert_eq!(
@@ -192,7 +194,7 @@ mod tests {
             watched("a", "u1", Some("http"), &[F], false),
             watched("b", "u2", Some("http"), &[F], false),
         ]);
-        let d = decide(&s, F, &Policy::default());
+        let d = decide(&s, F, &Policy::default(), &Holders::new());
         assert_eq!(d.release, vec![("ns".into(), "b".into())]);
         let summary = &d.summaries[&("ns".into(), "b".into())];
         assert_eq!(
@@ -216,7 +218,7 @@ mod tests {
             &["other/router-b"],
             false,
         )]);
-        let d = decide(&s, F, &Policy::default());
+        let d = decide(&s, F, &Policy::default(), &Holders::new());
         assert_eq!(d.add_finalizer.len(), 1);
         assert!(d.release.is_empty());
     }
@@ -233,6 +235,7 @@ mod tests {
             &store(vec![bad, watched("good", "u1", Some("http"), &[], false)]),
             F,
             &Policy::default(),
+            &Holders::new(),
         );
         assert_eq!(d.plan.forwards.len(), 1);
         assert_eq!(d.release, vec![("ns".into(), "bad".into())]);

@@ -4,7 +4,7 @@
 //! Pure: no clock, no I/O. The result is deterministic for a given set of Services, whatever
 //! their order, so a restart arrives at the same forwards.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use serde::Serialize;
@@ -63,10 +63,15 @@ impl Plan {
     }
 }
 
-/// Rank for conflicts, lowest first: a Service with a creationTimestamp before one without,
-/// older before newer, then by position in namespace/name order. Borrowed, so ranking
-/// 20,000 candidates allocates nothing.
-type Rank<'a> = (bool, &'a str, usize);
+/// Rank for conflicts, lowest first: the Service that holds the port now, then a Service
+/// with a creationTimestamp before one without, older before newer, then by position in
+/// namespace/name order. Borrowed, so ranking 20,000 candidates allocates nothing.
+type Rank<'a> = (bool, bool, &'a str, usize);
+
+/// Who holds each port now: the uid of the Service whose forward the kernel holds (from the
+/// element's owner comment after a restart). The holder keeps its port as long as it asks
+/// for it; only a free port goes to the oldest.
+pub type Holders = BTreeMap<ForwardKey, String>;
 
 struct Candidate<'a> {
     rank: Rank<'a>,
@@ -78,9 +83,19 @@ struct Candidate<'a> {
     sources: Vec<IpNet>,
 }
 
-/// Plans the forwards for a set of Services. Services without the mapping annotation are
-/// not part of the plan.
+/// Plans the forwards for a set of Services, no port held by anyone yet (offline).
 pub fn plan<'a>(services: impl IntoIterator<Item = &'a Service>, policy: &Policy) -> Plan {
+    plan_held(services, policy, &Holders::new())
+}
+
+/// Plans the forwards for a set of Services, the ports in `holders` staying with the
+/// Services that hold them. Services without the mapping annotation are not part of the
+/// plan.
+pub fn plan_held<'a>(
+    services: impl IntoIterator<Item = &'a Service>,
+    policy: &Policy,
+    holders: &Holders,
+) -> Plan {
     let mut services: Vec<&Service> = services
         .into_iter()
         .filter(|s| s.mapping.is_some())
@@ -93,21 +108,38 @@ pub fn plan<'a>(services: impl IntoIterator<Item = &'a Service>, policy: &Policy
         resolve_service(position, service, policy, &mut outcomes, &mut candidates);
     }
 
+    for candidate in &mut candidates {
+        let holds = candidate.service.uid.as_ref().is_some_and(|uid| {
+            holders
+                .get(&candidate.key)
+                .is_some_and(|holder| holder == uid)
+        });
+        candidate.rank.0 = !holds;
+    }
     candidates.sort_unstable_by_key(|c| c.rank);
     let mut forwards: BTreeMap<ForwardKey, Forward> = BTreeMap::new();
+    let mut held: BTreeSet<ForwardKey> = BTreeSet::new();
     for candidate in candidates {
         match forwards.get(&candidate.key) {
             Some(winner) => {
+                let why = if held.contains(&candidate.key) {
+                    "it holds the port now"
+                } else {
+                    "older, or first by namespace/name"
+                };
                 let outcome = &mut outcomes[candidate.outcome];
                 outcome.state = State::Conflict;
                 outcome.winner = Some(winner.owner.service());
                 outcome.reason = Some(format!(
-                    "external port {} is held by {} (older, or first by namespace/name)",
+                    "external port {} is held by {} ({why})",
                     candidate.key,
                     winner.owner.service()
                 ));
             }
             None => {
+                if !candidate.rank.0 {
+                    held.insert(candidate.key);
+                }
                 let forward = Forward {
                     key: candidate.key,
                     target: candidate.target,
@@ -192,7 +224,9 @@ fn resolve_service<'a>(
             return;
         }
     };
+    // Whether it holds the port is known per forward key, below.
     let rank = (
+        true,
         service.created.is_none(),
         service.created.as_deref().unwrap_or_default(),
         position,
@@ -585,6 +619,36 @@ mod tests {
             plan_tie.forwards[&key(80, Protocol::Tcp)].owner.namespace,
             "a"
         );
+    }
+
+    #[test]
+    fn the_holder_keeps_its_port_against_an_older_service() {
+        let mut new = svc("a", "new", "http", "10.0.0.1");
+        new.uid = Some("u-new".into());
+        new.created = Some("2026-02-01T00:00:00Z".into());
+        let mut old = svc("b", "old", "http", "10.0.0.2");
+        old.uid = Some("u-old".into());
+        old.created = Some("2020-01-01T00:00:00Z".into());
+        // Free port: the oldest wins.
+        let free = plan([&new, &old], &Policy::default());
+        assert_eq!(free.forwards[&key(80, Protocol::Tcp)].owner.name, "old");
+        // Held by the newer one: it keeps it, and the older one is told who holds it.
+        let holders = Holders::from([(key(80, Protocol::Tcp), "u-new".to_owned())]);
+        let held = plan_held([&new, &old], &Policy::default(), &holders);
+        assert_eq!(held.forwards[&key(80, Protocol::Tcp)].owner.name, "new");
+        let loser = held.outcomes.iter().find(|o| o.name == "old").unwrap();
+        assert_eq!(loser.state, State::Conflict);
+        assert!(
+            loser
+                .reason
+                .as_deref()
+                .unwrap()
+                .contains("held by a/new (it holds the port now)"),
+            "{loser:?}"
+        );
+        // A holder that stops asking loses nothing to anyone else but the port itself.
+        let gone = plan_held([&old], &Policy::default(), &holders);
+        assert_eq!(gone.forwards[&key(80, Protocol::Tcp)].owner.name, "old");
     }
 
     #[test]

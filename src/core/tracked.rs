@@ -15,7 +15,23 @@ pub struct Tracked {
     pub terminating: bool,
     /// The mapping annotation is present (known even when the rest cannot be decoded).
     pub annotated: bool,
+    /// The Service left the daemon's watch (its labels no longer match `--selector`, or it
+    /// is outside the namespaces watched) while it still held this router's finalizer: it
+    /// forwards nothing, and is kept only until the finalizer is released.
+    pub out_of_scope: bool,
+    /// Its conditions as the API server holds them (those with a domain-qualified type,
+    /// where routers write theirs), so a condition already as wanted is not written again.
+    pub conditions: Vec<Condition>,
     pub service: Result<Service, DecodeError>,
+}
+
+/// One entry of `status.conditions`, as far as deciding whether to write it goes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Condition {
+    pub type_: String,
+    pub status: String,
+    pub reason: String,
+    pub message: String,
 }
 
 impl Tracked {
@@ -38,6 +54,11 @@ impl Tracked {
         self.annotated || self.has_finalizer(finalizer)
     }
 
+    /// The condition of `type_`, if the Service has one.
+    pub fn condition(&self, type_: &str) -> Option<&Condition> {
+        self.conditions.iter().find(|c| c.type_ == type_)
+    }
+
     /// Reads what is kept from a Service object as the API server sends it.
     pub fn from_value(value: serde_json::Value) -> Tracked {
         let meta = &value["metadata"];
@@ -55,6 +76,22 @@ impl Tracked {
                 .unwrap_or_default(),
             terminating: !meta["deletionTimestamp"].is_null(),
             annotated: !meta["annotations"][annotation::MAPPING].is_null(),
+            out_of_scope: false,
+            conditions: value["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|c| {
+                    let text = |field: &str| c[field].as_str().unwrap_or_default().to_owned();
+                    let type_ = c["type"].as_str().filter(|t| t.contains('/'))?;
+                    Some(Condition {
+                        type_: type_.to_owned(),
+                        status: text("status"),
+                        reason: text("reason"),
+                        message: text("message"),
+                    })
+                })
+                .collect(),
             service: Service::decode(value),
         }
     }

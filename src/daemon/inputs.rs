@@ -5,14 +5,16 @@
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::Namespace;
-use kube::api::PartialObjectMeta;
+use k8s_openapi::api::core::v1::{Namespace, Service};
+use kube::api::{Api, ListParams, PartialObjectMeta};
 use kube::runtime::watcher::{self, Event};
 
 use super::Daemon;
+use crate::cluster::lane::Done;
 use crate::cluster::watch::Input;
 use crate::cluster::watched::WatchedService;
 use crate::core::decide::Store;
+use crate::core::tracked::Tracked;
 use crate::router::health;
 use crate::router::links::Addresses;
 use crate::router::{policy_file, sockets};
@@ -103,6 +105,83 @@ impl Daemon {
         }
     }
 
+    /// Takes what the cluster lane did; returns whether the Services changed.
+    pub(super) fn lane_done(&mut self, done: Done) -> bool {
+        match done {
+            Done::Finalizer(key, updated) => {
+                let tracked = updated.tracked;
+                let out_of_scope = self.store.get(&key).is_some_and(|t| t.out_of_scope);
+                if updated.metadata.name.is_none() {
+                    return false;
+                }
+                if out_of_scope && !tracked.has_finalizer(&self.settings.finalizer) {
+                    // Released: the watch says nothing more of it.
+                    self.store.remove(&key);
+                } else if tracked.relevant(&self.settings.finalizer) {
+                    let tracked = Tracked {
+                        out_of_scope,
+                        ..tracked
+                    };
+                    self.store.insert(key, tracked);
+                } else {
+                    self.store.remove(&key);
+                }
+                true
+            }
+            Done::Gone(key) => self.store.remove(&key).is_some(),
+            Done::Idle => {
+                self.lock_metrics().bookkeeping_idle = true;
+                tracing::debug!("bookkeeping caught up");
+                false
+            }
+        }
+    }
+
+    /// Looks once, after the first complete list, for Services outside the watch's scope
+    /// that hold this router's finalizer (the scope was narrowed across a restart, or they
+    /// left it while the daemon was down), so their finalizers are released too. Metadata
+    /// only, a page at a time. Returns whether any was found.
+    pub(super) async fn sweep_strays(&mut self) -> bool {
+        let api: Api<PartialObjectMeta<Service>> = Api::all(self.client.clone());
+        let mut params = ListParams::default().limit(500);
+        let mut found = 0;
+        loop {
+            let page = match api.list_metadata(&params).await {
+                Ok(page) => page,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot list Services outside the watch that hold this router's finalizer; trying again at the next resync");
+                    return found > 0;
+                }
+            };
+            for meta in page.items {
+                let holds = meta
+                    .metadata
+                    .finalizers
+                    .as_ref()
+                    .is_some_and(|f| f.contains(&self.settings.finalizer));
+                let key = (
+                    meta.metadata.namespace.clone().unwrap_or_default(),
+                    meta.metadata.name.clone().unwrap_or_default(),
+                );
+                if !holds || self.store.contains_key(&key) {
+                    continue;
+                }
+                tracing::info!(namespace = %key.0, name = %key.1, "a Service outside the watch holds this router's finalizer; releasing it");
+                let mut tracked =
+                    Tracked::from_value(serde_json::json!({"metadata": meta.metadata}));
+                tracked.out_of_scope = true;
+                self.store.insert(key, tracked);
+                found += 1;
+            }
+            match page.metadata.continue_.filter(|c| !c.is_empty()) {
+                Some(token) => params = params.continue_token(&token),
+                None => break,
+            }
+        }
+        self.strays_swept = true;
+        found > 0
+    }
+
     /// Takes one watch event; returns whether what the plan depends on changed.
     pub(super) fn take(&mut self, input: Input) -> bool {
         match input {
@@ -168,9 +247,20 @@ impl Daemon {
             }
             Ok(Event::InitDone) => {
                 let listed = self.buffers[index].take().unwrap_or_default();
-                match &self.scopes[index] {
-                    Some(ns) => self.store.retain(|(n, _), _| n != ns),
-                    None => self.store.clear(),
+                let in_scope = |ns: &str| self.scopes[index].as_deref().is_none_or(|s| s == ns);
+                let (before, others): (Store, Store) = std::mem::take(&mut self.store)
+                    .into_iter()
+                    .partition(|((ns, _), _)| in_scope(ns));
+                self.store = others;
+                // A Service that held this router's finalizer and is not listed any more
+                // left the scope while the watch was down: it cannot have been deleted, the
+                // finalizer holds it. Kept until the finalizer is released.
+                for (key, mut tracked) in before {
+                    if !listed.contains_key(&key) && tracked.has_finalizer(&self.settings.finalizer)
+                    {
+                        tracked.out_of_scope = true;
+                        self.store.insert(key, tracked);
+                    }
                 }
                 tracing::info!(services = listed.len(), "complete list of Services");
                 self.store.extend(listed);
@@ -186,10 +276,30 @@ impl Daemon {
                     self.store.remove(&key).is_some()
                 }
             }
-            Ok(Event::Delete(service)) => self.store.remove(&service.key()).is_some(),
+            Ok(Event::Delete(service)) => {
+                let key = service.key();
+                let mut tracked = service.tracked;
+                if tracked.has_finalizer(&self.settings.finalizer) {
+                    // Deleted, as a filtered watch reports a Service whose labels stopped
+                    // matching: while it holds this router's finalizer it cannot really be
+                    // gone. Its forwards close, then the finalizer is released.
+                    tracing::info!(namespace = %key.0, name = %key.1, "the Service left the watch's scope; closing its forwards, then releasing the finalizer");
+                    tracked.out_of_scope = true;
+                    self.store.insert(key, tracked);
+                    true
+                } else {
+                    self.store.remove(&key).is_some()
+                }
+            }
             Err(error) => {
                 self.lock_metrics().watch_errors += 1;
                 tracing::warn!(%error, "watching Services failed; rules stay, retrying");
+                if !self.ready {
+                    // systemd shows it (`systemctl status`); the unit waits as long as it
+                    // takes (TimeoutStartSec=infinity), the rules staying as they are.
+                    let status = format!("waiting for the API server: {error}");
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&status)]);
+                }
                 false
             }
         }

@@ -18,6 +18,7 @@ use futures::{FutureExt, StreamExt};
 use tokio::time::Instant;
 
 use crate::cluster::client::{self, ClientError};
+use crate::cluster::lane::Lane;
 use crate::cluster::{Cluster, Key, watch};
 use crate::core::decide::{Store, Summary};
 use crate::core::names::valid_finalizer;
@@ -77,7 +78,13 @@ pub enum DaemonError {
 
 struct Daemon {
     settings: Settings,
-    cluster: Cluster,
+    client: kube::Client,
+    /// Finalizers, conditions and events are written there, beside the loop.
+    lane: Lane,
+    /// Who holds which port was read from the kernel once.
+    holders_known: bool,
+    /// Finalizer holders outside the watch's scope were looked for once.
+    strays_swept: bool,
     /// One scope per watch: `None` is every namespace.
     scopes: Vec<Option<String>>,
     store: Store,
@@ -151,13 +158,17 @@ pub async fn run(
             .map_err(|error| DaemonError::Health(address, error))?;
         tokio::spawn(health::serve(listener, metrics.clone(), STALL));
     }
+    let (lane, mut lane_done) = Lane::start(Cluster::new(
+        client.clone(),
+        settings.finalizer.clone(),
+        settings.condition_type.clone(),
+        settings.instance.clone(),
+    ));
     let mut daemon = Daemon {
-        cluster: Cluster::new(
-            client,
-            settings.finalizer.clone(),
-            settings.condition_type.clone(),
-            settings.instance.clone(),
-        ),
+        client,
+        lane,
+        holders_known: false,
+        strays_swept: false,
         buffers: vec![None; scopes.len()],
         synced: vec![false; scopes.len()],
         namespace_buffer: None,
@@ -184,6 +195,9 @@ pub async fn run(
         table = %daemon.settings.table.table,
         "starting; the kernel table stays as it is until the first complete list"
     );
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(
+        "waiting for the first complete list of Services",
+    )]);
     let mut resync = tokio::time::interval(daemon.settings.resync);
     resync.tick().await;
     let mut retry_at: Option<Instant> = None;
@@ -239,9 +253,18 @@ pub async fn run(
                 dirty = true;
                 force = true;
             }
+            Some(done) = lane_done.recv() => {
+                dirty |= daemon.lane_done(done);
+                while let Ok(done) = lane_done.try_recv() {
+                    dirty |= daemon.lane_done(done);
+                }
+            }
             _ = heartbeat.tick() => daemon.progress(),
         }
         if dirty && daemon.namespaces_synced && daemon.synced.iter().all(|s| *s) {
+            if !daemon.strays_swept && (force || !daemon.ready) {
+                daemon.sweep_strays().await;
+            }
             match daemon.reconcile(force).await? {
                 Some(delay) => retry_at = Some(Instant::now() + delay),
                 None => retry_at = None,

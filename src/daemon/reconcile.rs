@@ -1,5 +1,6 @@
-//! One round of the daemon: the kernel lane applies what the core decided, then the cluster
-//! lane releases and adds finalizers, reports what changed and publishes conditions.
+//! One round of the daemon: the kernel lane applies what the core decided; the finalizer
+//! changes the kernel now allows, the conditions that changed and the events go to the
+//! cluster lane, which writes them without holding up the next round.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -9,20 +10,42 @@ use tokio::time::Instant;
 
 use super::{Daemon, DaemonError};
 use crate::cluster::Key;
-use crate::cluster::report::changes_by_service;
-use crate::cluster::watched::WatchedService;
+use crate::cluster::lane::{Round, Work};
+use crate::cluster::report::{changes_by_service, condition_of};
 use crate::core::decide::{self, Summary};
 use crate::core::model::ForwardKey;
 use crate::kernel::{Applied, Engine, NftCli, Ruleset};
 use crate::router::audit;
 
 impl Daemon {
-    /// One round: apply, then finalizers, events and conditions. Returns when to try again
-    /// if something is left to do. Unless `force`d, forwards equal to those applied last are
-    /// not sent again: most events (the daemon's own finalizer and condition writes among
-    /// them) change no forward.
+    /// One round: apply, then hand finalizers, events and conditions to the cluster lane.
+    /// Returns when to try again if something is left to do. Unless `force`d, forwards equal
+    /// to those applied last are not sent again: most events (the daemon's own finalizer and
+    /// condition writes among them) change no forward.
     pub(super) async fn reconcile(&mut self, force: bool) -> Result<Option<Duration>, DaemonError> {
-        let decision = decide::decide(&self.store, self.cluster.finalizer(), &self.settings.policy);
+        if !self.holders_known {
+            self.learn_holders().await?;
+        }
+        let holders = self
+            .engine
+            .as_ref()
+            .map(|e| e.holders().clone())
+            .unwrap_or_default();
+        let decision = decide::decide(
+            &self.store,
+            &self.settings.finalizer,
+            &self.settings.policy,
+            &holders,
+        );
+        // A cleanup deadline runs only while the Service waits for its release: one that is
+        // asked for again, or was released, starts afresh next time.
+        let releasing: BTreeSet<&str> = decision
+            .release
+            .iter()
+            .filter_map(|k| self.store.get(k).map(|t| t.uid()))
+            .collect();
+        self.cleanup_since
+            .retain(|uid, _| releasing.contains(uid.as_str()));
         let unchanged = !force
             && self
                 .engine
@@ -41,6 +64,7 @@ impl Daemon {
                 .await?
         };
         self.progress();
+        let mut round = Round::default();
         let applied = match result {
             Ok(applied) => applied,
             Err(error) => {
@@ -54,11 +78,12 @@ impl Daemon {
                 let note = format!("removing this Service's forwards failed: {error}");
                 for key in &decision.release {
                     if self.cleanup_overdue(key) {
-                        self.release_anyway(key).await;
+                        self.release_anyway(key, &mut round);
                     } else {
-                        self.warn(key, "CleanupFailed", &note).await;
+                        self.warn(key, "CleanupFailed", note.clone(), &mut round);
                     }
                 }
+                self.lane.send(round);
                 return Ok(Some(self.backoff()));
             }
         };
@@ -81,25 +106,57 @@ impl Daemon {
                 forwards = decision.plan.forwards.len(),
                 "ready: first complete list seen and first apply done"
             );
-            let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+            let _ = sd_notify::notify(&[
+                sd_notify::NotifyState::Ready,
+                sd_notify::NotifyState::Status("forwarding"),
+            ]);
         }
         // Finalizers first: a deleted Service waits on the release, events wait on nobody.
         let mut retry = None;
         if !decision.release.is_empty() {
-            retry = self.release(&decision.release, &applied).await?;
+            retry = self
+                .release(&decision.release, &applied, &mut round)
+                .await?;
         }
         for key in &decision.add_finalizer {
-            self.add_finalizer(key).await;
+            if let Some(tracked) = self.store.get(key) {
+                round
+                    .finalizers
+                    .push((key.clone(), Work::AddFinalizer(tracked.clone())));
+            }
         }
-        self.report_changes(&applied).await;
+        self.report_changes(&applied, &mut round);
         for (key, summary) in decision.summaries {
             if self.published.get(&key) != Some(&summary) {
-                self.publish(&key, &summary).await;
+                self.publish(&key, &summary, &mut round);
                 self.published.insert(key, summary);
             }
         }
         self.published.retain(|key, _| self.store.contains_key(key));
+        let queued = round.finalizers.len() + round.reports.len();
+        if queued > 0 {
+            let mut metrics = self.lock_metrics();
+            metrics.bookkeeping_queued += queued;
+            metrics.bookkeeping_idle = false;
+        }
+        self.lane.send(round);
         Ok(retry)
+    }
+
+    /// Who holds which port, from the kernel's owner comments: read once, before the first
+    /// decision; the engine keeps it current from then on. A failed read is retried.
+    async fn learn_holders(&mut self) -> Result<(), DaemonError> {
+        let config = self.settings.table.clone();
+        match self
+            .with_engine(move |engine| engine.learn_holders(&config))
+            .await?
+        {
+            Ok(()) => self.holders_known = true,
+            Err(error) => {
+                tracing::warn!(%error, "cannot read who holds which port; the apply will say more")
+            }
+        }
+        Ok(())
     }
 
     fn backoff(&self) -> Duration {
@@ -125,8 +182,9 @@ impl Daemon {
     /// Releases finalizers of Services whose forwards are verified gone from the kernel.
     async fn release(
         &mut self,
-        keys: &[(String, String)],
+        keys: &[Key],
         applied: &Applied,
+        round: &mut Round,
     ) -> Result<Option<Duration>, DaemonError> {
         // Fast path: every Service released had its forwards removed by this round's
         // transaction, and the kernel confirms those keys are gone (its echo of the
@@ -157,10 +215,7 @@ impl Daemon {
                     .await?)
         {
             for key in keys {
-                if let Some(uid) = self.store.get(key).map(|t| t.uid.clone()) {
-                    self.cleanup_since.remove(&uid);
-                }
-                self.remove_finalizer(key).await;
+                self.release_now(key, round);
             }
             return Ok(None);
         }
@@ -169,16 +224,7 @@ impl Daemon {
             .with_engine(move |engine| engine.read(&config.table.clone(), Some(&config)))
             .await?;
         let present: BTreeSet<String> = match read {
-            Ok(table) => table
-                .map(|t| {
-                    t.addrs
-                        .values()
-                        .filter_map(|e| e.comment.as_deref())
-                        .chain(t.ports.values().filter_map(|e| e.comment.as_deref()))
-                        .filter_map(|c| c.rsplit_once(" uid=").map(|(_, uid)| uid.to_owned()))
-                        .collect()
-                })
-                .unwrap_or_default(),
+            Ok(table) => table.map(|t| t.owner_uids()).unwrap_or_default(),
             Err(error) => {
                 tracing::error!(%error, "cannot read the table to verify cleanup");
                 return Ok(Some(self.backoff()));
@@ -190,23 +236,31 @@ impl Daemon {
                 continue;
             };
             if !present.contains(&uid) {
-                self.cleanup_since.remove(&uid);
-                self.remove_finalizer(key).await;
+                self.release_now(key, round);
                 continue;
             }
             if self.cleanup_overdue(key) {
-                self.release_anyway(key).await;
+                self.release_anyway(key, round);
             } else {
                 self.warn(
                     key,
                     "CleanupPending",
-                    "this Service's forwards are still in the router's table; retrying",
-                )
-                .await;
+                    "this Service's forwards are still in the router's table; retrying".into(),
+                    round,
+                );
                 retry = Some(self.backoff());
             }
         }
         Ok(retry)
+    }
+
+    fn release_now(&mut self, key: &Key, round: &mut Round) {
+        if let Some(tracked) = self.store.get(key) {
+            self.cleanup_since.remove(tracked.uid());
+            round
+                .finalizers
+                .push((key.clone(), Work::Release(tracked.clone())));
+        }
     }
 
     /// Whether a Service's cleanup has been failing for longer than the deadline, counted
@@ -219,7 +273,7 @@ impl Daemon {
         since.elapsed() >= self.settings.cleanup_deadline
     }
 
-    async fn release_anyway(&mut self, key: &Key) {
+    fn release_anyway(&mut self, key: &Key, round: &mut Round) {
         let uid = self
             .store
             .get(key)
@@ -235,73 +289,82 @@ impl Daemon {
         self.warn(
             key,
             "CleanupAbandoned",
-            "cleanup kept failing past the deadline; the finalizer is released and the router keeps retrying",
-        )
-        .await;
-        self.remove_finalizer(key).await;
-    }
-
-    /// Adds this router's finalizer to a Service whose forwards are live.
-    async fn add_finalizer(&mut self, key: &Key) {
-        let Some(tracked) = self.store.get(key) else {
-            return;
-        };
-        let updated = self.cluster.add_finalizer(key, tracked).await;
-        self.progress();
-        self.keep(key, updated);
-    }
-
-    async fn remove_finalizer(&mut self, key: &Key) {
-        let Some(tracked) = self.store.get(key) else {
-            return;
-        };
-        let updated = self.cluster.remove_finalizer(key, tracked).await;
-        self.progress();
-        self.keep(key, updated);
-    }
-
-    /// Keeps what the API server answered to a patch, before its watch event arrives.
-    fn keep(&mut self, key: &Key, updated: Option<WatchedService>) {
-        if let Some(updated) = updated
-            && updated.metadata.name.is_some()
-        {
-            self.store.insert(key.clone(), updated.tracked);
-        }
+            "cleanup kept failing past the deadline; the finalizer is released and the router keeps retrying".into(),
+            round,
+        );
+        self.release_now(key, round);
     }
 
     /// Normal events for forwards opened and closed, one per Service.
-    async fn report_changes(&mut self, applied: &Applied) {
-        let instance = self.cluster.instance().to_owned();
+    fn report_changes(&self, applied: &Applied, round: &mut Round) {
+        let instance = &self.settings.instance;
         for (key, (opened, closed)) in changes_by_service(applied, &self.store) {
             if !opened.is_empty() {
                 let note = format!("opened on router {instance}: {}", opened.join(", "));
-                self.event(&key, EventType::Normal, "PortsOpened", "Forward", &note)
-                    .await;
+                self.event(
+                    &key,
+                    EventType::Normal,
+                    "PortsOpened",
+                    "Forward",
+                    note,
+                    round,
+                );
             }
             if !closed.is_empty() {
                 let note = format!("closed on router {instance}: {}", closed.join(", "));
-                self.event(&key, EventType::Normal, "PortsClosed", "Forward", &note)
-                    .await;
+                self.event(
+                    &key,
+                    EventType::Normal,
+                    "PortsClosed",
+                    "Forward",
+                    note,
+                    round,
+                );
             }
         }
     }
-    async fn warn(&mut self, key: &Key, reason: &str, note: &str) {
-        self.event(key, EventType::Warning, reason, "Forward", note)
-            .await;
+
+    fn warn(&self, key: &Key, reason: &'static str, note: String, round: &mut Round) {
+        self.event(key, EventType::Warning, reason, "Forward", note, round);
     }
 
-    async fn event(&self, key: &Key, type_: EventType, reason: &str, action: &str, note: &str) {
+    fn event(
+        &self,
+        key: &Key,
+        type_: EventType,
+        reason: &'static str,
+        action: &'static str,
+        note: String,
+        round: &mut Round,
+    ) {
         let Some(tracked) = self.store.get(key) else {
             return;
         };
-        self.cluster
-            .event(key, tracked, type_, reason, action, note)
-            .await;
-        self.progress();
+        let event = Work::Event {
+            tracked: tracked.clone(),
+            type_,
+            reason,
+            action,
+            note,
+        };
+        round.reports.push((key.clone(), event));
     }
 
-    /// The event and this router's condition for a Service whose summary changed.
-    async fn publish(&self, key: &Key, summary: &Summary) {
+    /// The event and this router's condition for a Service whose summary changed. Nothing
+    /// when the Service already carries that condition (after a restart, say): events say
+    /// what changed, not that nothing did.
+    fn publish(&self, key: &Key, summary: &Summary, round: &mut Round) {
+        let Some(tracked) = self.store.get(key) else {
+            return;
+        };
+        let wanted = condition_of(
+            &self.settings.condition_type,
+            &self.settings.instance,
+            summary,
+        );
+        if tracked.condition(&wanted.type_) == Some(&wanted) {
+            return;
+        }
         let type_ = if summary.warning {
             // Refusals, conflicts and bad entries are part of the audit trail too.
             tracing::warn!(
@@ -316,9 +379,16 @@ impl Daemon {
         } else {
             EventType::Normal
         };
-        self.event(key, type_, summary.reason, "Plan", &summary.message)
-            .await;
-        self.cluster.condition(key, summary).await;
-        self.progress();
+        self.event(
+            key,
+            type_,
+            summary.reason,
+            "Plan",
+            summary.message.clone(),
+            round,
+        );
+        round
+            .reports
+            .push((key.clone(), Work::Condition(summary.clone())));
     }
 }

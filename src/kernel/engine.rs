@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use super::nft::{Firewall, NftError};
 use super::{Change, KernelTable, Ruleset, TableConfig, Update, owner_comment};
 use crate::core::model::{Forward, ForwardKey};
+use crate::core::plan::Holders;
 
 /// Up to this many forwards, confirming a removal from `nft --echo` is cheaper than a
 /// second `nft` run (about 15 ms here, whatever the table's size).
@@ -46,10 +47,7 @@ impl Previous<'_> {
         match self {
             Previous::Nothing => None,
             Previous::Applied(ruleset) => ruleset.forwards.get(key)?.owner.uid.clone(),
-            Previous::Kernel(table) => {
-                let comment = table.addrs.get(key)?.comment.as_deref()?;
-                Some(comment.rsplit_once(" uid=")?.1.to_owned())
-            }
+            Previous::Kernel(table) => table.owner_uid(key).map(str::to_owned),
         }
     }
 
@@ -84,6 +82,12 @@ impl Previous<'_> {
 pub struct Engine<F> {
     firewall: F,
     applied: Option<Ruleset>,
+    /// Who holds which port, as far as the engine knows: from the kernel's owner comments,
+    /// then from every apply.
+    holders: Holders,
+    /// A read of the kernel taken ahead of the next apply ([`Engine::learn_holders`]), which
+    /// uses it instead of reading again.
+    read_ahead: Option<Option<KernelTable>>,
 }
 
 impl<F: Firewall> Engine<F> {
@@ -91,6 +95,8 @@ impl<F: Firewall> Engine<F> {
         Engine {
             firewall,
             applied: None,
+            holders: Holders::new(),
+            read_ahead: None,
         }
     }
 
@@ -115,6 +121,21 @@ impl<F: Firewall> Engine<F> {
     /// Drop what the engine remembers; the next apply reads the kernel table in full.
     pub fn forget(&mut self) {
         self.applied = None;
+        self.read_ahead = None;
+    }
+
+    /// Who holds which port: the Services whose forwards the kernel holds.
+    pub fn holders(&self) -> &Holders {
+        &self.holders
+    }
+
+    /// Reads the kernel table to learn who holds which port (after a restart, from the owner
+    /// comments); the next apply starts from this read.
+    pub fn learn_holders(&mut self, config: &TableConfig) -> Result<(), NftError> {
+        let table = self.read(&config.table, Some(config))?;
+        self.holders = table.as_ref().map(KernelTable::holders).unwrap_or_default();
+        self.read_ahead = Some(table);
+        Ok(())
     }
 
     /// Reads and parses the kernel table, checking its shape against `config` (`None`: any
@@ -140,9 +161,10 @@ impl<F: Firewall> Engine<F> {
                 remembered = Some((applied, change));
             }
         }
-        let kernel = match remembered {
-            Some(_) => None,
-            None => self.read(&desired.config.table, Some(&desired.config))?,
+        let kernel = match (remembered.as_ref(), self.read_ahead.take()) {
+            (Some(_), _) => None,
+            (None, Some(read)) => read,
+            (None, None) => self.read(&desired.config.table, Some(&desired.config))?,
         };
         let empty = KernelTable::default();
         // `delta` is what differs element by element, for the report, even when the
@@ -184,6 +206,11 @@ impl<F: Firewall> Engine<F> {
                 })
                 .collect(),
         };
+        self.holders = desired
+            .forwards
+            .iter()
+            .filter_map(|(key, f)| Some((*key, f.owner.uid.clone()?)))
+            .collect();
         self.applied = Some(desired);
         Ok(applied)
     }

@@ -12,6 +12,7 @@ use nftables::types::{NfChainType, NfHook};
 
 use super::layout::*;
 use crate::core::model::{Family, ForwardKey, Protocol};
+use crate::core::plan::Holders;
 
 /// The table as read from the kernel.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -60,6 +61,30 @@ pub fn echoed_deletions(echo: &str) -> BTreeSet<ForwardKey> {
 }
 
 impl KernelTable {
+    /// The uid in the owner comment of a forward's address element, if any.
+    pub fn owner_uid(&self, key: &ForwardKey) -> Option<&str> {
+        let comment = self.addrs.get(key)?.comment.as_deref()?;
+        Some(comment.rsplit_once(" uid=")?.1)
+    }
+
+    /// Who holds each port, by the owner comments.
+    pub fn holders(&self) -> Holders {
+        self.addrs
+            .keys()
+            .filter_map(|key| Some((*key, self.owner_uid(key)?.to_owned())))
+            .collect()
+    }
+
+    /// Every owner uid in the address and port maps.
+    pub fn owner_uids(&self) -> BTreeSet<String> {
+        self.addrs
+            .values()
+            .filter_map(|e| e.comment.as_deref())
+            .chain(self.ports.values().filter_map(|e| e.comment.as_deref()))
+            .filter_map(|c| c.rsplit_once(" uid=").map(|(_, uid)| uid.to_owned()))
+            .collect()
+    }
+
     /// Reads the output of `nft -j list table inet NAME`, checking that the table has the
     /// shape this daemon creates and nothing else: the sets, maps, chain, and the rules of
     /// `config` (`None`: of any configuration).

@@ -41,6 +41,10 @@ pub struct Metrics {
     pub apply_errors: u64,
     pub watch_errors: u64,
     pub table_restores: u64,
+    /// Finalizer changes, conditions and events handed to the cluster lane.
+    pub bookkeeping_queued: usize,
+    /// The cluster lane has nothing pending or in flight.
+    pub bookkeeping_idle: bool,
     apply_buckets: [u64; BUCKETS.len()],
     apply_count: u64,
     apply_sum: f64,
@@ -70,6 +74,8 @@ impl Default for Metrics {
             apply_errors: 0,
             watch_errors: 0,
             table_restores: 0,
+            bookkeeping_queued: 0,
+            bookkeeping_idle: true,
             apply_buckets: [0; BUCKETS.len()],
             apply_count: 0,
             apply_sum: 0.0,
@@ -137,6 +143,11 @@ impl Metrics {
                 self.wan_addresses as f64,
             ),
             (
+                "bookkeeping_idle",
+                "Whether every finalizer change, condition and event handed to the cluster lane is written.",
+                f64::from(u8::from(self.bookkeeping_idle)),
+            ),
+            (
                 "seconds_since_last_sync",
                 "Seconds since the table was last confirmed in step with the cluster (since start if never).",
                 since_sync.as_secs_f64(),
@@ -156,6 +167,11 @@ impl Metrics {
                 "apply_errors_total",
                 "Applies that failed.",
                 self.apply_errors,
+            ),
+            (
+                "bookkeeping_queued_total",
+                "Finalizer changes, conditions and events handed to the cluster lane.",
+                self.bookkeeping_queued as u64,
             ),
             (
                 "watch_errors_total",

@@ -4,6 +4,7 @@
 
 pub mod apiserver;
 pub mod daemon;
+pub mod scenario;
 
 use std::fs::File;
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};

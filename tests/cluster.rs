@@ -1,0 +1,213 @@
+//! The cluster lane end to end: finalizers released from Services the daemon stops
+//! watching, who keeps a port, and a restart that writes nothing when nothing changed. The
+//! real binary runs `run` in the router namespace against the test API server. Needs root.
+
+mod common;
+
+use common::scenario::*;
+use common::*;
+use serde_json::json;
+
+const HEALTH: &str = "127.0.0.1:9477";
+
+fn labelled(name: &str, labels: serde_json::Value) -> serde_json::Value {
+    let mut object = service(name, "80:http", 8080);
+    object["metadata"]["labels"] = labels;
+    object
+}
+
+#[test]
+fn a_service_that_leaves_the_selector_is_released_and_can_be_deleted() {
+    let Setup {
+        topology,
+        api,
+        addr,
+        dir,
+        _servers,
+    } = setup(&[8080]);
+    let extra = ["--selector", "expose=yes", "--cleanup-deadline", "60"];
+    let daemon = start_daemon(&topology.router, &dir, addr, "router-a", FINALIZER, &extra);
+    daemon.wait_log("ready");
+    api.create(labelled("web", json!({"expose": "yes"})));
+    api.set_lb_ips("apps", "web", &[SERVER4]);
+    wait_for("the forward", || greets(&topology, 80, "hello 8080"));
+    wait_for("the finalizer", || finalizers(&api, "web") == [FINALIZER]);
+
+    // The label goes: the watch reports the Service deleted; it is not, and must not keep
+    // this router's finalizer, nor its port.
+    api.merge_patch(
+        "apps",
+        "web",
+        json!({"metadata": {"labels": {"expose": null}}}),
+        false,
+    );
+    wait_for("the finalizer to be released", || {
+        finalizers(&api, "web").is_empty()
+    });
+    assert!(refused(&topology, 80));
+    assert_eq!(table_forwards(&topology), 0);
+    assert_eq!(api.delete("apps", "web"), http::StatusCode::OK);
+    assert!(
+        api.get("apps", "web").is_none(),
+        "the Service stays Terminating"
+    );
+}
+
+#[test]
+fn a_narrower_scope_after_a_restart_releases_what_it_no_longer_watches() {
+    let Setup {
+        topology,
+        api,
+        addr,
+        dir,
+        _servers,
+    } = setup(&[8080]);
+    let mut daemon = start_daemon(&topology.router, &dir, addr, "router-a", FINALIZER, &[]);
+    daemon.wait_log("ready");
+    api.create(labelled("web", json!({"team": "a"})));
+    api.set_lb_ips("apps", "web", &[SERVER4]);
+    wait_for("the forward", || greets(&topology, 80, "hello 8080"));
+    wait_for("the finalizer", || finalizers(&api, "web") == [FINALIZER]);
+    daemon.kill();
+
+    // Back with a selector the Service does not match: its forward closes and the
+    // finalizer found by the start-up sweep is released.
+    let extra = ["--selector", "team=b", "--cleanup-deadline", "60"];
+    let daemon = start_daemon(&topology.router, &dir, addr, "router-a", FINALIZER, &extra);
+    wait_for("the finalizer to be released", || {
+        finalizers(&api, "web").is_empty()
+    });
+    assert!(refused(&topology, 80));
+    assert!(
+        daemon
+            .log()
+            .contains("outside the watch holds this router's finalizer")
+    );
+    assert_eq!(api.delete("apps", "web"), http::StatusCode::OK);
+    assert!(api.get("apps", "web").is_none());
+    assert_rbac_covers(&api.requests());
+}
+
+#[test]
+fn the_service_holding_a_port_keeps_it_against_an_older_one_across_restarts() {
+    let Setup {
+        topology,
+        api,
+        addr,
+        dir,
+        _servers,
+    } = setup(&[8080, 8081]);
+    let mut daemon = start_daemon(&topology.router, &dir, addr, "router-a", FINALIZER, &[]);
+    daemon.wait_log("ready");
+    // `a-old` is older (and first by name), but does not ask for a port yet.
+    let mut old = service("a-old", "80:http", 8081);
+    old["metadata"]["annotations"] = json!({});
+    api.create(old);
+    api.set_lb_ips("apps", "a-old", &[SERVER4]);
+    create_with_address(&api, "b-new", "80:http", 8080);
+    wait_for("b-new on port 80", || greets(&topology, 80, "hello 8080"));
+
+    // Now the older one asks for the same port: the holder keeps it.
+    api.merge_patch(
+        "apps",
+        "a-old",
+        json!({"metadata": {"annotations": {"kube-port-forward-controller/mapping": "80:http"}}}),
+        false,
+    );
+    wait_for("a-old's Conflict condition naming the holder", || {
+        let c = &api.get("apps", "a-old").unwrap()["status"]["conditions"][0];
+        c["reason"] == "Conflict"
+            && c["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("held by apps/b-new (it holds the port now)"))
+    });
+    assert!(greets(&topology, 80, "hello 8080"));
+
+    // After a restart the kernel's owner comment says who holds it.
+    daemon.kill();
+    let daemon = start_daemon(&topology.router, &dir, addr, "router-a", FINALIZER, &[]);
+    daemon.wait_log("ready");
+    assert!(greets(&topology, 80, "hello 8080"));
+    assert_eq!(finalizers(&api, "a-old"), Vec::<String>::new());
+
+    // The holder goes: the port is free, and the one asking takes it.
+    assert_eq!(api.delete("apps", "b-new"), http::StatusCode::OK);
+    wait_for("a-old on port 80", || greets(&topology, 80, "hello 8081"));
+    wait_for("b-new gone", || api.get("apps", "b-new").is_none());
+}
+
+/// Whether the daemon's cluster lane has written everything handed to it.
+fn bookkeeping_idle(topology: &Topology) -> bool {
+    get(&topology.router, 9477, "/metrics")
+        .is_some_and(|(_, body)| body.contains("kube_port_forward_bookkeeping_idle 1"))
+}
+
+/// Requests that change something on the API server.
+fn writes(api: &common::apiserver::ApiServer) -> Vec<String> {
+    api.requests()
+        .into_iter()
+        .filter(|r| !r.starts_with("GET "))
+        .collect()
+}
+
+#[test]
+fn a_restart_with_nothing_changed_writes_nothing() {
+    let Setup {
+        topology,
+        api,
+        addr,
+        dir,
+        _servers,
+    } = setup(&[8080]);
+    let extra = ["--health", HEALTH, "--cleanup-deadline", "60"];
+    let mut daemon = start_daemon(&topology.router, &dir, addr, "router-a", FINALIZER, &extra);
+    daemon.wait_log("ready");
+    for (name, port) in [("web-1", 81), ("web-2", 82), ("web-3", 83)] {
+        create_with_address(&api, name, &format!("{port}:http"), 8080);
+    }
+    wait_for("three conditions and finalizers", || {
+        ["web-1", "web-2", "web-3"].iter().all(|n| {
+            let s = api.get("apps", n).unwrap();
+            finalizers(&api, n) == [FINALIZER]
+                && s["status"]["conditions"][0]["reason"] == "Forwarded"
+        })
+    });
+    wait_for("the bookkeeping to catch up", || {
+        bookkeeping_idle(&topology)
+    });
+    daemon.kill();
+    let before = writes(&api).len();
+
+    let daemon = start_daemon(&topology.router, &dir, addr, "router-a", FINALIZER, &extra);
+    daemon.wait_log("ready");
+    // A change after the restart, and its own bookkeeping done: whatever the restart would
+    // have written was queued before it and is written by then.
+    create_with_address(&api, "zz-probe", "84:http", 8080);
+    wait_for("the probe's finalizer and condition", || {
+        finalizers(&api, "zz-probe") == [FINALIZER]
+            && api.get("apps", "zz-probe").unwrap()["status"]["conditions"][0]["reason"]
+                == "Forwarded"
+    });
+    wait_for("the bookkeeping to catch up", || {
+        bookkeeping_idle(&topology)
+    });
+    let after: Vec<String> = writes(&api).split_off(before);
+    let about_old: Vec<&String> = after.iter().filter(|r| r.contains("web-")).collect();
+    assert!(
+        about_old.is_empty(),
+        "written again after a restart: {about_old:?}"
+    );
+    // Events are posted to the namespace, not the Service's path: none of them may be about
+    // the three old Services either.
+    let old_events = api
+        .events()
+        .iter()
+        .filter(|e| {
+            e["regarding"]["name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("web-"))
+        })
+        .count();
+    assert_eq!(old_events, 6, "PortsOpened and Forwarded for each, once");
+    assert!(greets(&topology, 81, "hello 8080"));
+}

@@ -1,0 +1,98 @@
+//! Scenarios of the daemon against the test API server: Services, a daemon per router, and
+//! what a WAN client sees.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use super::apiserver::ApiServer;
+use super::daemon::Daemon;
+use super::{Netns, ROUTER_WAN4, SERVER4, TempDir, Topology, tcp_greeting};
+
+const BIN: &str = env!("CARGO_BIN_EXE_kube-port-forward");
+
+pub const FINALIZER: &str = "kube-port-forward-controller/finalizer";
+
+/// Starts the daemon as router `name` with its own finalizer and condition type, resyncing
+/// every 5 s, plus `extra` flags (default: a 60 s cleanup deadline).
+pub fn start_daemon(
+    router: &Netns,
+    dir: &TempDir,
+    api: SocketAddr,
+    name: &str,
+    finalizer: &str,
+    extra: &[&str],
+) -> Daemon {
+    let condition = format!("kube-port-forward-controller/{name}");
+    let mut args = vec![
+        "--finalizer",
+        finalizer,
+        "--condition-type",
+        &condition,
+        "--resync",
+        "5",
+    ];
+    args.extend_from_slice(if extra.is_empty() {
+        &["--cleanup-deadline", "60"]
+    } else {
+        extra
+    });
+    Daemon::spawn(router, dir, api, name, &args)
+}
+
+pub fn service(name: &str, mapping: &str, port: u16) -> Value {
+    let metadata = json!({"name": name, "namespace": "apps",
+        "annotations": {"kube-port-forward-controller/mapping": mapping}});
+    json!({"apiVersion": "v1", "kind": "Service", "metadata": metadata,
+        "spec": {"type": "LoadBalancer", "ports": [{"name": "http", "port": port, "protocol": "TCP"}]}})
+}
+
+/// Creates a Service in `apps` and gives it the server's address, as MetalLB would.
+pub fn create_with_address(api: &ApiServer, name: &str, mapping: &str, port: u16) {
+    api.create(service(name, mapping, port));
+    api.set_lb_ips("apps", name, &[SERVER4]);
+}
+
+pub fn wan(port: u16) -> SocketAddr {
+    format!("{ROUTER_WAN4}:{port}").parse().unwrap()
+}
+
+pub fn greets(topology: &Topology, port: u16, greeting: &str) -> bool {
+    tcp_greeting(&topology.client, wan(port)).is_ok_and(|g| g == greeting)
+}
+
+pub fn refused(topology: &Topology, port: u16) -> bool {
+    tcp_greeting(&topology.client, wan(port))
+        .is_err_and(|e| e.kind() == ErrorKind::ConnectionRefused)
+}
+
+pub fn finalizers(api: &ApiServer, name: &str) -> Vec<String> {
+    api.get("apps", name)
+        .and_then(|s| serde_json::from_value(s["metadata"]["finalizers"].clone()).ok())
+        .unwrap_or_default()
+}
+
+pub fn table_forwards(topology: &Topology) -> usize {
+    let status = topology.router.exec(BIN, &["status", "--output", "json"]);
+    let status: Value = serde_json::from_str(&status).unwrap();
+    status["forwards"].as_array().map_or(0, Vec::len)
+}
+
+/// `GET path` over HTTP/1.0 from inside `ns`: status code and body.
+pub fn get(ns: &Netns, port: u16, path: &str) -> Option<(u16, String)> {
+    let path = path.to_owned();
+    ns.enter(move || {
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .ok()?;
+        write!(stream, "GET {path} HTTP/1.0\r\n\r\n").ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        let status = response.split(' ').nth(1)?.parse().ok()?;
+        let body = response.split_once("\r\n\r\n")?.1.to_owned();
+        Some((status, body))
+    })
+}
