@@ -218,8 +218,111 @@ fn router() {
     );
 }
 
+/// Address set -> the WAN port reaches the server, for `count` new Services.
+fn open_new(api: &ApiServer, topology: &Topology, first: u16, count: u16) -> Vec<Duration> {
+    (first..first + count)
+        .map(|port| {
+            let name = format!("new-{port}");
+            let created = api.create(service(&name, true, port));
+            let ns = created["metadata"]["namespace"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+            let target: SocketAddr = format!("{}:{port}", common::ROUTER_WAN4).parse().unwrap();
+            let start = Instant::now();
+            api.set_lb_ips(&ns, &name, &[common::SERVER4]);
+            topology.client.enter(move || {
+                while TcpStream::connect_timeout(&target, Duration::from_secs(1)).is_err() {
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                start.elapsed()
+            })
+        })
+        .collect()
+}
+
+fn bookkeeping_idle(topology: &Topology) -> bool {
+    common::scenario::get(&topology.router, 9477, "/metrics")
+        .is_some_and(|(_, body)| body.contains("kube_port_forward_bookkeeping_idle 1"))
+}
+
+fn writes(api: &ApiServer) -> usize {
+    api.requests()
+        .iter()
+        .filter(|r| !r.starts_with("GET "))
+        .count()
+}
+
+/// Writes about the Services named `svc-*`: patches to them, and events about them (an
+/// event's path names its namespace only; repeats count in its series).
+fn writes_about_old(api: &ApiServer) -> u64 {
+    let patches = api
+        .requests()
+        .iter()
+        .filter(|r| !r.starts_with("GET ") && r.contains("/services/svc-"))
+        .count() as u64;
+    let events: u64 = api
+        .events()
+        .iter()
+        .filter(|e| e["regarding"]["name"].as_str().is_some_and(|n| n.starts_with("svc-")))
+        .map(|e| e["series"]["count"].as_u64().unwrap_or(1))
+        .sum();
+    patches + events
+}
+
+/// 1,000 forwarded Services: new Services' ports while the first start's bookkeeping (1,000
+/// finalizers, conditions, events) is written, how long that takes; then a restart with
+/// nothing changed: the writes it makes and new Services' ports.
+fn restart() {
+    let topology = Topology::new();
+    let _server = Server::start(&topology.server, 8080);
+    let api = ApiServer::new();
+    for i in 0..1_000u16 {
+        let name = format!("svc-{i}");
+        let created = api.create(service(&name, true, 30_000 + i));
+        let ns = created["metadata"]["namespace"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        api.set_lb_ips(&ns, &name, &[common::SERVER4]);
+    }
+    let addr = api.listen(Some(&topology.router));
+    let dir = TempDir::new();
+    let args = ["--health", "127.0.0.1:9477"];
+    let mut daemon = Daemon::spawn(&topology.router, &dir, addr, "bench", &args);
+    daemon.wait_log("ready");
+    let ready = Instant::now();
+    let during = open_new(&api, &topology, 40_000, 50);
+    wait_for("the bookkeeping", || bookkeeping_idle(&topology));
+    let caught_up = ready.elapsed();
+    let first_writes = writes(&api);
+    let old_before = writes_about_old(&api);
+    daemon.kill();
+
+    let mut daemon = Daemon::spawn(&topology.router, &dir, addr, "bench", &args);
+    daemon.wait_log("ready");
+    let after_restart = open_new(&api, &topology, 41_000, 50);
+    wait_for("the bookkeeping", || bookkeeping_idle(&topology));
+    let restart_writes = writes_about_old(&api) - old_before;
+    daemon.kill();
+    println!(
+        "first start, 1,000 forwarded Services: new Service -> port live while the bookkeeping is written: {}",
+        percentiles(during)
+    );
+    println!(
+        "first start: ready -> bookkeeping written (1,050 finalizers, conditions, events): {:.2} s, {first_writes} writes",
+        caught_up.as_secs_f64()
+    );
+    println!(
+        "restart, nothing changed: new Service -> port live: {}",
+        percentiles(after_restart)
+    );
+    println!("restart, nothing changed: API writes for the 1,000 Services: {restart_writes}");
+}
+
 fn main() {
     latency();
+    restart();
     scale();
     router();
 }

@@ -211,3 +211,58 @@ fn a_restart_with_nothing_changed_writes_nothing() {
     assert_eq!(old_events, 6, "PortsOpened and Forwarded for each, once");
     assert!(greets(&topology, 81, "hello 8080"));
 }
+
+#[test]
+fn a_cleanup_deadline_starts_afresh_when_the_service_asks_again() {
+    let Setup {
+        topology,
+        api,
+        addr,
+        dir,
+        _servers,
+    } = setup(&[8080]);
+    let (wrapper, marker) = nft_failing_deletes(&dir);
+    let extra = ["--cleanup-deadline", "3", "--nft", &wrapper];
+    let _daemon = start_daemon(&topology.router, &dir, addr, "router-a", FINALIZER, &extra);
+    create_with_address(&api, "web", "80:http", 8080);
+    wait_for("port 80", || greets(&topology, 80, "hello 8080"));
+    wait_for("the finalizer", || finalizers(&api, "web") == [FINALIZER]);
+    let mapping = |value: serde_json::Value| json!({"metadata": {"annotations": {"kube-port-forward-controller/mapping": value}}});
+
+    // The forward cannot be removed: the cleanup deadline starts...
+    std::fs::write(&marker, "").unwrap();
+    api.merge_patch("apps", "web", mapping(json!(null)), false);
+    wait_for("a CleanupFailed warning", || {
+        event_count(&api, "CleanupFailed") > 0
+    });
+    // ...and stops when the Service asks for the port again.
+    api.merge_patch("apps", "web", mapping(json!("80:http")), false);
+    wait_for("the finalizer to stay wanted", || {
+        api.get("apps", "web").unwrap()["status"]["conditions"][0]["reason"] == "Forwarded"
+    });
+    let asked_again = std::time::Instant::now();
+    wait_for("more than the deadline to pass", || {
+        asked_again.elapsed() > std::time::Duration::from_secs(4)
+    });
+
+    // A new cleanup gets a deadline of its own: warned again, not released at once.
+    let failed = event_count(&api, "CleanupFailed");
+    api.merge_patch("apps", "web", mapping(json!(null)), false);
+    wait_for("a new CleanupFailed warning", || {
+        event_count(&api, "CleanupFailed") > failed
+    });
+    assert_eq!(event_count(&api, "CleanupAbandoned"), 0);
+    assert_eq!(finalizers(&api, "web"), [FINALIZER]);
+    // Every CleanupFailed is one Event object, counted in its series.
+    let objects = api
+        .events()
+        .iter()
+        .filter(|e| e["reason"] == "CleanupFailed")
+        .count();
+    assert_eq!(objects, 1, "{:?}", api.events());
+
+    // Once nft works, the forward goes and the finalizer with it.
+    std::fs::remove_file(&marker).unwrap();
+    wait_for("the release", || finalizers(&api, "web").is_empty());
+    assert!(refused(&topology, 80));
+}

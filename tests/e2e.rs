@@ -382,16 +382,7 @@ fn a_cleanup_that_keeps_failing_is_retried_warned_then_released_and_swept_later(
         dir,
         _servers,
     } = setup(&[8080]);
-    // An nft that refuses every transaction deleting something while the marker exists.
-    let marker = dir.path.join("fail-deletes");
-    let wrapper = dir.write(
-        "nft-wrapper",
-        &format!(
-            "#!/bin/sh\ncase \" $* \" in\n*\" -f - \"*)\n  input=$(cat)\n  if [ -e {m} ] && printf '%s' \"$input\" | grep -q '\"delete\"'; then echo injected failure >&2; exit 1; fi\n  printf '%s' \"$input\" | exec nft \"$@\" ;;\n*) exec nft \"$@\" ;;\nesac\n",
-            m = marker.display()
-        ),
-    );
-    run("chmod", &["+x", &wrapper]);
+    let (wrapper, marker) = nft_failing_deletes(&dir);
     let daemon = start_daemon(
         &topology.router,
         &dir,

@@ -9,7 +9,7 @@
 //! kernel allows it (forwards live before an add, confirmed gone before a release): the
 //! contract stays the daemon's, the lane only carries it out.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -67,14 +67,20 @@ impl Work {
     }
 }
 
-/// What the daemon wants done, from one round.
+/// What the daemon wants done, from one round: only what changed since the last.
 #[derive(Debug, Default)]
 pub struct Round {
-    /// The finalizer changes this round allows: replace every finalizer change still
-    /// pending (one no longer wanted is dropped).
-    pub finalizers: Vec<(Key, Work)>,
+    /// Finalizer changes for these Services, replacing any still pending for them; `None`:
+    /// no change is wanted any more (one still pending is dropped).
+    pub finalizers: Vec<(Key, Option<Work>)>,
     /// Conditions and events, added to what is pending.
     pub reports: Vec<(Key, Work)>,
+}
+
+impl Round {
+    pub fn is_empty(&self) -> bool {
+        self.finalizers.is_empty() && self.reports.is_empty()
+    }
 }
 
 /// What the lane tells the daemon.
@@ -92,6 +98,17 @@ struct Pending {
     work: Work,
     ready_at: Instant,
     attempts: u32,
+    /// The round that asked for it.
+    round: u64,
+}
+
+/// What is waiting, by kind and Service; the rounds taken, and the last that said what it
+/// wants of each Service's finalizer.
+#[derive(Default)]
+struct Queue {
+    pending: BTreeMap<(Kind, Key), Pending>,
+    round: u64,
+    finalizer_said: HashMap<Key, u64>,
 }
 
 /// The daemon's end of the lane.
@@ -121,6 +138,9 @@ enum Outcome {
     Nothing,
     /// 404: the Service is gone.
     Gone,
+    /// 409 or 422: the Service is not as this work saw it (a guard failed, it is being
+    /// deleted); its watch event brings the daemon's next round.
+    Stale(kube::Error),
     Failed(kube::Error),
 }
 
@@ -129,21 +149,22 @@ async fn run(
     mut inbox: mpsc::UnboundedReceiver<Round>,
     done: mpsc::UnboundedSender<Done>,
 ) {
-    let mut pending: BTreeMap<(Kind, Key), Pending> = BTreeMap::new();
+    let mut queue = Queue::default();
     let mut busy: HashSet<(Kind, Key)> = HashSet::new();
     let mut in_flight = FuturesUnordered::new();
     let mut idle = true;
     loop {
         // Start what is ready, highest priority first, one request per Service and kind.
         let now = Instant::now();
-        let ready: Vec<(Kind, Key)> = pending
+        let ready: Vec<(Kind, Key)> = queue
+            .pending
             .iter()
             .filter(|(slot, p)| p.ready_at <= now && !busy.contains(*slot))
             .map(|(slot, _)| slot.clone())
             .take(IN_FLIGHT.saturating_sub(in_flight.len()))
             .collect();
         for slot in ready {
-            let Some(job) = pending.remove(&slot) else {
+            let Some(job) = queue.pending.remove(&slot) else {
                 continue;
             };
             busy.insert(slot.clone());
@@ -153,11 +174,12 @@ async fn run(
                 (slot, job, outcome)
             });
         }
-        if pending.is_empty() && in_flight.is_empty() && !idle {
+        if queue.pending.is_empty() && in_flight.is_empty() && !idle {
             idle = true;
             let _ = done.send(Done::Idle);
         }
-        let next_ready = pending
+        let next_ready = queue
+            .pending
             .iter()
             .filter(|(slot, _)| !busy.contains(*slot))
             .map(|(_, p)| p.ready_at)
@@ -166,22 +188,32 @@ async fn run(
             round = inbox.recv() => {
                 let Some(round) = round else { return };
                 idle = false;
-                take(&mut pending, round);
+                take(&mut queue, round);
             }
             Some((slot, job, outcome)) = in_flight.next(), if !in_flight.is_empty() => {
                 busy.remove(&slot);
-                settle(&mut pending, &done, slot, job, outcome);
+                settle(&mut queue, &done, slot, job, outcome);
             }
             () = sleep_until(next_ready), if next_ready.is_some() => {}
         }
     }
 }
 
-/// Takes a round: its finalizer changes replace those pending, its reports join them.
-fn take(pending: &mut BTreeMap<(Kind, Key), Pending>, round: Round) {
+/// Takes a round: its finalizer changes replace those pending for the same Service, its
+/// reports join what is pending.
+fn take(queue: &mut Queue, round: Round) {
     let now = Instant::now();
-    pending.retain(|(kind, _), _| !matches!(kind, Kind::Release | Kind::AddFinalizer));
-    for (key, work) in round.finalizers.into_iter().chain(round.reports) {
+    queue.round += 1;
+    let mut works = round.reports;
+    for (key, work) in round.finalizers {
+        for kind in [Kind::Release, Kind::AddFinalizer] {
+            queue.pending.remove(&(kind, key.clone()));
+        }
+        queue.finalizer_said.insert(key.clone(), queue.round);
+        works.extend(work.map(|w| (key, w)));
+    }
+    let pending = &mut queue.pending;
+    for (key, work) in works {
         let slot = (work.kind(), key);
         // A newer wanted state starts afresh; a retry's backoff is for the state that failed.
         pending.insert(
@@ -190,14 +222,22 @@ fn take(pending: &mut BTreeMap<(Kind, Key), Pending>, round: Round) {
                 work,
                 ready_at: now,
                 attempts: 0,
+                round: queue.round,
             },
         );
     }
 }
 
-/// Reports a request's end, or puts it back to be retried.
+fn is_finalizer(kind: Kind) -> bool {
+    matches!(kind, Kind::Release | Kind::AddFinalizer)
+}
+
+/// Reports a request's end, or puts it back to be retried. A finalizer change is retried
+/// only while no newer round has said what it wants of that Service's finalizer, and not
+/// when the Service turned out to be other than the change saw it: the Service's watch
+/// event brings the daemon's next word on it.
 fn settle(
-    pending: &mut BTreeMap<(Kind, Key), Pending>,
+    queue: &mut Queue,
     done: &mpsc::UnboundedSender<Done>,
     slot: (Kind, Key),
     job: Pending,
@@ -206,14 +246,27 @@ fn settle(
     let key = slot.1.clone();
     match outcome {
         Outcome::Finalizer(updated) => {
+            if queue.finalizer_said.get(&key) == Some(&job.round) {
+                queue.finalizer_said.remove(&key);
+            }
             let _ = done.send(Done::Finalizer(key, updated));
         }
         Outcome::Nothing => {}
         Outcome::Gone => {
-            pending.retain(|(_, k), _| *k != key);
+            queue.pending.retain(|(_, k), _| *k != key);
+            queue.finalizer_said.remove(&key);
             let _ = done.send(Done::Gone(key));
         }
-        Outcome::Failed(error) => {
+        Outcome::Stale(error) if is_finalizer(slot.0) => {
+            tracing::debug!(%error, namespace = %key.0, name = %key.1, work = ?slot.0, "the Service changed meanwhile; waiting for its next state");
+        }
+        Outcome::Failed(_)
+            if is_finalizer(slot.0)
+                && queue
+                    .finalizer_said
+                    .get(&key)
+                    .is_some_and(|r| *r > job.round) => {}
+        Outcome::Stale(error) | Outcome::Failed(error) => {
             let attempts = job.attempts + 1;
             let delay = backoff(attempts);
             if attempts == 3 {
@@ -222,10 +275,11 @@ fn settle(
                 tracing::debug!(%error, namespace = %key.0, name = %key.1, work = ?slot.0, retry_in = ?delay, "request to the API server failed; retrying");
             }
             // A newer state of the same work, taken meanwhile, goes first.
-            pending.entry(slot).or_insert(Pending {
+            queue.pending.entry(slot).or_insert(Pending {
                 work: job.work,
                 ready_at: Instant::now() + delay,
                 attempts,
+                round: job.round,
             });
         }
     }
@@ -266,6 +320,9 @@ async fn execute(cluster: &Cluster, key: &Key, work: &Work) -> Outcome {
     match result {
         Ok(outcome) => outcome,
         Err(kube::Error::Api(status)) if status.code == 404 => Outcome::Gone,
+        Err(kube::Error::Api(status)) if status.code == 409 || status.code == 422 => {
+            Outcome::Stale(kube::Error::Api(status))
+        }
         Err(error) => Outcome::Failed(error),
     }
 }
@@ -294,34 +351,107 @@ mod tests {
     fn a_round_replaces_finalizer_work_and_adds_reports_in_priority_order() {
         let key = |n: &str| ("ns".to_owned(), n.to_owned());
         let tracked = Tracked::from_value(serde_json::json!({"metadata": {"uid": "u"}}));
-        let mut pending = BTreeMap::new();
+        let mut queue = Queue::default();
         take(
-            &mut pending,
+            &mut queue,
             Round {
-                finalizers: vec![(key("a"), Work::AddFinalizer(tracked.clone()))],
+                finalizers: vec![
+                    (key("a"), Some(Work::AddFinalizer(tracked.clone()))),
+                    (key("c"), Some(Work::AddFinalizer(tracked.clone()))),
+                ],
                 reports: vec![(key("a"), Work::Condition(summary("Waiting")))],
             },
         );
         take(
-            &mut pending,
+            &mut queue,
             Round {
-                finalizers: vec![(key("b"), Work::Release(tracked))],
+                finalizers: vec![(key("b"), Some(Work::Release(tracked))), (key("a"), None)],
                 reports: vec![(key("a"), Work::Condition(summary("Forwarded")))],
             },
         );
-        let slots: Vec<(Kind, String)> = pending
+        let slots: Vec<(Kind, String)> = queue
+            .pending
             .iter()
             .map(|((kind, k), _)| (*kind, k.1.clone()))
             .collect();
-        // The add for `a` is no longer wanted; the newer condition replaced the older.
+        // The add for `a` is no longer wanted, that for `c` still is; the newer condition
+        // replaced the older.
         assert_eq!(
             slots,
-            [(Kind::Release, "b".into()), (Kind::Condition, "a".into())]
+            [
+                (Kind::Release, "b".into()),
+                (Kind::AddFinalizer, "c".into()),
+                (Kind::Condition, "a".into())
+            ]
         );
-        let Work::Condition(latest) = &pending[&(Kind::Condition, key("a"))].work else {
+        let Work::Condition(latest) = &queue.pending[&(Kind::Condition, key("a"))].work else {
             panic!("a condition");
         };
         assert_eq!(latest.reason, "Forwarded");
+    }
+
+    fn api_error(code: u16) -> kube::Error {
+        kube::Error::Api(Box::new(
+            kube::core::Status::failure("refused", "Test").with_code(code),
+        ))
+    }
+
+    #[test]
+    fn failures_are_retried_unless_a_newer_round_or_the_service_says_otherwise() {
+        let key = ("ns".to_owned(), "a".to_owned());
+        let tracked = Tracked::from_value(serde_json::json!({"metadata": {"uid": "u"}}));
+        let (done, _reports) = mpsc::unbounded_channel();
+        let job = |work: Work, round: u64| Pending {
+            work,
+            ready_at: Instant::now(),
+            attempts: 0,
+            round,
+        };
+        let add = Work::AddFinalizer(tracked.clone());
+        let condition = Work::Condition(summary("Forwarded"));
+        let mut queue = Queue {
+            round: 2,
+            finalizer_said: HashMap::from([(key.clone(), 2)]),
+            ..Queue::default()
+        };
+        // A server error in the newest round's finalizer change: retried.
+        let slot = (Kind::AddFinalizer, key.clone());
+        settle(
+            &mut queue,
+            &done,
+            slot.clone(),
+            job(add.clone(), 2),
+            Outcome::Failed(api_error(500)),
+        );
+        assert_eq!(queue.pending[&slot].attempts, 1);
+        queue.pending.clear();
+        // Said again since (an older round's), or a guard that failed (422): left to the
+        // daemon's next word.
+        settle(
+            &mut queue,
+            &done,
+            slot.clone(),
+            job(add.clone(), 1),
+            Outcome::Failed(api_error(500)),
+        );
+        settle(
+            &mut queue,
+            &done,
+            slot.clone(),
+            job(add, 2),
+            Outcome::Stale(api_error(422)),
+        );
+        assert!(queue.pending.is_empty());
+        // A condition is retried whatever round it came from.
+        let slot = (Kind::Condition, key);
+        settle(
+            &mut queue,
+            &done,
+            slot.clone(),
+            job(condition, 1),
+            Outcome::Stale(api_error(422)),
+        );
+        assert!(queue.pending[&slot].ready_at > Instant::now());
     }
 
     #[test]

@@ -46,7 +46,8 @@ impl WatchedService {
     }
 }
 
-/// The reference events about a Service point at.
+/// The reference events about a Service point at: the Service by uid, not one version of
+/// it, so repeated events of one reason become one series however often it changed.
 pub fn object_ref(tracked: &Tracked, key: &(String, String)) -> ObjectReference {
     ObjectReference {
         api_version: Some("v1".into()),
@@ -54,7 +55,6 @@ pub fn object_ref(tracked: &Tracked, key: &(String, String)) -> ObjectReference 
         namespace: Some(key.0.clone()),
         name: Some(key.1.clone()),
         uid: Some(tracked.uid.clone()),
-        resource_version: tracked.resource_version.clone(),
         ..ObjectReference::default()
     }
 }

@@ -105,10 +105,25 @@ impl Daemon {
         }
     }
 
+    /// Whether a Service changed in nothing a full round depends on: what it asks for and
+    /// its state, and whether it holds this router's finalizer without forwarding (a
+    /// release needs the kernel checked first).
+    fn same_for_the_plan(&self, old: &Tracked, new: &Tracked) -> bool {
+        let finalizer = &self.settings.finalizer;
+        old.service == new.service
+            && old.terminating == new.terminating
+            && old.annotated == new.annotated
+            && old.out_of_scope == new.out_of_scope
+            && old.uid == new.uid
+            && (old.has_finalizer(finalizer) == new.has_finalizer(finalizer)
+                || self.forwarding.contains(new.uid()))
+    }
+
     /// Takes what the cluster lane did; returns whether the Services changed.
     pub(super) fn lane_done(&mut self, done: Done) -> bool {
         match done {
             Done::Finalizer(key, updated) => {
+                self.handed.remove(&key);
                 let tracked = updated.tracked;
                 let out_of_scope = self.store.get(&key).is_some_and(|t| t.out_of_scope);
                 if updated.metadata.name.is_none() {
@@ -116,19 +131,22 @@ impl Daemon {
                 }
                 if out_of_scope && !tracked.has_finalizer(&self.settings.finalizer) {
                     // Released: the watch says nothing more of it.
-                    self.store.remove(&key);
+                    self.store.remove(&key).is_some()
                 } else if tracked.relevant(&self.settings.finalizer) {
                     let tracked = Tracked {
                         out_of_scope,
                         ..tracked
                     };
                     self.store.insert(key, tracked);
+                    false
                 } else {
-                    self.store.remove(&key);
+                    self.store.remove(&key).is_some()
                 }
-                true
             }
-            Done::Gone(key) => self.store.remove(&key).is_some(),
+            Done::Gone(key) => {
+                self.handed.remove(&key);
+                self.store.remove(&key).is_some()
+            }
             Done::Idle => {
                 self.lock_metrics().bookkeeping_idle = true;
                 tracing::debug!("bookkeeping caught up");
@@ -269,12 +287,20 @@ impl Daemon {
             }
             Ok(Event::Apply(service)) => {
                 let key = service.key();
-                if service.tracked.relevant(&self.settings.finalizer) {
-                    self.store.insert(key, service.tracked);
-                    true
-                } else {
-                    self.store.remove(&key).is_some()
+                if !service.tracked.relevant(&self.settings.finalizer) {
+                    return self.store.remove(&key).is_some();
                 }
+                let unplanned = self
+                    .store
+                    .get(&key)
+                    .is_some_and(|old| self.same_for_the_plan(old, &service.tracked));
+                self.store.insert(key.clone(), service.tracked);
+                if unplanned {
+                    // Finalizers or conditions changed (the lane's own writes, mostly):
+                    // nothing to plan again.
+                    self.recheck.insert(key);
+                }
+                !unplanned
             }
             Ok(Event::Delete(service)) => {
                 let key = service.key();

@@ -9,7 +9,7 @@
 mod inputs;
 mod reconcile;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -18,7 +18,7 @@ use futures::{FutureExt, StreamExt};
 use tokio::time::Instant;
 
 use crate::cluster::client::{self, ClientError};
-use crate::cluster::lane::Lane;
+use crate::cluster::lane::{Kind, Lane};
 use crate::cluster::{Cluster, Key, watch};
 use crate::core::decide::{Store, Summary};
 use crate::core::names::valid_finalizer;
@@ -85,6 +85,14 @@ struct Daemon {
     holders_known: bool,
     /// Finalizer holders outside the watch's scope were looked for once.
     strays_swept: bool,
+    /// Finalizer changes handed to the lane and not yet done: which, and for the Service's
+    /// finalizer list as it was then.
+    handed: HashMap<Key, (Kind, Vec<String>)>,
+    /// The uids of the Services with forwards in the last plan.
+    forwarding: HashSet<String>,
+    /// Services whose finalizers or conditions changed since the last round, and nothing
+    /// else the plan depends on.
+    recheck: BTreeSet<Key>,
     /// One scope per watch: `None` is every namespace.
     scopes: Vec<Option<String>>,
     store: Store,
@@ -169,6 +177,9 @@ pub async fn run(
         lane,
         holders_known: false,
         strays_swept: false,
+        handed: HashMap::new(),
+        forwarding: HashSet::new(),
+        recheck: BTreeSet::new(),
         buffers: vec![None; scopes.len()],
         synced: vec![false; scopes.len()],
         namespace_buffer: None,
@@ -261,14 +272,19 @@ pub async fn run(
             }
             _ = heartbeat.tick() => daemon.progress(),
         }
-        if dirty && daemon.namespaces_synced && daemon.synced.iter().all(|s| *s) {
+        let synced = daemon.namespaces_synced && daemon.synced.iter().all(|s| *s);
+        if dirty && synced {
             if !daemon.strays_swept && (force || !daemon.ready) {
                 daemon.sweep_strays().await;
             }
+            daemon.recheck.clear();
             match daemon.reconcile(force).await? {
                 Some(delay) => retry_at = Some(Instant::now() + delay),
                 None => retry_at = None,
             }
+        } else if synced && daemon.ready && !daemon.recheck.is_empty() {
+            let keys = std::mem::take(&mut daemon.recheck);
+            daemon.recheck(keys);
         }
     }
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);

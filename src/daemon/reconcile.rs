@@ -10,7 +10,7 @@ use tokio::time::Instant;
 
 use super::{Daemon, DaemonError};
 use crate::cluster::Key;
-use crate::cluster::lane::{Round, Work};
+use crate::cluster::lane::{Kind, Round, Work};
 use crate::cluster::report::{changes_by_service, condition_of};
 use crate::core::decide::{self, Summary};
 use crate::core::model::ForwardKey;
@@ -83,7 +83,7 @@ impl Daemon {
                         self.warn(key, "CleanupFailed", note.clone(), &mut round);
                     }
                 }
-                self.lane.send(round);
+                self.send(round);
                 return Ok(Some(self.backoff()));
             }
         };
@@ -119,12 +119,30 @@ impl Daemon {
                 .await?;
         }
         for key in &decision.add_finalizer {
-            if let Some(tracked) = self.store.get(key) {
-                round
-                    .finalizers
-                    .push((key.clone(), Work::AddFinalizer(tracked.clone())));
-            }
+            self.hand_over(key, Kind::AddFinalizer, &mut round);
         }
+        // Changes handed over earlier that no Service needs any more.
+        let needed: BTreeSet<&Key> = decision
+            .add_finalizer
+            .iter()
+            .chain(&decision.release)
+            .collect();
+        let unneeded: Vec<Key> = self
+            .handed
+            .keys()
+            .filter(|k| !needed.contains(k))
+            .cloned()
+            .collect();
+        for key in unneeded {
+            self.handed.remove(&key);
+            round.finalizers.push((key, None));
+        }
+        self.forwarding = decision
+            .plan
+            .forwards
+            .values()
+            .filter_map(|f| f.owner.uid.clone())
+            .collect();
         self.report_changes(&applied, &mut round);
         for (key, summary) in decision.summaries {
             if self.published.get(&key) != Some(&summary) {
@@ -133,14 +151,67 @@ impl Daemon {
             }
         }
         self.published.retain(|key, _| self.store.contains_key(key));
-        let queued = round.finalizers.len() + round.reports.len();
-        if queued > 0 {
+        self.send(round);
+        Ok(retry)
+    }
+
+    /// Hands a round to the cluster lane.
+    pub(super) fn send(&mut self, round: Round) {
+        if round.is_empty() {
+            return;
+        }
+        {
             let mut metrics = self.lock_metrics();
-            metrics.bookkeeping_queued += queued;
+            metrics.bookkeeping_queued += round.finalizers.len() + round.reports.len();
             metrics.bookkeeping_idle = false;
         }
         self.lane.send(round);
-        Ok(retry)
+    }
+
+    /// Hands a finalizer change for a Service to the lane, unless the same change, for the
+    /// Service as it is now, already was.
+    pub(super) fn hand_over(&mut self, key: &Key, kind: Kind, round: &mut Round) {
+        let Some(tracked) = self.store.get(key) else {
+            return;
+        };
+        let handed = (kind, tracked.finalizers.clone());
+        if self.handed.get(key) == Some(&handed) {
+            return;
+        }
+        let work = match kind {
+            Kind::Release => Work::Release(tracked.clone()),
+            _ => Work::AddFinalizer(tracked.clone()),
+        };
+        self.handed.insert(key.clone(), handed);
+        round.finalizers.push((key.clone(), Some(work)));
+    }
+
+    /// Services whose finalizers or conditions changed, nothing the plan depends on: adds
+    /// this router's finalizer where it forwards and lacks it (someone removed it, or a
+    /// guarded add met a list changed meanwhile). One held without forwarding waits for the
+    /// next full round, which checks the kernel first.
+    pub(super) fn recheck(&mut self, keys: BTreeSet<Key>) {
+        let mut round = Round::default();
+        for key in keys {
+            let Some(tracked) = self.store.get(&key) else {
+                continue;
+            };
+            let wants = self.forwarding.contains(tracked.uid())
+                && !tracked.has_finalizer(&self.settings.finalizer)
+                && !tracked.terminating
+                && !tracked.out_of_scope;
+            if wants {
+                self.hand_over(&key, Kind::AddFinalizer, &mut round);
+            } else if tracked.has_finalizer(&self.settings.finalizer)
+                && self
+                    .handed
+                    .get(&key)
+                    .is_some_and(|(k, _)| *k == Kind::AddFinalizer)
+            {
+                self.handed.remove(&key);
+            }
+        }
+        self.send(round);
     }
 
     /// Who holds which port, from the kernel's owner comments: read once, before the first
@@ -257,9 +328,7 @@ impl Daemon {
     fn release_now(&mut self, key: &Key, round: &mut Round) {
         if let Some(tracked) = self.store.get(key) {
             self.cleanup_since.remove(tracked.uid());
-            round
-                .finalizers
-                .push((key.clone(), Work::Release(tracked.clone())));
+            self.hand_over(key, Kind::Release, round);
         }
     }
 

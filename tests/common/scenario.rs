@@ -96,3 +96,28 @@ pub fn get(ns: &Netns, port: u16, path: &str) -> Option<(u16, String)> {
         Some((status, body))
     })
 }
+
+/// An nft that refuses every transaction deleting something while the marker exists:
+/// `(wrapper, marker)`.
+pub fn nft_failing_deletes(dir: &TempDir) -> (String, std::path::PathBuf) {
+    let marker = dir.path.join("fail-deletes");
+    let wrapper = dir.write(
+        "nft-wrapper",
+        &format!(
+            "#!/bin/sh\ncase \" $* \" in\n*\" -f - \"*)\n  input=$(cat)\n  if [ -e {m} ] && printf '%s' \"$input\" | grep -q '\"delete\"'; then echo injected failure >&2; exit 1; fi\n  printf '%s' \"$input\" | exec nft \"$@\" ;;\n*) exec nft \"$@\" ;;\nesac\n",
+            m = marker.display()
+        ),
+    );
+    super::run("chmod", &["+x", &wrapper]);
+    (wrapper, marker)
+}
+
+/// How many times an event of `reason` was published: one object per Service and reason,
+/// its `series.count` once repeated.
+pub fn event_count(api: &ApiServer, reason: &str) -> u64 {
+    api.events()
+        .iter()
+        .filter(|e| e["reason"] == reason)
+        .map(|e| e["series"]["count"].as_u64().unwrap_or(1))
+        .sum()
+}

@@ -222,6 +222,34 @@ impl ApiServer {
     }
 
     /// Removes every finalizer, as an admin's `kubectl patch` does to force a deletion.
+    /// Deletes every Service of a namespace, as the namespace controller does when the
+    /// namespace is deleted: those with finalizers stay Terminating until released.
+    pub fn delete_namespace(&self, ns: &str) {
+        let names: Vec<String> = self
+            .state
+            .lock()
+            .unwrap()
+            .services
+            .keys()
+            .filter(|(n, _)| n == ns)
+            .map(|(_, name)| name.clone())
+            .collect();
+        for name in names {
+            self.delete_service(ns, &name);
+        }
+    }
+
+    /// Every Service stored, Terminating ones included.
+    pub fn services(&self) -> Vec<Value> {
+        self.state
+            .lock()
+            .unwrap()
+            .services
+            .values()
+            .cloned()
+            .collect()
+    }
+
     pub fn force_remove_finalizers(&self, ns: &str, name: &str) {
         self.merge_patch(ns, name, json!({"metadata": {"finalizers": null}}), false);
     }
