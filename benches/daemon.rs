@@ -264,7 +264,11 @@ fn writes_about_old(api: &ApiServer) -> u64 {
     let events: u64 = api
         .events()
         .iter()
-        .filter(|e| e["regarding"]["name"].as_str().is_some_and(|n| n.starts_with("svc-")))
+        .filter(|e| {
+            e["regarding"]["name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("svc-"))
+        })
         .map(|e| e["series"]["count"].as_u64().unwrap_or(1))
         .sum();
     patches + events
@@ -288,7 +292,12 @@ fn restart() {
     }
     let addr = api.listen(Some(&topology.router));
     let dir = TempDir::new();
-    let args = ["--health", "127.0.0.1:9477"];
+    let verbose = if std::env::var_os("BENCH_LOG").is_some() {
+        "-v"
+    } else {
+        "--resync=300"
+    };
+    let args = ["--health", "127.0.0.1:9477", verbose];
     let mut daemon = Daemon::spawn(&topology.router, &dir, addr, "bench", &args);
     daemon.wait_log("ready");
     let ready = Instant::now();
@@ -304,6 +313,10 @@ fn restart() {
     let after_restart = open_new(&api, &topology, 41_000, 50);
     wait_for("the bookkeeping", || bookkeeping_idle(&topology));
     let restart_writes = writes_about_old(&api) - old_before;
+    if std::env::var_os("BENCH_LOG").is_some() {
+        eprintln!("first start: {during:?}\nrestart: {after_restart:?}");
+        std::fs::write("/tmp/bench-restart.log", daemon.log()).unwrap();
+    }
     daemon.kill();
     println!(
         "first start, 1,000 forwarded Services: new Service -> port live while the bookkeeping is written: {}",
@@ -321,8 +334,17 @@ fn restart() {
 }
 
 fn main() {
-    latency();
-    restart();
-    scale();
-    router();
+    // `BENCH=restart cargo bench --bench daemon` runs one part.
+    let only = std::env::var("BENCH").ok();
+    let parts: [(&str, fn()); 4] = [
+        ("latency", latency),
+        ("restart", restart),
+        ("scale", scale),
+        ("router", router),
+    ];
+    for (name, part) in parts {
+        if only.as_deref().is_none_or(|o| o == name) {
+            part();
+        }
+    }
 }

@@ -6,7 +6,6 @@ use serde_json::json;
 
 use super::watched::WatchedService;
 use super::{Cluster, Key};
-use crate::core::tracked::Tracked;
 
 /// Adds `finalizer` to a Service holding `current`, on the condition that the list is still
 /// `current`.
@@ -35,14 +34,14 @@ fn remove_patch(index: usize, finalizer: &str) -> json_patch::Patch {
 }
 
 impl Cluster {
-    /// Adds this router's finalizer to the Service as last seen; returns it as updated. A
-    /// Service changed meanwhile fails the guard (422).
+    /// Adds this router's finalizer to a Service whose finalizers were last seen as
+    /// `finalizers`; returns it as updated. A Service changed meanwhile fails the guard (422).
     pub async fn add_finalizer(
         &self,
         key: &Key,
-        tracked: &Tracked,
+        finalizers: &[String],
     ) -> Result<WatchedService, kube::Error> {
-        let patch = add_patch(&tracked.finalizers, &self.finalizer);
+        let patch = add_patch(finalizers, &self.finalizer);
         self.patch_finalizers(key, patch, "added").await
     }
 
@@ -50,9 +49,9 @@ impl Cluster {
     pub async fn remove_finalizer(
         &self,
         key: &Key,
-        tracked: &Tracked,
+        finalizers: &[String],
     ) -> Option<Result<WatchedService, kube::Error>> {
-        let index = tracked.finalizer_index(&self.finalizer)?;
+        let index = finalizers.iter().position(|f| *f == self.finalizer)?;
         let patch = remove_patch(index, &self.finalizer);
         Some(self.patch_finalizers(key, patch, "removed").await)
     }

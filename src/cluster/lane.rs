@@ -9,7 +9,7 @@
 //! kernel allows it (forwards live before an add, confirmed gone before a release): the
 //! contract stays the daemon's, the lane only carries it out.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -21,7 +21,6 @@ use tokio::time::Instant;
 use super::watched::WatchedService;
 use super::{Cluster, Key};
 use crate::core::decide::Summary;
-use crate::core::tracked::Tracked;
 
 /// Requests in flight at once.
 const IN_FLIGHT: usize = 4;
@@ -42,13 +41,13 @@ pub enum Kind {
 /// One piece of work for one Service.
 #[derive(Clone, Debug)]
 pub enum Work {
-    /// Remove this router's finalizer from the Service as last seen.
-    Release(Tracked),
-    /// Add this router's finalizer to the Service as last seen.
-    AddFinalizer(Tracked),
+    /// Remove this router's finalizer; the Service's finalizers as last seen.
+    Release(Vec<String>),
+    /// Add this router's finalizer; the Service's finalizers as last seen.
+    AddFinalizer(Vec<String>),
     Condition(Summary),
     Event {
-        tracked: Tracked,
+        uid: String,
         type_: EventType,
         reason: &'static str,
         action: &'static str,
@@ -94,21 +93,49 @@ pub enum Done {
     Idle,
 }
 
+#[cfg_attr(test, derive(Clone))]
 struct Pending {
     work: Work,
-    ready_at: Instant,
     attempts: u32,
     /// The round that asked for it.
     round: u64,
 }
 
-/// What is waiting, by kind and Service; the rounds taken, and the last that said what it
-/// wants of each Service's finalizer.
+type Slot = (Kind, Key);
+
+/// What is waiting: ready now by priority, or in backoff by time. Each slot remembers the
+/// last round that said what it wants, so a retry of older work never overtakes newer.
 #[derive(Default)]
 struct Queue {
-    pending: BTreeMap<(Kind, Key), Pending>,
+    ready: BTreeMap<Slot, Pending>,
+    /// By due time, then by a number that keeps equal times apart.
+    delayed: BTreeMap<(Instant, u64), (Slot, Pending)>,
+    delays: u64,
     round: u64,
-    finalizer_said: HashMap<Key, u64>,
+    said: HashMap<Slot, u64>,
+}
+
+impl Queue {
+    fn superseded(&self, slot: &Slot, job: &Pending) -> bool {
+        self.said.get(slot).is_some_and(|r| *r > job.round)
+    }
+
+    /// Moves what is due out of backoff, unless newer work for its slot came meanwhile.
+    fn promote(&mut self, now: Instant) {
+        while let Some(entry) = self.delayed.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            let (slot, job) = entry.remove();
+            if !self.superseded(&slot, &job) && !self.ready.contains_key(&slot) {
+                self.ready.insert(slot, job);
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.ready.is_empty() && self.delayed.is_empty()
+    }
 }
 
 /// The daemon's end of the lane.
@@ -150,40 +177,37 @@ async fn run(
     done: mpsc::UnboundedSender<Done>,
 ) {
     let mut queue = Queue::default();
-    let mut busy: HashSet<(Kind, Key)> = HashSet::new();
+    // At most IN_FLIGHT slots: a list is quicker to look through than a hash set.
+    let mut busy: Vec<Slot> = Vec::new();
     let mut in_flight = FuturesUnordered::new();
     let mut idle = true;
     loop {
-        // Start what is ready, highest priority first, one request per Service and kind.
-        let now = Instant::now();
-        let ready: Vec<(Kind, Key)> = queue
-            .pending
-            .iter()
-            .filter(|(slot, p)| p.ready_at <= now && !busy.contains(*slot))
-            .map(|(slot, _)| slot.clone())
-            .take(IN_FLIGHT.saturating_sub(in_flight.len()))
+        // Start what is ready, highest priority first, one request per slot.
+        queue.promote(Instant::now());
+        let room = IN_FLIGHT.saturating_sub(in_flight.len());
+        let starting: Vec<Slot> = queue
+            .ready
+            .keys()
+            .filter(|slot| !busy.contains(slot))
+            .take(room)
+            .cloned()
             .collect();
-        for slot in ready {
-            let Some(job) = queue.pending.remove(&slot) else {
+        for slot in starting {
+            let Some(job) = queue.ready.remove(&slot) else {
                 continue;
             };
-            busy.insert(slot.clone());
+            busy.push(slot.clone());
             let cluster = &cluster;
             in_flight.push(async move {
                 let outcome = execute(cluster, &slot.1, &job.work).await;
                 (slot, job, outcome)
             });
         }
-        if queue.pending.is_empty() && in_flight.is_empty() && !idle {
+        if queue.is_empty() && in_flight.is_empty() && !idle {
             idle = true;
             let _ = done.send(Done::Idle);
         }
-        let next_ready = queue
-            .pending
-            .iter()
-            .filter(|(slot, _)| !busy.contains(*slot))
-            .map(|(_, p)| p.ready_at)
-            .min();
+        let next_due = queue.delayed.keys().next().map(|(at, _)| *at);
         tokio::select! {
             round = inbox.recv() => {
                 let Some(round) = round else { return };
@@ -191,36 +215,34 @@ async fn run(
                 take(&mut queue, round);
             }
             Some((slot, job, outcome)) = in_flight.next(), if !in_flight.is_empty() => {
-                busy.remove(&slot);
+                busy.retain(|s| *s != slot);
                 settle(&mut queue, &done, slot, job, outcome);
             }
-            () = sleep_until(next_ready), if next_ready.is_some() => {}
+            () = sleep_until(next_due), if next_due.is_some() => {}
         }
     }
 }
 
 /// Takes a round: its finalizer changes replace those pending for the same Service, its
-/// reports join what is pending.
+/// reports join what is pending (a newer one of the same slot replacing the older).
 fn take(queue: &mut Queue, round: Round) {
-    let now = Instant::now();
     queue.round += 1;
     let mut works = round.reports;
     for (key, work) in round.finalizers {
         for kind in [Kind::Release, Kind::AddFinalizer] {
-            queue.pending.remove(&(kind, key.clone()));
+            let slot = (kind, key.clone());
+            queue.ready.remove(&slot);
+            queue.said.insert(slot, queue.round);
         }
-        queue.finalizer_said.insert(key.clone(), queue.round);
         works.extend(work.map(|w| (key, w)));
     }
-    let pending = &mut queue.pending;
     for (key, work) in works {
         let slot = (work.kind(), key);
-        // A newer wanted state starts afresh; a retry's backoff is for the state that failed.
-        pending.insert(
+        queue.said.insert(slot.clone(), queue.round);
+        queue.ready.insert(
             slot,
             Pending {
                 work,
-                ready_at: now,
                 attempts: 0,
                 round: queue.round,
             },
@@ -232,40 +254,39 @@ fn is_finalizer(kind: Kind) -> bool {
     matches!(kind, Kind::Release | Kind::AddFinalizer)
 }
 
-/// Reports a request's end, or puts it back to be retried. A finalizer change is retried
-/// only while no newer round has said what it wants of that Service's finalizer, and not
-/// when the Service turned out to be other than the change saw it: the Service's watch
-/// event brings the daemon's next word on it.
+/// Reports a request's end, or puts it back to be retried. Work is retried only while no
+/// newer round has said what it wants of that slot (a finalizer change: of that Service's
+/// finalizer), and a finalizer change not when the Service turned out to be other than it
+/// saw: the Service's watch event brings the daemon's next word on it.
 fn settle(
     queue: &mut Queue,
     done: &mpsc::UnboundedSender<Done>,
-    slot: (Kind, Key),
+    slot: Slot,
     job: Pending,
     outcome: Outcome,
 ) {
     let key = slot.1.clone();
+    let finished = |queue: &mut Queue| {
+        if !queue.superseded(&slot, &job) {
+            queue.said.remove(&slot);
+        }
+    };
     match outcome {
         Outcome::Finalizer(updated) => {
-            if queue.finalizer_said.get(&key) == Some(&job.round) {
-                queue.finalizer_said.remove(&key);
-            }
+            finished(queue);
             let _ = done.send(Done::Finalizer(key, updated));
         }
-        Outcome::Nothing => {}
+        Outcome::Nothing => finished(queue),
         Outcome::Gone => {
-            queue.pending.retain(|(_, k), _| *k != key);
-            queue.finalizer_said.remove(&key);
+            queue.ready.retain(|(_, k), _| *k != key);
+            queue.said.retain(|(_, k), _| *k != key);
             let _ = done.send(Done::Gone(key));
         }
         Outcome::Stale(error) if is_finalizer(slot.0) => {
+            finished(queue);
             tracing::debug!(%error, namespace = %key.0, name = %key.1, work = ?slot.0, "the Service changed meanwhile; waiting for its next state");
         }
-        Outcome::Failed(_)
-            if is_finalizer(slot.0)
-                && queue
-                    .finalizer_said
-                    .get(&key)
-                    .is_some_and(|r| *r > job.round) => {}
+        Outcome::Failed(_) | Outcome::Stale(_) if queue.superseded(&slot, &job) => {}
         Outcome::Stale(error) | Outcome::Failed(error) => {
             let attempts = job.attempts + 1;
             let delay = backoff(attempts);
@@ -274,13 +295,19 @@ fn settle(
             } else {
                 tracing::debug!(%error, namespace = %key.0, name = %key.1, work = ?slot.0, retry_in = ?delay, "request to the API server failed; retrying");
             }
-            // A newer state of the same work, taken meanwhile, goes first.
-            queue.pending.entry(slot).or_insert(Pending {
-                work: job.work,
-                ready_at: Instant::now() + delay,
-                attempts,
-                round: job.round,
-            });
+            queue.delays += 1;
+            let at = (Instant::now() + delay, queue.delays);
+            queue.delayed.insert(
+                at,
+                (
+                    slot,
+                    Pending {
+                        work: job.work,
+                        attempts,
+                        round: job.round,
+                    },
+                ),
+            );
         }
     }
 }
@@ -293,13 +320,13 @@ fn backoff(attempts: u32) -> Duration {
 
 async fn execute(cluster: &Cluster, key: &Key, work: &Work) -> Outcome {
     let result = match work {
-        Work::Release(tracked) => match cluster.remove_finalizer(key, tracked).await {
+        Work::Release(finalizers) => match cluster.remove_finalizer(key, finalizers).await {
             Some(result) => result.map(|updated| Outcome::Finalizer(Box::new(updated))),
             // It no longer holds the finalizer: nothing to remove.
             None => return Outcome::Nothing,
         },
-        Work::AddFinalizer(tracked) => cluster
-            .add_finalizer(key, tracked)
+        Work::AddFinalizer(finalizers) => cluster
+            .add_finalizer(key, finalizers)
             .await
             .map(|updated| Outcome::Finalizer(Box::new(updated))),
         Work::Condition(summary) => cluster
@@ -307,13 +334,13 @@ async fn execute(cluster: &Cluster, key: &Key, work: &Work) -> Outcome {
             .await
             .map(|()| Outcome::Nothing),
         Work::Event {
-            tracked,
+            uid,
             type_,
             reason,
             action,
             note,
         } => cluster
-            .event(key, tracked, *type_, reason, action, note)
+            .event(key, uid, *type_, reason, action, note)
             .await
             .map(|()| Outcome::Nothing),
     };
@@ -350,7 +377,7 @@ mod tests {
     #[test]
     fn a_round_replaces_finalizer_work_and_adds_reports_in_priority_order() {
         let key = |n: &str| ("ns".to_owned(), n.to_owned());
-        let tracked = Tracked::from_value(serde_json::json!({"metadata": {"uid": "u"}}));
+        let tracked: Vec<String> = Vec::new();
         let mut queue = Queue::default();
         take(
             &mut queue,
@@ -370,7 +397,7 @@ mod tests {
             },
         );
         let slots: Vec<(Kind, String)> = queue
-            .pending
+            .ready
             .iter()
             .map(|((kind, k), _)| (*kind, k.1.clone()))
             .collect();
@@ -384,7 +411,7 @@ mod tests {
                 (Kind::Condition, "a".into())
             ]
         );
-        let Work::Condition(latest) = &queue.pending[&(Kind::Condition, key("a"))].work else {
+        let Work::Condition(latest) = &queue.ready[&(Kind::Condition, key("a"))].work else {
             panic!("a condition");
         };
         assert_eq!(latest.reason, "Forwarded");
@@ -399,23 +426,31 @@ mod tests {
     #[test]
     fn failures_are_retried_unless_a_newer_round_or_the_service_says_otherwise() {
         let key = ("ns".to_owned(), "a".to_owned());
-        let tracked = Tracked::from_value(serde_json::json!({"metadata": {"uid": "u"}}));
+        let tracked: Vec<String> = Vec::new();
         let (done, _reports) = mpsc::unbounded_channel();
         let job = |work: Work, round: u64| Pending {
             work,
-            ready_at: Instant::now(),
             attempts: 0,
             round,
         };
         let add = Work::AddFinalizer(tracked.clone());
         let condition = Work::Condition(summary("Forwarded"));
+        let add_slot = (Kind::AddFinalizer, key.clone());
         let mut queue = Queue {
             round: 2,
-            finalizer_said: HashMap::from([(key.clone(), 2)]),
+            said: HashMap::from([(add_slot.clone(), 2)]),
             ..Queue::default()
         };
+        let delayed = |queue: &Queue, slot: &Slot| {
+            queue
+                .delayed
+                .values()
+                .filter(|(s, _)| s == slot)
+                .map(|(_, p)| p.attempts)
+                .collect::<Vec<u32>>()
+        };
         // A server error in the newest round's finalizer change: retried.
-        let slot = (Kind::AddFinalizer, key.clone());
+        let slot = add_slot;
         settle(
             &mut queue,
             &done,
@@ -423,8 +458,8 @@ mod tests {
             job(add.clone(), 2),
             Outcome::Failed(api_error(500)),
         );
-        assert_eq!(queue.pending[&slot].attempts, 1);
-        queue.pending.clear();
+        assert_eq!(delayed(&queue, &slot), [1]);
+        queue.delayed.clear();
         // Said again since (an older round's), or a guard that failed (422): left to the
         // daemon's next word.
         settle(
@@ -441,8 +476,8 @@ mod tests {
             job(add, 2),
             Outcome::Stale(api_error(422)),
         );
-        assert!(queue.pending.is_empty());
-        // A condition is retried whatever round it came from.
+        assert!(queue.is_empty());
+        // A condition is retried, unless a newer one was asked for meanwhile.
         let slot = (Kind::Condition, key);
         settle(
             &mut queue,
@@ -451,7 +486,17 @@ mod tests {
             job(condition, 1),
             Outcome::Stale(api_error(422)),
         );
-        assert!(queue.pending[&slot].ready_at > Instant::now());
+        assert_eq!(delayed(&queue, &slot), [1]);
+        let later = Instant::now() + RETRY_LAST;
+        let mut newer = Queue {
+            said: HashMap::from([(slot.clone(), 5)]),
+            delayed: queue.delayed.clone(),
+            ..Queue::default()
+        };
+        newer.promote(later);
+        assert!(newer.is_empty());
+        queue.promote(later);
+        assert!(queue.ready.contains_key(&slot));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use serde_json::json;
 use super::watched::object_ref;
 use super::{Cluster, Key};
 use crate::core::decide::{Store, Summary};
-use crate::core::tracked::{Condition, Tracked};
+use crate::core::tracked::Condition;
 use crate::kernel::Applied;
 
 /// Event notes longer than this are cut; the API server refuses notes over 1 kB.
@@ -22,7 +22,7 @@ impl Cluster {
     pub async fn event(
         &self,
         key: &Key,
-        tracked: &Tracked,
+        uid: &str,
         type_: EventType,
         reason: &str,
         action: &str,
@@ -43,9 +43,7 @@ impl Cluster {
             action: action.to_owned(),
             secondary: None,
         };
-        self.recorder
-            .publish(&event, &object_ref(tracked, key))
-            .await
+        self.recorder.publish(&event, &object_ref(uid, key)).await
     }
 
     /// Writes this router's condition on a Service. A strategic merge keys conditions by

@@ -48,13 +48,13 @@ impl WatchedService {
 
 /// The reference events about a Service point at: the Service by uid, not one version of
 /// it, so repeated events of one reason become one series however often it changed.
-pub fn object_ref(tracked: &Tracked, key: &(String, String)) -> ObjectReference {
+pub fn object_ref(uid: &str, key: &(String, String)) -> ObjectReference {
     ObjectReference {
         api_version: Some("v1".into()),
         kind: Some("Service".into()),
         namespace: Some(key.0.clone()),
         name: Some(key.1.clone()),
-        uid: Some(tracked.uid.clone()),
+        uid: Some(uid.to_owned()),
         ..ObjectReference::default()
     }
 }

@@ -274,7 +274,10 @@ pub async fn run(
         }
         let synced = daemon.namespaces_synced && daemon.synced.iter().all(|s| *s);
         if dirty && synced {
-            if !daemon.strays_swept && (force || !daemon.ready) {
+            // Watching every Service of every namespace, nothing can be outside the scope.
+            let scoped =
+                daemon.settings.selector.is_some() || !daemon.settings.namespaces.is_empty();
+            if scoped && !daemon.strays_swept && (force || !daemon.ready) {
                 daemon.sweep_strays().await;
             }
             daemon.recheck.clear();

@@ -179,8 +179,8 @@ impl Daemon {
             return;
         }
         let work = match kind {
-            Kind::Release => Work::Release(tracked.clone()),
-            _ => Work::AddFinalizer(tracked.clone()),
+            Kind::Release => Work::Release(tracked.finalizers.clone()),
+            _ => Work::AddFinalizer(tracked.finalizers.clone()),
         };
         self.handed.insert(key.clone(), handed);
         round.finalizers.push((key.clone(), Some(work)));
@@ -410,7 +410,7 @@ impl Daemon {
             return;
         };
         let event = Work::Event {
-            tracked: tracked.clone(),
+            uid: tracked.uid.clone(),
             type_,
             reason,
             action,
