@@ -1,9 +1,10 @@
 //! The daemon end to end against the test API server: how fast a new Service's port opens
-//! and a deleted Service is let go (200 Services), and the memory and start-up time with
-//! 10,000 Services of which 1,000 are annotated; and how fast it restores its table after a
-//! `nft flush ruleset` and follows a new WAN address (both on kernel notifications, with
-//! resync an hour away). Needs root.
-//! `cargo bench --bench daemon`
+//! and a deleted Service is let go (200 Services); with 1,000 forwarded Services, new ports
+//! while the first start's bookkeeping is written, how long that takes, and what a restart
+//! with nothing changed writes; the memory and start-up time with 10,000 Services of which
+//! 1,000 are annotated; and how fast it restores its table after a `nft flush ruleset` and
+//! follows a new WAN address (both on kernel notifications, with resync an hour away).
+//! Needs root. `cargo bench --bench daemon` (`BENCH=NAME` runs one part).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -55,37 +56,18 @@ fn latency() {
     let dir = TempDir::new();
     let mut daemon = Daemon::spawn(&topology.router, &dir, addr, "bench", &[]);
     daemon.wait_log("ready");
-    let mut opened = Vec::new();
+    let opened = open_new(&api, &topology, 20_000, 200);
     let mut released = Vec::new();
-    for i in 0..200u16 {
-        let name = format!("svc-{i}");
-        let port = 20_000 + i;
-        let created = api.create(service(&name, true, port));
-        let ns = created["metadata"]["namespace"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        let target: SocketAddr = format!("{}:{port}", common::ROUTER_WAN4).parse().unwrap();
-        let start = Instant::now();
-        api.set_lb_ips(&ns, &name, &[common::SERVER4]);
-        // Live in the kernel: a connection to the WAN port reaches the server.
-        opened.push(topology.client.enter(move || {
-            while TcpStream::connect_timeout(&target, Duration::from_secs(1)).is_err() {
-                std::thread::sleep(Duration::from_micros(200));
-            }
-            start.elapsed()
-        }));
-    }
     wait_for("200 finalizers", || {
-        (0..200u16).all(|i| {
-            let ns = format!("ns-{}", (20_000 + i) % 20);
-            api.get(&ns, &format!("svc-{i}"))
+        (20_000..20_200u16).all(|port| {
+            let ns = format!("ns-{}", port % 20);
+            api.get(&ns, &format!("new-{port}"))
                 .is_some_and(|s| !s["metadata"]["finalizers"].is_null())
         })
     });
-    for i in 0..200u16 {
-        let ns = format!("ns-{}", (20_000 + i) % 20);
-        let name = format!("svc-{i}");
+    for port in 20_000..20_200u16 {
+        let ns = format!("ns-{}", port % 20);
+        let name = format!("new-{port}");
         let start = Instant::now();
         api.delete(&ns, &name);
         while api.get(&ns, &name).is_some() {
