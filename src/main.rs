@@ -36,7 +36,10 @@ fn main() -> ExitCode {
             .with_ansi(std::io::stderr().is_terminal())
             .init(),
     }
-    let nft = kube_port_forward::kernel::NftCli::new(cli.nft);
+    let nft = kube_port_forward::kernel::NftCli::new(
+        cli.nft,
+        std::time::Duration::from_secs(cli.nft_timeout),
+    );
     match cli::run(cli.command, nft) {
         Ok(code) => ExitCode::from(code),
         Err(err) => {

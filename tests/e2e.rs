@@ -403,6 +403,15 @@ fn a_cleanup_that_keeps_failing_is_retried_warned_then_released_and_swept_later(
             .any(|e| e["type"] == "Warning" && e["reason"] == reason)
     };
     wait_for("a CleanupFailed warning", || warned("CleanupFailed"));
+    // nft's own words are in the event.
+    assert!(
+        api.events().iter().any(|e| e["reason"] == "CleanupFailed"
+            && e["note"]
+                .as_str()
+                .is_some_and(|n| n.contains("injected failure"))),
+        "{:?}",
+        api.events()
+    );
     // CleanupFailed is only sent while the deadline has not passed, so the finalizer was
     // holding the Service then.
     wait_for("the release past the deadline", || {
@@ -519,4 +528,39 @@ fn a_namespace_selector_follows_the_labels_of_namespaces() {
                 && r.contains("labelSelector=router-access"))
     );
     assert_rbac_covers(&api.requests());
+}
+
+#[test]
+fn an_nft_that_hangs_is_killed_and_the_forward_comes_once_it_works() {
+    let Setup {
+        topology,
+        api,
+        addr,
+        dir,
+        _servers,
+    } = setup(&[8080]);
+    // An nft that hangs on every transaction while the marker exists.
+    let marker = dir.path.join("hang");
+    let wrapper = dir.write(
+        "nft-hangs",
+        &format!(
+            "#!/bin/sh\ncase \" $* \" in\n*\" -f - \"*) [ -e {m} ] && exec sleep 3600 ;;\nesac\nexec nft \"$@\"\n",
+            m = marker.display()
+        ),
+    );
+    run("chmod", &["+x", &wrapper]);
+    std::fs::write(&marker, "").unwrap();
+    let extra = ["--nft", &wrapper, "--nft-timeout", "1"];
+    let daemon = start_daemon(&topology.router, &dir, addr, "router-a", FINALIZER, &extra);
+    create_with_address(&api, "web", "80:http", 8080);
+    daemon.wait_log("did not finish within 1 s and was killed");
+    assert!(
+        finalizers(&api, "web").is_empty(),
+        "no finalizer before the forward is live"
+    );
+    std::fs::remove_file(&marker).unwrap();
+    wait_for("port 80 once nft works", || {
+        greets(&topology, 80, "hello 8080")
+    });
+    wait_for("the finalizer", || finalizers(&api, "web") == [FINALIZER]);
 }

@@ -44,6 +44,9 @@ pub struct Cli {
     /// The nft program to run (default: `nft` from PATH).
     #[arg(long, global = true, value_name = "PROGRAM")]
     pub nft: Option<std::ffi::OsString>,
+    /// Seconds one nft run may take before it is killed and counted as a failure.
+    #[arg(long, global = true, value_name = "SECONDS", default_value_t = crate::kernel::nft::DEFAULT_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    pub nft_timeout: u64,
     #[command(subcommand)]
     pub command: Command,
 }

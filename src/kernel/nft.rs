@@ -1,10 +1,17 @@
 //! The `nft` runner: runs `nft` with JSON, behind [`Firewall`] so everything above it (the
-//! [`super::Engine`]) can be tested without a kernel.
+//! [`super::Engine`]) can be tested without a kernel. Each run has a deadline (a hung `nft`
+//! is killed and counts as a failure) and its stderr goes into the error. Spawned here rather
+//! than with the `nftables` crate's helper, which has neither.
 
 use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
 
-use nftables::helper::{self, NftablesError};
 use nftables::schema::Nftables;
+
+/// How long one `nft` run may take unless told otherwise.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A failed `nft` run.
 #[derive(Debug, thiserror::Error)]
@@ -17,6 +24,8 @@ pub enum NftError {
     },
     #[error("{command} failed: {stderr}")]
     Failed { command: String, stderr: String },
+    #[error("{command} did not finish within {seconds} s and was killed")]
+    Timeout { command: String, seconds: u64 },
     #[error("{command} printed JSON this program cannot read")]
     Output {
         command: String,
@@ -37,14 +46,102 @@ pub trait Firewall {
 }
 
 /// [`Firewall`] through the `nft` program, found in `PATH` unless named.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct NftCli {
     program: Option<OsString>,
+    timeout: Duration,
+}
+
+impl Default for NftCli {
+    fn default() -> NftCli {
+        NftCli::new(None, DEFAULT_TIMEOUT)
+    }
+}
+
+/// What one finished run printed.
+struct Ran {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
 }
 
 impl NftCli {
-    pub fn new(program: Option<OsString>) -> NftCli {
-        NftCli { program }
+    pub fn new(program: Option<OsString>, timeout: Duration) -> NftCli {
+        NftCli { program, timeout }
+    }
+
+    /// Runs the program with `args`, `input` on its standard input, killing it at the
+    /// deadline. Its output is read by threads of their own, so a full pipe never stalls
+    /// it; a killed run's readers are left to end with the pipes.
+    fn run(&self, command: &str, args: &[&str], input: Option<&str>) -> Result<Ran, NftError> {
+        let program = self.program();
+        let mut child = Command::new(&program)
+            .args(args)
+            .stdin(if input.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|source| NftError::Spawn { program, source })?;
+        let stdin = child.stdin.take();
+        let input = input.map(str::to_owned);
+        let writer = std::thread::spawn(move || {
+            if let (Some(mut stdin), Some(input)) = (stdin, input) {
+                // A closed pipe means nft stopped reading: its status says why.
+                let _ = stdin.write_all(input.as_bytes());
+            }
+        });
+        let reader = |pipe: Option<Box<dyn Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut text = String::new();
+                if let Some(mut pipe) = pipe {
+                    let _ = pipe.read_to_string(&mut text);
+                }
+                text
+            })
+        };
+        let stdout = reader(
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        );
+        let stderr = reader(
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        );
+        let deadline = Instant::now() + self.timeout;
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break status,
+                Ok(None) if Instant::now() >= deadline => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(NftError::Timeout {
+                        command: command.to_owned(),
+                        seconds: self.timeout.as_secs(),
+                    });
+                }
+                Ok(None) => std::thread::sleep(Duration::from_micros(500)),
+                Err(source) => {
+                    return Err(NftError::Spawn {
+                        program: self.program(),
+                        source,
+                    });
+                }
+            }
+        };
+        let _ = writer.join();
+        Ok(Ran {
+            status,
+            stdout: stdout.join().unwrap_or_default(),
+            stderr: stderr.join().unwrap_or_default(),
+        })
     }
 
     fn program(&self) -> OsString {
@@ -54,36 +151,29 @@ impl NftCli {
     fn list(&mut self, args: &[&str]) -> Result<Option<Nftables<'static>>, NftError> {
         let command = format!("{} -j {}", self.program().to_string_lossy(), args.join(" "));
         tracing::debug!(%command, "reading the kernel table");
-        match helper::get_current_ruleset_raw(self.program.as_ref(), args) {
-            Ok(output) => serde_json::from_str(&output)
+        let ran = self.run(&command, &[&["-j"], args].concat(), None)?;
+        if ran.status.success() {
+            return serde_json::from_str(&ran.stdout)
                 .map(Some)
-                .map_err(|source| NftError::Output { command, source }),
-            // nft says "No such file or directory" for a missing table or chain.
-            Err(NftablesError::NftFailed { stderr, .. })
-                if stderr.contains("No such file or directory") =>
-            {
-                Ok(None)
-            }
-            Err(err) => Err(self.error(command, err)),
+                .map_err(|source| NftError::Output { command, source });
         }
+        // nft says "No such file or directory" for a missing table or chain.
+        if ran.stderr.contains("No such file or directory") {
+            return Ok(None);
+        }
+        Err(failed(command, &ran))
     }
+}
 
-    fn error(&self, command: String, err: NftablesError) -> NftError {
-        match err {
-            NftablesError::NftExecution { program, inner } => NftError::Spawn {
-                program,
-                source: inner,
-            },
-            NftablesError::NftFailed { stderr, .. } => NftError::Failed {
-                command,
-                stderr: stderr.trim().to_owned(),
-            },
-            NftablesError::NftInvalidJson(source) => NftError::Output { command, source },
-            NftablesError::NftOutputEncoding { inner, .. } => NftError::Failed {
-                command,
-                stderr: inner.to_string(),
-            },
-        }
+fn failed(command: String, ran: &Ran) -> NftError {
+    let stderr = ran.stderr.trim();
+    NftError::Failed {
+        command,
+        stderr: if stderr.is_empty() {
+            format!("{} and printed nothing on stderr", ran.status)
+        } else {
+            stderr.to_owned()
+        },
     }
 }
 
@@ -109,7 +199,15 @@ impl NftCli {
             command.push_str(arg);
         }
         tracing::debug!(%command, bytes = transaction.len(), "sending a transaction");
-        helper::apply_ruleset_raw(transaction, self.program.as_ref(), args)
-            .map_err(|err| self.error(command, err))
+        let ran = self.run(
+            &command,
+            &[args, &["-j", "-f", "-"]].concat(),
+            Some(transaction),
+        )?;
+        if ran.status.success() {
+            Ok(ran.stdout)
+        } else {
+            Err(failed(command, &ran))
+        }
     }
 }
