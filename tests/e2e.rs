@@ -539,16 +539,7 @@ fn an_nft_that_hangs_is_killed_and_the_forward_comes_once_it_works() {
         dir,
         _servers,
     } = setup(&[8080]);
-    // An nft that hangs on every transaction while the marker exists.
-    let marker = dir.path.join("hang");
-    let wrapper = dir.write(
-        "nft-hangs",
-        &format!(
-            "#!/bin/sh\ncase \" $* \" in\n*\" -f - \"*) [ -e {m} ] && exec sleep 3600 ;;\nesac\nexec nft \"$@\"\n",
-            m = marker.display()
-        ),
-    );
-    run("chmod", &["+x", &wrapper]);
+    let (wrapper, marker) = nft_hanging(&dir);
     std::fs::write(&marker, "").unwrap();
     let extra = ["--nft", &wrapper, "--nft-timeout", "1"];
     let daemon = start_daemon(&topology.router, &dir, addr, "router-a", FINALIZER, &extra);

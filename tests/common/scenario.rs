@@ -97,19 +97,34 @@ pub fn get(ns: &Netns, port: u16, path: &str) -> Option<(u16, String)> {
     })
 }
 
-/// An nft that refuses every transaction deleting something while the marker exists:
+/// An executable `nft` stand-in named `name` in `dir`: `transaction` (shell, with `$M` the
+/// marker file) handles `-f -` runs, everything else goes to the real nft:
 /// `(wrapper, marker)`.
-pub fn nft_failing_deletes(dir: &TempDir) -> (String, std::path::PathBuf) {
-    let marker = dir.path.join("fail-deletes");
+fn nft_wrapper(dir: &TempDir, name: &str, transaction: &str) -> (String, std::path::PathBuf) {
+    let marker = dir.path.join(format!("{name}.marker"));
     let wrapper = dir.write(
-        "nft-wrapper",
+        name,
         &format!(
-            "#!/bin/sh\ncase \" $* \" in\n*\" -f - \"*)\n  input=$(cat)\n  if [ -e {m} ] && printf '%s' \"$input\" | grep -q '\"delete\"'; then echo injected failure >&2; exit 1; fi\n  printf '%s' \"$input\" | exec nft \"$@\" ;;\n*) exec nft \"$@\" ;;\nesac\n",
+            "#!/bin/sh\nM={m}\ncase \" $* \" in\n*\" -f - \"*)\n{transaction}\n;;\nesac\nexec nft \"$@\"\n",
             m = marker.display()
         ),
     );
     super::run("chmod", &["+x", &wrapper]);
     (wrapper, marker)
+}
+
+/// An nft that refuses every transaction deleting something while the marker exists.
+pub fn nft_failing_deletes(dir: &TempDir) -> (String, std::path::PathBuf) {
+    nft_wrapper(
+        dir,
+        "nft-fails-deletes",
+        "  input=$(cat)\n  if [ -e \"$M\" ] && printf '%s' \"$input\" | grep -q '\"delete\"'; then echo injected failure >&2; exit 1; fi\n  printf '%s' \"$input\" | exec nft \"$@\"",
+    )
+}
+
+/// An nft that hangs on every transaction while the marker exists.
+pub fn nft_hanging(dir: &TempDir) -> (String, std::path::PathBuf) {
+    nft_wrapper(dir, "nft-hangs", "  [ -e \"$M\" ] && exec sleep 3600")
 }
 
 /// How many times an event of `reason` was published: one object per Service and reason,
