@@ -87,6 +87,12 @@ impl Daemon {
                 return Ok(Some(self.backoff()));
             }
         };
+        if self.failures > 0 {
+            tracing::info!(
+                failed = self.failures,
+                "the table is in step again after failed applies"
+            );
+        }
         self.failures = 0;
         self.lock_metrics()
             .applied(started.elapsed(), applied.sent, &decision.plan);
