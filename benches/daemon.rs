@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::apiserver::ApiServer;
 use common::daemon::Daemon;
+use common::scenario::{bookkeeping_idle, events_about, writes};
 use common::{Netns, Server, TempDir, Topology, wait_for};
 use serde_json::json;
 
@@ -223,37 +224,14 @@ fn open_new(api: &ApiServer, topology: &Topology, first: u16, count: u16) -> Vec
         .collect()
 }
 
-fn bookkeeping_idle(topology: &Topology) -> bool {
-    common::scenario::get(&topology.router, 9477, "/metrics")
-        .is_some_and(|(_, body)| body.contains("kube_port_forward_bookkeeping_idle 1"))
-}
-
-fn writes(api: &ApiServer) -> usize {
-    api.requests()
-        .iter()
-        .filter(|r| !r.starts_with("GET "))
-        .count()
-}
-
 /// Writes about the Services named `svc-*`: patches to them, and events about them (an
 /// event's path names its namespace only; repeats count in its series).
 fn writes_about_old(api: &ApiServer) -> u64 {
-    let patches = api
-        .requests()
+    let patches = writes(api)
         .iter()
-        .filter(|r| !r.starts_with("GET ") && r.contains("/services/svc-"))
+        .filter(|r| r.contains("/services/svc-"))
         .count() as u64;
-    let events: u64 = api
-        .events()
-        .iter()
-        .filter(|e| {
-            e["regarding"]["name"]
-                .as_str()
-                .is_some_and(|n| n.starts_with("svc-"))
-        })
-        .map(|e| e["series"]["count"].as_u64().unwrap_or(1))
-        .sum();
-    patches + events
+    patches + events_about(api, "svc-")
 }
 
 /// 1,000 forwarded Services: new Services' ports while the first start's bookkeeping (1,000
@@ -284,16 +262,20 @@ fn restart() {
     daemon.wait_log("ready");
     let ready = Instant::now();
     let during = open_new(&api, &topology, 40_000, 50);
-    wait_for("the bookkeeping", || bookkeeping_idle(&topology));
+    wait_for("the bookkeeping", || {
+        bookkeeping_idle(&topology.router, 9477)
+    });
     let caught_up = ready.elapsed();
-    let first_writes = writes(&api);
+    let first_writes = writes(&api).len();
     let old_before = writes_about_old(&api);
     daemon.kill();
 
     let mut daemon = Daemon::spawn(&topology.router, &dir, addr, "bench", &args);
     daemon.wait_log("ready");
     let after_restart = open_new(&api, &topology, 41_000, 50);
-    wait_for("the bookkeeping", || bookkeeping_idle(&topology));
+    wait_for("the bookkeeping", || {
+        bookkeeping_idle(&topology.router, 9477)
+    });
     let restart_writes = writes_about_old(&api) - old_before;
     if std::env::var_os("BENCH_LOG").is_some() {
         eprintln!("first start: {during:?}\nrestart: {after_restart:?}");

@@ -136,20 +136,6 @@ fn the_service_holding_a_port_keeps_it_against_an_older_one_across_restarts() {
     wait_for("b-new gone", || api.get("apps", "b-new").is_none());
 }
 
-/// Whether the daemon's cluster lane has written everything handed to it.
-fn bookkeeping_idle(topology: &Topology) -> bool {
-    get(&topology.router, 9477, "/metrics")
-        .is_some_and(|(_, body)| body.contains("kube_port_forward_bookkeeping_idle 1"))
-}
-
-/// Requests that change something on the API server.
-fn writes(api: &common::apiserver::ApiServer) -> Vec<String> {
-    api.requests()
-        .into_iter()
-        .filter(|r| !r.starts_with("GET "))
-        .collect()
-}
-
 #[test]
 fn a_restart_with_nothing_changed_writes_nothing() {
     let Setup {
@@ -173,11 +159,11 @@ fn a_restart_with_nothing_changed_writes_nothing() {
         })
     });
     wait_for("the bookkeeping to catch up", || {
-        bookkeeping_idle(&topology)
+        bookkeeping_idle(&topology.router, 9477)
     });
     daemon.kill();
     let before = writes(&api).len();
-    let events_before = events_about_old(&api);
+    let events_before = events_about(&api, "web-");
 
     let daemon = start_daemon(&topology.router, &dir, addr, "router-a", FINALIZER, &extra);
     daemon.wait_log("ready");
@@ -190,7 +176,7 @@ fn a_restart_with_nothing_changed_writes_nothing() {
                 == "Forwarded"
     });
     wait_for("the bookkeeping to catch up", || {
-        bookkeeping_idle(&topology)
+        bookkeeping_idle(&topology.router, 9477)
     });
     let after: Vec<String> = writes(&api).split_off(before);
     let about_old: Vec<&String> = after.iter().filter(|r| r.contains("web-")).collect();
@@ -205,24 +191,11 @@ fn a_restart_with_nothing_changed_writes_nothing() {
         "PortsOpened and Forwarded for each: {events_before}"
     );
     assert_eq!(
-        events_about_old(&api),
+        events_about(&api, "web-"),
         events_before,
         "events again after a restart"
     );
     assert!(greets(&topology, 81, "hello 8080"));
-}
-
-/// Events about the Services named `web-*`, each repeat counted.
-fn events_about_old(api: &common::apiserver::ApiServer) -> u64 {
-    api.events()
-        .iter()
-        .filter(|e| {
-            e["regarding"]["name"]
-                .as_str()
-                .is_some_and(|n| n.starts_with("web-"))
-        })
-        .map(|e| e["series"]["count"].as_u64().unwrap_or(1))
-        .sum()
 }
 
 #[test]

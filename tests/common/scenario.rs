@@ -127,12 +127,41 @@ pub fn nft_hanging(dir: &TempDir) -> (String, std::path::PathBuf) {
     nft_wrapper(dir, "nft-hangs", "  [ -e \"$M\" ] && exec sleep 3600")
 }
 
-/// How many times an event of `reason` was published: one object per Service and reason,
-/// its `series.count` once repeated.
-pub fn event_count(api: &ApiServer, reason: &str) -> u64 {
+/// How many times events matching `select` were published: one object per Service and
+/// reason, its `series.count` once repeated.
+fn events_where(api: &ApiServer, select: impl Fn(&Value) -> bool) -> u64 {
     api.events()
         .iter()
-        .filter(|e| e["reason"] == reason)
+        .filter(|e| select(e))
         .map(|e| e["series"]["count"].as_u64().unwrap_or(1))
         .sum()
+}
+
+/// How many times an event of `reason` was published.
+pub fn event_count(api: &ApiServer, reason: &str) -> u64 {
+    events_where(api, |e| e["reason"] == reason)
+}
+
+/// How many times events about Services whose names start with `prefix` were published.
+pub fn events_about(api: &ApiServer, prefix: &str) -> u64 {
+    events_where(api, |e| {
+        e["regarding"]["name"]
+            .as_str()
+            .is_some_and(|n| n.starts_with(prefix))
+    })
+}
+
+/// The requests that changed something on the API server, in order.
+pub fn writes(api: &ApiServer) -> Vec<String> {
+    api.requests()
+        .into_iter()
+        .filter(|r| !r.starts_with("GET "))
+        .collect()
+}
+
+/// Whether the daemon serving health on `port` inside `ns` has written every finalizer
+/// change, condition and event handed to its cluster lane.
+pub fn bookkeeping_idle(ns: &Netns, port: u16) -> bool {
+    get(ns, port, "/metrics")
+        .is_some_and(|(_, body)| body.contains("kube_port_forward_bookkeeping_idle 1"))
 }
