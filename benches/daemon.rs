@@ -1,5 +1,7 @@
 //! The daemon end to end against the test API server: how fast a new Service's port opens
-//! and a deleted Service is let go (200 Services); with 1,000 forwarded Services, new ports
+//! and a deleted Service is let go (200 Services, with 10 and with 1,000 forwards present,
+//! beside the API server's own time for the same requests), and how many `nft` runs that
+//! takes; with 1,000 forwarded Services, new ports
 //! while the first start's bookkeeping is written, how long that takes, and what a restart
 //! with nothing changed writes; the memory and start-up time with 10,000 Services of which
 //! 1,000 are annotated; and how fast it restores its table after a `nft flush ruleset` and
@@ -49,16 +51,58 @@ fn status_field(pid: u32, field: &str) -> String {
         .unwrap_or_default()
 }
 
-fn latency() {
+/// Lines in the counting `nft` wrapper's file: how many times the daemon ran `nft`.
+fn nft_runs(file: &std::path::Path) -> usize {
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .count()
+}
+
+/// With `present` forwards in place: 200 Services given a LoadBalancer address (until the
+/// WAN port answers) and deleted (until the API server has let them go), each beside the
+/// same request for a Service the daemon does not forward (the API server's own round
+/// trip). Counts the `nft` runs meanwhile through a wrapper.
+fn latency_with(present: u16) {
     let topology = Topology::new();
     let _server = Server::start(&topology.server, 8080);
     let api = ApiServer::new();
     let addr = api.listen(Some(&topology.router));
     let dir = TempDir::new();
-    let mut daemon = Daemon::spawn(&topology.router, &dir, addr, "bench", &[]);
+    let (wrapper, runs) = common::scenario::nft_counting(&dir);
+    let mut daemon = Daemon::spawn(&topology.router, &dir, addr, "bench", &["--nft", &wrapper]);
     daemon.wait_log("ready");
+    for i in 0..present {
+        let name = format!("old-{i}");
+        let created = api.create(service(&name, true, 30_000 + i));
+        let ns = created["metadata"]["namespace"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        api.set_lb_ips(&ns, &name, &[common::SERVER4]);
+    }
+    wait_for("the forwards present first", || {
+        (0..present).all(|i| {
+            let ns = format!("ns-{}", (30_000 + i) % 20);
+            api.get(&ns, &format!("old-{i}"))
+                .is_some_and(|s| !s["metadata"]["finalizers"].is_null())
+        })
+    });
+    let runs_before = nft_runs(&runs);
     let opened = open_new(&api, &topology, 20_000, 200);
-    let mut released = Vec::new();
+    let plain_address: Vec<Duration> = (0..200u16)
+        .map(|i| {
+            let name = format!("plain-{i}");
+            let created = api.create(service(&name, false, 21_000 + i));
+            let ns = created["metadata"]["namespace"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+            let start = Instant::now();
+            api.set_lb_ips(&ns, &name, &[common::SERVER4]);
+            start.elapsed()
+        })
+        .collect();
     wait_for("200 finalizers", || {
         (20_000..20_200u16).all(|port| {
             let ns = format!("ns-{}", port % 20);
@@ -66,25 +110,53 @@ fn latency() {
                 .is_some_and(|s| !s["metadata"]["finalizers"].is_null())
         })
     });
-    for port in 20_000..20_200u16 {
-        let ns = format!("ns-{}", port % 20);
-        let name = format!("new-{port}");
-        let start = Instant::now();
-        api.delete(&ns, &name);
-        while api.get(&ns, &name).is_some() {
-            std::thread::sleep(Duration::from_micros(200));
-        }
-        released.push(start.elapsed());
-    }
+    let deleted = |prefix: &str, first: u16| -> Vec<Duration> {
+        (0..200u16)
+            .map(|i| {
+                let port = first + i;
+                let ns = format!("ns-{}", port % 20);
+                let name = if prefix == "new" {
+                    format!("new-{port}")
+                } else {
+                    format!("{prefix}-{i}")
+                };
+                let start = Instant::now();
+                api.delete(&ns, &name);
+                while api.get(&ns, &name).is_some() {
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                start.elapsed()
+            })
+            .collect()
+    };
+    let released = deleted("new", 20_000);
+    let plain_deleted = deleted("plain", 21_000);
+    let runs_during = nft_runs(&runs) - runs_before;
     daemon.kill();
+    println!("with {present} forwards present:");
     println!(
-        "LoadBalancer address set -> port open on the WAN:       {}",
+        "  LoadBalancer address set -> port open on the WAN:       {}",
         percentiles(opened)
     );
     println!(
-        "deletion requested -> finalizer released, Service gone: {}",
+        "  the same request, a Service not forwarded (API only):  {}",
+        percentiles(plain_address)
+    );
+    println!(
+        "  deletion requested -> finalizer released, Service gone: {}",
         percentiles(released)
     );
+    println!(
+        "  the same deletion, a Service without the finalizer:    {}",
+        percentiles(plain_deleted)
+    );
+    println!("  nft runs during these 600 changes after start: {runs_during}");
+}
+
+fn latency() {
+    for present in [10, 1000] {
+        latency_with(present);
+    }
 }
 
 fn scale() {

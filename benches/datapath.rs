@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use common::{Netns, TempDir, Topology};
 use kube_port_forward::core::model::{Family, Forward, ForwardKey, Owner, Protocol, Target};
 use kube_port_forward::kernel::{DEFAULT_TABLE, Ruleset, TableConfig};
-use kube_port_forward::kernel::{Engine, NftCli};
+use kube_port_forward::kernel::{Engine, Kernel, NftCli};
 
 const SERVER_PORT: u16 = 8080;
 /// The forward under test is added last, on this external port.
@@ -106,7 +106,9 @@ fn configure(router: &Netns, variant: Variant, dir: &TempDir) {
         Variant::Map(n) => {
             let desired = map_ruleset(n);
             router.enter(move || {
-                Engine::new(NftCli::default()).apply(desired).unwrap();
+                Engine::new(Kernel::new(NftCli::default()))
+                    .apply(desired)
+                    .unwrap();
             });
         }
         Variant::Rules(n) => {

@@ -1,6 +1,7 @@
-//! The kernel side of applying: 10,000 forwards from an empty table, then one change with
-//! 10,000 present against one change with 10 present (the cost must not grow with the
-//! table). Runs `nft` in a network namespace it creates: needs root.
+//! The kernel side of applying: one element change (a forward added, a forward removed)
+//! with 10 and with 10,000 forwards present (the cost must not grow with the table), reading
+//! 10,000 forwards back, building 10,000 from nothing and restoring them after
+//! `nft flush ruleset`. Runs in a network namespace it creates: needs root.
 //! `cargo bench --bench kernel`
 
 #[path = "../tests/common/mod.rs"]
@@ -11,8 +12,10 @@ use std::time::{Duration, Instant};
 
 use common::Netns;
 use kube_port_forward::core::model::{Family, Forward, ForwardKey, Owner, Protocol, Target};
+use kube_port_forward::kernel::nfnl::TableDump;
+use kube_port_forward::kernel::wire::SetChange;
 use kube_port_forward::kernel::{DEFAULT_TABLE, Ruleset, TableConfig};
-use kube_port_forward::kernel::{Engine, NftCli};
+use kube_port_forward::kernel::{Engine, Firewall, Kernel, KernelError, NftCli};
 
 fn ruleset(n: usize) -> Ruleset {
     let forwards: BTreeMap<ForwardKey, Forward> = (0..n)
@@ -58,71 +61,146 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-fn median(mut times: Vec<Duration>) -> (f64, f64, f64) {
+/// Median, minimum and 99th percentile, in milliseconds.
+fn stats(mut times: Vec<Duration>) -> (f64, f64, f64) {
     times.sort();
-    (
-        ms(times[times.len() / 2]),
-        ms(times[0]),
-        ms(times[times.len() * 9 / 10]),
-    )
+    let p99 = ((times.len() * 99).div_ceil(100)).saturating_sub(1);
+    (ms(times[times.len() / 2]), ms(times[0]), ms(times[p99]))
 }
 
-/// Applies `ruleset(n)`, then times `rounds` single-forward changes with the same engine.
-fn one_change(n: usize, rounds: usize) -> (f64, f64, f64) {
+fn engine() -> Engine<Kernel> {
+    Engine::new(Kernel::new(NftCli::default()))
+}
+
+/// The kernel, timing each netlink commit (the batch: send, kernel transaction, acks) and
+/// each conntrack clean-up apart from the rest of an apply (the diff, the report).
+struct Timed {
+    inner: Kernel,
+    commits: Vec<Duration>,
+    flows: Vec<Duration>,
+}
+
+impl Firewall for Timed {
+    fn generation(&mut self) -> Result<u32, KernelError> {
+        self.inner.generation()
+    }
+    fn read(&mut self, table: &str, sets: &[&str]) -> Result<Option<TableDump>, KernelError> {
+        self.inner.read(table, sets)
+    }
+    fn commit(
+        &mut self,
+        table: &str,
+        changes: &[SetChange],
+        generation: Option<u32>,
+    ) -> Result<(), KernelError> {
+        let start = Instant::now();
+        let result = self.inner.commit(table, changes, generation);
+        self.commits.push(start.elapsed());
+        result
+    }
+    fn run(&mut self, transaction: &str) -> Result<(), KernelError> {
+        self.inner.run(transaction)
+    }
+    fn close_flows(&mut self, keys: &[ForwardKey], mark: u32) -> Result<usize, KernelError> {
+        let start = Instant::now();
+        let result = self.inner.close_flows(keys, mark);
+        if !keys.is_empty() {
+            self.flows.push(start.elapsed());
+        }
+        result
+    }
+}
+
+/// Applies `ruleset(n)`, then times `rounds` removals and as many additions of one forward,
+/// alternating, with the same engine: each is one netlink batch. Returns the whole applies
+/// (removals, additions), the commits alone, and the conntrack clean-ups of the removals.
+fn one_change(n: usize, rounds: usize) -> [(f64, f64, f64); 4] {
     let ns = Netns::new("bench");
     ns.enter(move || {
-        let mut desired = ruleset(n);
-        let mut engine = Engine::new(NftCli::default());
+        let desired = ruleset(n);
+        let mut engine = Engine::new(Timed {
+            inner: Kernel::new(NftCli::default()),
+            commits: Vec::new(),
+            flows: Vec::new(),
+        });
         engine.apply(desired.clone()).unwrap();
         let key = *desired.forwards.keys().nth(n / 2).unwrap();
-        let mut times = Vec::new();
-        for round in 0..rounds {
-            let forward = desired.forwards.get_mut(&key).unwrap();
-            forward.target.port = 9000 + (round % 2) as u16;
-            let next = desired.clone();
-            let start = Instant::now();
-            let applied = engine.apply(next).unwrap();
-            times.push(start.elapsed());
-            assert!(applied.sent && applied.rebuilt.is_none() && applied.added.len() == 1);
+        let mut without = desired.clone();
+        without.forwards.remove(&key);
+        let (mut removes, mut adds) = (Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            for (next, times) in [(&without, &mut removes), (&desired, &mut adds)] {
+                let next = next.clone();
+                let start = Instant::now();
+                let applied = engine.apply(next).unwrap();
+                times.push(start.elapsed());
+                assert!(applied.sent && applied.rebuilt.is_none());
+                assert_eq!(applied.added.len() + applied.removed.len(), 1);
+            }
         }
-        median(times)
+        let timed = engine.firewall();
+        let commits = std::mem::take(&mut timed.commits);
+        let flows = std::mem::take(&mut timed.flows);
+        assert_eq!(commits.len(), 2 * rounds);
+        [stats(removes), stats(adds), stats(commits), stats(flows)]
     })
 }
 
 fn main() {
     println!("nft: {}", common::run("nft", &["--version"]).trim());
-    let mut full = Vec::new();
-    let mut reads = Vec::new();
-    for _ in 0..5 {
-        let ns = Netns::new("bench");
-        let (apply, read) = ns.enter(|| {
-            let desired = ruleset(10_000);
-            let mut engine = Engine::new(NftCli::default());
-            let next = desired.clone();
-            let start = Instant::now();
-            let applied = engine.apply(next).unwrap();
-            let apply = start.elapsed();
-            assert_eq!(applied.added.len(), 10_000);
-            let mut fresh = Engine::new(NftCli::default());
-            let start = Instant::now();
-            assert!(!fresh.apply(desired).unwrap().sent);
-            (apply, start.elapsed())
-        });
-        full.push(apply);
-        reads.push(read);
-    }
-    let (m, lo, _) = median(full);
-    println!(
-        "apply 10,000 forwards to an empty table:           median {m:8.1} ms  min {lo:8.1} ms  (5 runs)"
-    );
-    let (m, lo, _) = median(reads);
-    println!(
-        "re-apply unchanged, reading the table in full:     median {m:8.1} ms  min {lo:8.1} ms  (5 runs)"
-    );
     for n in [10, 10_000] {
-        let (m, lo, p90) = one_change(n, 41);
-        println!(
-            "one changed forward with {n:>6} present:          median {m:8.1} ms  min {lo:8.1} ms  p90 {p90:8.1} ms  (41 runs)"
-        );
+        let [remove, add, commit, flows] = one_change(n, 1000);
+        for (what, runs, (m, lo, p99)) in [
+            ("apply, one forward added:   ", 1000, add),
+            ("apply, one forward removed: ", 1000, remove),
+            ("  of which the batch commit:", 2000, commit),
+            ("  of which conntrack (rem.):", 1000, flows),
+        ] {
+            println!(
+                "{what} {n:>6} present: median {m:8.3} ms  min {lo:8.3} ms  p99 {p99:8.3} ms  ({runs} runs)"
+            );
+        }
+    }
+    let ns = Netns::new("bench");
+    let name = ns.name.clone();
+    let (build, read, restore) = ns.enter(move || {
+        let desired = ruleset(10_000);
+        let (mut build, mut read, mut restore) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..5 {
+            common::run("ip", &["netns", "exec", &name, "nft", "flush", "ruleset"]);
+            let mut engine = engine();
+            let start = Instant::now();
+            let applied = engine.apply(desired.clone()).unwrap();
+            build.push(start.elapsed());
+            assert_eq!(applied.added.len(), 10_000);
+        }
+        let mut engine = engine();
+        for _ in 0..20 {
+            let start = Instant::now();
+            let table = engine
+                .read(&desired.config.table, Some(&desired.config))
+                .unwrap()
+                .unwrap();
+            read.push(start.elapsed());
+            assert_eq!(table.addrs.len(), 10_000);
+        }
+        engine.apply(desired.clone()).unwrap();
+        for _ in 0..5 {
+            common::run("ip", &["netns", "exec", &name, "nft", "flush", "ruleset"]);
+            // What the daemon does when the monitor reports the flush: forget, apply.
+            engine.forget();
+            let start = Instant::now();
+            let applied = engine.apply(desired.clone()).unwrap();
+            restore.push(start.elapsed());
+            assert!(applied.rebuilt.is_some());
+        }
+        (stats(build), stats(read), stats(restore))
+    });
+    for (what, runs, (m, lo, p99)) in [
+        ("read 10,000 forwards (netlink dump):  ", 20, read),
+        ("build 10,000 forwards from nothing:    ", 5, build),
+        ("restore 10,000 after nft flush ruleset:", 5, restore),
+    ] {
+        println!("{what} median {m:8.1} ms  min {lo:8.1} ms  max {p99:8.1} ms  ({runs} runs)");
     }
 }

@@ -207,7 +207,7 @@ fn a_cleanup_deadline_starts_afresh_when_the_service_asks_again() {
         dir,
         _servers,
     } = setup(&[8080]);
-    let (wrapper, marker) = nft_failing_deletes(&dir);
+    let (wrapper, marker) = nft_failing(&dir);
     let extra = ["--cleanup-deadline", "3", "--nft", &wrapper];
     let daemon = start_daemon(&topology.router, &dir, addr, "router-a", FINALIZER, &extra);
     create_with_address(&api, "web", "80:http", 8080);
@@ -215,15 +215,19 @@ fn a_cleanup_deadline_starts_afresh_when_the_service_asks_again() {
     wait_for("the finalizer", || finalizers(&api, "web") == [FINALIZER]);
     let mapping = |value: serde_json::Value| json!({"metadata": {"annotations": {"kube-port-forward-controller/mapping": value}}});
 
-    // The forward cannot be removed: the cleanup deadline starts...
+    // The forward cannot be removed (the table needs a rebuild, which fails): the cleanup
+    // deadline starts...
     std::fs::write(&marker, "").unwrap();
+    stray_set(&topology.router, true);
+    daemon.wait_log("injected failure");
     api.merge_patch("apps", "web", mapping(json!(null)), false);
     wait_for("a CleanupFailed warning", || {
         event_count(&api, "CleanupFailed") > 0
     });
-    // ...and stops when the Service asks for the port again: nothing to delete, the apply
-    // succeeds.
+    // ...and stops when the Service asks for the port again and the table is whole again:
+    // nothing to change, the apply succeeds.
     api.merge_patch("apps", "web", mapping(json!("80:http")), false);
+    stray_set(&topology.router, false);
     daemon.wait_log("the table is in step again after failed applies");
     let asked_again = std::time::Instant::now();
     wait_for("more than the deadline to pass", || {
@@ -232,6 +236,7 @@ fn a_cleanup_deadline_starts_afresh_when_the_service_asks_again() {
 
     // A new cleanup gets a deadline of its own: warned again, not released at once.
     let failed = event_count(&api, "CleanupFailed");
+    stray_set(&topology.router, true);
     api.merge_patch("apps", "web", mapping(json!(null)), false);
     wait_for("a new CleanupFailed warning", || {
         event_count(&api, "CleanupFailed") > failed

@@ -305,3 +305,83 @@ fn a_port_the_router_serves_is_taken_only_when_the_allowed_ports_name_it() {
         "hello 8080"
     );
 }
+
+/// Flows that exist when a forward closes end with it: the kernel's conntrack entries of the
+/// forward are deleted after its elements, so neither a UDP stream nor an established TCP
+/// connection keeps reaching the old target (firewall4 accepts marked flows, and an entry
+/// left in place keeps its DNAT). The router answers the next packet of each itself.
+#[test]
+fn closing_a_forward_ends_its_running_udp_and_tcp_flows() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::net::{TcpListener, TcpStream, UdpSocket};
+    use std::time::Duration;
+
+    let topology = Topology::new();
+    let dir = TempDir::new();
+    let file = dual_stack_manifest(&dir);
+    // Echo servers on the server's 8080: TCP line by line, UDP datagram by datagram.
+    let (tcp, udp) = topology.server.enter(|| {
+        (
+            TcpListener::bind(("0.0.0.0", 8080)).unwrap(),
+            UdpSocket::bind(("0.0.0.0", 8080)).unwrap(),
+        )
+    });
+    std::thread::spawn(move || {
+        for stream in tcp.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut writer = stream.try_clone().unwrap();
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    let _ = writeln!(writer, "echo {line}");
+                }
+            });
+        }
+    });
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        while let Ok((n, peer)) = udp.recv_from(&mut buf) {
+            let _ = udp.send_to(&buf[..n], peer);
+        }
+    });
+    apply(&topology, &file, &DUAL_STACK_WAN);
+    let (stream, socket) = topology.client.enter(|| {
+        let stream =
+            TcpStream::connect_timeout(&sock(ROUTER_WAN4, 80), Duration::from_secs(10)).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+        socket.connect(sock(ROUTER_WAN4, 5353)).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        (stream, socket)
+    });
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut writer = stream;
+    let mut line = String::new();
+    writeln!(writer, "one").unwrap();
+    reader.read_line(&mut line).unwrap();
+    assert_eq!(line, "echo one\n");
+    let mut buf = [0u8; 64];
+    socket.send(b"one").unwrap();
+    let n = socket.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"one");
+
+    // The Service goes: the forwards close, and with them the flows.
+    let empty = dir.write("empty.yaml", "");
+    apply(&topology, &empty, &DUAL_STACK_WAN);
+
+    // The same UDP socket: the router has no flow for it any more and refuses the datagram
+    // (ICMP port unreachable); a flow left in place would bring the echo back.
+    socket.send(b"two").unwrap();
+    let err = socket.recv(&mut buf).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{err}");
+    // The same TCP connection: the router answers the next segment with a reset.
+    writeln!(writer, "two").unwrap();
+    line.clear();
+    match reader.read_line(&mut line) {
+        Ok(0) => {}
+        Ok(_) => panic!("the closed forward still carried the connection: {line:?}"),
+        Err(err) => assert_eq!(err.kind(), ErrorKind::ConnectionReset, "{err}"),
+    }
+}

@@ -382,7 +382,7 @@ fn a_cleanup_that_keeps_failing_is_retried_warned_then_released_and_swept_later(
         dir,
         _servers,
     } = setup(&[8080]);
-    let (wrapper, marker) = nft_failing_deletes(&dir);
+    let (wrapper, marker) = nft_failing(&dir);
     let daemon = start_daemon(
         &topology.router,
         &dir,
@@ -395,7 +395,10 @@ fn a_cleanup_that_keeps_failing_is_retried_warned_then_released_and_swept_later(
     wait_for("port 80", || greets(&topology, 80, "hello 8080"));
     wait_for("the finalizer", || finalizers(&api, "web") == [FINALIZER]);
 
+    // Removing the forward now needs a rebuild, and every rebuild fails.
     std::fs::write(&marker, "").unwrap();
+    stray_set(&topology.router, true);
+    daemon.wait_log("injected failure");
     api.delete("apps", "web");
     let warned = |reason: &str| {
         api.events()
@@ -554,4 +557,48 @@ fn an_nft_that_hangs_is_killed_and_the_forward_comes_once_it_works() {
         greets(&topology, 80, "hello 8080")
     });
     wait_for("the finalizer", || finalizers(&api, "web") == [FINALIZER]);
+}
+
+/// In steady state the daemon starts no process: forwards come and go as netlink batches,
+/// reads are netlink dumps, and its own commits announced by nf_tables are not answered with
+/// a rebuild. `nft` runs once, to build the table.
+#[test]
+fn a_hundred_changes_after_start_run_no_nft() {
+    let Setup {
+        topology,
+        api,
+        addr,
+        dir,
+        _servers,
+    } = setup(&[8080]);
+    let (wrapper, runs) = nft_counting(&dir);
+    let extra = ["--nft", &wrapper];
+    let daemon = start_daemon(&topology.router, &dir, addr, "router-a", FINALIZER, &extra);
+    daemon.wait_log("ready");
+    let count = || {
+        std::fs::read_to_string(&runs)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    assert_eq!(count(), 1, "the table is built once");
+    for i in 0..50u16 {
+        create_with_address(
+            &api,
+            &format!("web-{i}"),
+            &format!("{}:http", 1000 + i),
+            8080,
+        );
+    }
+    for i in 0..50u16 {
+        wait_for("each port", || greets(&topology, 1000 + i, "hello 8080"));
+    }
+    for i in 0..50u16 {
+        api.delete("apps", &format!("web-{i}"));
+    }
+    wait_for("every Service gone", || {
+        (0..50u16).all(|i| api.get("apps", &format!("web-{i}")).is_none())
+    });
+    assert!(refused(&topology, 1049));
+    assert_eq!(count(), 1, "nft ran again after start");
 }

@@ -12,7 +12,9 @@ use crate::cluster::finalizer;
 use crate::core::plan::{self, Plan, State};
 use crate::core::policy::{Policy, PolicyError, PolicyParts};
 use crate::daemon::{self, DaemonError};
-use crate::kernel::{ConfigError, DEFAULT_TABLE, Engine, NftCli, NftError, Ruleset, TableConfig};
+use crate::kernel::{
+    ConfigError, DEFAULT_TABLE, Engine, Kernel, KernelError, NftCli, Ruleset, TableConfig,
+};
 use crate::router::links::Addresses;
 use crate::router::{audit, policy_file, sockets};
 use manifest::{ManifestError, Manifests};
@@ -41,7 +43,7 @@ pub struct Cli {
     /// Log at debug level (the nft commands run, among others).
     #[arg(short, long, global = true)]
     pub verbose: bool,
-    /// The nft program to run (default: `nft` from PATH).
+    /// The nft program that builds and rebuilds the table (default: `nft` from PATH); changes go over netlink.
     #[arg(long, global = true, value_name = "PROGRAM")]
     pub nft: Option<std::ffi::OsString>,
     /// Seconds one nft run may take before it is killed and counted as a failure.
@@ -270,7 +272,7 @@ pub enum CommandError {
     )]
     NoWan,
     #[error(transparent)]
-    Nft(#[from] NftError),
+    Kernel(#[from] KernelError),
     #[error(transparent)]
     Daemon(#[from] DaemonError),
     #[error(transparent)]
@@ -286,7 +288,7 @@ pub enum CommandError {
 impl CommandError {
     pub fn exit_code(&self) -> u8 {
         match self {
-            CommandError::Nft(_)
+            CommandError::Kernel(_)
             | CommandError::Runtime(_)
             | CommandError::Kube(_)
             | CommandError::Sockets(_)
@@ -387,7 +389,7 @@ pub fn run(command: Command, nft: NftCli) -> Result<u8, CommandError> {
                 );
             }
             let (table, count) = (ruleset.config.table.clone(), ruleset.forwards.len());
-            let applied = Engine::new(nft).apply(ruleset)?;
+            let applied = Engine::new(Kernel::new(nft)).apply(ruleset)?;
             audit::record(&table, &applied);
             println!(
                 "{count} forwards in table inet {table}: {} opened, {} closed{}",
@@ -441,7 +443,7 @@ pub fn run(command: Command, nft: NftCli) -> Result<u8, CommandError> {
         }
         Command::Status { table, output } => {
             TableConfig::new(&table, [], [])?;
-            let current = Engine::new(nft).read(&table, None)?;
+            let current = Engine::new(Kernel::new(nft)).read(&table, None)?;
             print!(
                 "{}",
                 match output {

@@ -124,23 +124,39 @@ impl Daemon {
         match done {
             Done::Finalizer(key, updated) => {
                 self.handed.remove(&key);
-                let tracked = updated.tracked;
-                let out_of_scope = self.store.get(&key).is_some_and(|t| t.out_of_scope);
                 if updated.metadata.name.is_none() {
                     return false;
                 }
-                if out_of_scope && !tracked.has_finalizer(&self.settings.finalizer) {
+                let tracked = updated.tracked;
+                let ours = tracked.has_finalizer(&self.settings.finalizer);
+                match self.store.get(&key).map(|t| t.out_of_scope) {
+                    // The watch let it go meanwhile (it left the scope; really deleted, it
+                    // could not have been patched). Holding this router's finalizer now, it
+                    // is released; otherwise the watch has the last word.
+                    None if ours => {
+                        self.store.insert(
+                            key,
+                            Tracked {
+                                out_of_scope: true,
+                                ..tracked
+                            },
+                        );
+                        true
+                    }
+                    None => false,
                     // Released: the watch says nothing more of it.
-                    self.store.remove(&key).is_some()
-                } else if tracked.relevant(&self.settings.finalizer) {
-                    let tracked = Tracked {
-                        out_of_scope,
-                        ..tracked
-                    };
-                    self.store.insert(key, tracked);
-                    false
-                } else {
-                    self.store.remove(&key).is_some()
+                    Some(true) if !ours => self.store.remove(&key).is_some(),
+                    Some(out_of_scope) if tracked.relevant(&self.settings.finalizer) => {
+                        self.store.insert(
+                            key,
+                            Tracked {
+                                out_of_scope,
+                                ..tracked
+                            },
+                        );
+                        false
+                    }
+                    Some(_) => self.store.remove(&key).is_some(),
                 }
             }
             Done::Gone(key) => {
@@ -305,6 +321,15 @@ impl Daemon {
             Ok(Event::Delete(service)) => {
                 let key = service.key();
                 let mut tracked = service.tracked;
+                // The watch's last copy may predate the lane's own patch adding the
+                // finalizer (the labels changed first): what the lane learnt counts too.
+                if !tracked.has_finalizer(&self.settings.finalizer)
+                    && let Some(known) = self.store.get(&key).filter(|known| {
+                        known.uid == tracked.uid && known.has_finalizer(&self.settings.finalizer)
+                    })
+                {
+                    tracked = known.clone();
+                }
                 if tracked.has_finalizer(&self.settings.finalizer) {
                     // Deleted, as a filtered watch reports a Service whose labels stopped
                     // matching: while it holds this router's finalizer it cannot really be

@@ -23,8 +23,8 @@ use crate::cluster::{Cluster, Key, watch};
 use crate::core::decide::{Store, Summary};
 use crate::core::names::valid_finalizer;
 use crate::core::policy::Policy;
-use crate::kernel::monitor::TableEvents;
-use crate::kernel::{Engine, NftCli, TableConfig};
+use crate::kernel::monitor::{TableEvents, Touched};
+use crate::kernel::{Engine, Kernel, NftCli, TableConfig};
 use crate::router::health::{self, Metrics};
 use crate::router::links::LinkEvents;
 
@@ -34,6 +34,8 @@ pub const DEFAULT_CONDITION: &str = "kube-port-forward-controller/Forwarded";
 const HEARTBEAT: Duration = Duration::from_secs(5);
 /// `/healthz` fails when the loop has not turned for this long (an apply is stuck).
 const STALL: Duration = Duration::from_secs(60);
+/// Applies failing this long without one success stop the watchdog's pings.
+const FAILING: Duration = Duration::from_secs(600);
 
 /// How the daemon runs.
 #[derive(Clone, Debug)]
@@ -101,7 +103,7 @@ struct Daemon {
     namespace_buffer: Option<BTreeSet<String>>,
     /// The Namespace watch has listed once (or there is none).
     namespaces_synced: bool,
-    engine: Option<Engine<NftCli>>,
+    engine: Option<Engine<Kernel>>,
     published: HashMap<Key, Summary>,
     /// Since when a Service's forwards have refused to leave the kernel.
     cleanup_since: HashMap<String, Instant>,
@@ -111,8 +113,8 @@ struct Daemon {
     /// WAN and router addresses given as flags, kept whatever the interfaces hold.
     fixed_wan: BTreeSet<IpAddr>,
     fixed_router: BTreeSet<IpAddr>,
-    /// The next apply follows a deletion nf_tables announced in the table.
-    verify_after_deletion: bool,
+    /// The next apply follows a change to the table nf_tables announced from outside.
+    verify_outside_change: bool,
 }
 
 /// Runs until `shutdown` completes; a reconcile in progress finishes first.
@@ -186,7 +188,7 @@ pub async fn run(
         namespaces_synced: !watch_namespaces,
         scopes,
         store: Store::new(),
-        engine: Some(Engine::new(settings.nft.clone())),
+        engine: Some(Engine::new(Kernel::new(settings.nft.clone()))),
         published: HashMap::new(),
         cleanup_since: HashMap::new(),
         ready: false,
@@ -195,7 +197,7 @@ pub async fn run(
         fixed_wan: settings.table.wan_addresses.clone(),
         // The WAN flags; the interfaces' addresses are read again at every change.
         fixed_router: settings.table.wan_addresses.clone(),
-        verify_after_deletion: false,
+        verify_outside_change: false,
         settings,
     };
     if links.is_some() {
@@ -253,16 +255,22 @@ pub async fn run(
             () = changed(&mut links) => {
                 dirty |= daemon.follow_addresses();
             }
-            () = touched(&mut tables) => {
-                // Our own rebuilds are announced too: read the table whole and compare, and
-                // only a difference (someone else's deletion) brings a rebuild.
-                tracing::debug!("nf_tables announced a deletion in the table; reading it");
-                if let Some(engine) = daemon.engine.as_mut() {
-                    engine.forget();
+            touched = touched(&mut tables) => {
+                // The engine's own commits are announced too: it knows their generations.
+                // Anyone else's change is read and compared, and a difference undone.
+                let own = match touched {
+                    Touched::At(generation) => daemon.engine.as_ref().is_some_and(|e| e.knows(generation)),
+                    Touched::Unknown => false,
+                };
+                if !own {
+                    tracing::debug!(?touched, "nf_tables announced a change in the table; reading it");
+                    if let Some(engine) = daemon.engine.as_mut() {
+                        engine.forget();
+                    }
+                    daemon.verify_outside_change = true;
+                    dirty = true;
+                    force = true;
                 }
-                daemon.verify_after_deletion = true;
-                dirty = true;
-                force = true;
             }
             Some(done) = lane_done.recv() => {
                 dirty |= daemon.lane_done(done);
@@ -295,14 +303,16 @@ pub async fn run(
     Ok(())
 }
 
-/// Tells systemd the daemon is alive while its loop turns or a round makes progress: a
-/// loop stuck on a hung `nft` or API call stops the pings, and systemd restarts it.
+/// Tells systemd the daemon is alive while its loop turns or a round makes progress, and
+/// its applies succeed: a loop stuck on a hung API call, or failing to bring the table in
+/// step for [`FAILING`], stops the pings, and systemd restarts it.
 async fn feed_watchdog(metrics: health::Shared, period: Duration) {
     let mut tick = tokio::time::interval(period / 2);
     loop {
         tick.tick().await;
-        let alive = health::lock(&metrics).alive(std::time::Instant::now(), period);
-        if alive {
+        let converging =
+            health::lock(&metrics).converging(std::time::Instant::now(), period, FAILING);
+        if converging {
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
         }
     }
@@ -315,7 +325,7 @@ async fn changed(links: &mut Option<LinkEvents>) {
     }
 }
 
-async fn touched(tables: &mut Option<TableEvents>) {
+async fn touched(tables: &mut Option<TableEvents>) -> Touched {
     match tables {
         Some(tables) => tables.table_touched().await,
         None => std::future::pending().await,

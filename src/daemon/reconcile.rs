@@ -13,8 +13,7 @@ use crate::cluster::Key;
 use crate::cluster::lane::{Kind, Round, Work};
 use crate::cluster::report::{changes_by_service, condition_of};
 use crate::core::decide::{self, Summary};
-use crate::core::model::ForwardKey;
-use crate::kernel::{Applied, Engine, NftCli, Ruleset};
+use crate::kernel::{Applied, Engine, Kernel, Ruleset};
 use crate::router::audit;
 
 impl Daemon {
@@ -72,6 +71,9 @@ impl Daemon {
                     let mut metrics = self.lock_metrics();
                     metrics.apply_errors += 1;
                     metrics.applying = false;
+                    metrics
+                        .failing_since
+                        .get_or_insert_with(std::time::Instant::now);
                 }
                 self.failures += 1;
                 tracing::error!(%error, "applying the table failed; retrying");
@@ -84,7 +86,8 @@ impl Daemon {
                     }
                 }
                 self.send(round);
-                return Ok(Some(self.backoff()));
+                let wait = self.backoff();
+                return Ok(Some(error.held_for().map_or(wait, |held| held.max(wait))));
             }
         };
         if self.failures > 0 {
@@ -96,7 +99,7 @@ impl Daemon {
         self.failures = 0;
         self.lock_metrics()
             .applied(started.elapsed(), applied.sent, &decision.plan);
-        if std::mem::take(&mut self.verify_after_deletion) && applied.rebuilt.is_some() {
+        if std::mem::take(&mut self.verify_outside_change) && applied.sent {
             self.lock_metrics().table_restores += 1;
             tracing::warn!(
                 action = "restore",
@@ -243,7 +246,7 @@ impl Daemon {
     /// Runs `f` with the engine on a blocking thread (it spawns `nft`).
     async fn with_engine<T: Send + 'static>(
         &mut self,
-        f: impl FnOnce(&mut Engine<NftCli>) -> T + Send + 'static,
+        f: impl FnOnce(&mut Engine<Kernel>) -> T + Send + 'static,
     ) -> Result<T, DaemonError> {
         let mut engine = self.engine.take().ok_or(DaemonError::Worker)?;
         let (engine, result) = tokio::task::spawn_blocking(move || {
@@ -264,33 +267,18 @@ impl Daemon {
         round: &mut Round,
     ) -> Result<Option<Duration>, DaemonError> {
         // Fast path: every Service released had its forwards removed by this round's
-        // transaction, and the kernel confirms those keys are gone (its echo of the
-        // transaction, or an uncommitted create of the same keys). Otherwise, read the table
-        // and look for their uids.
+        // transaction, which the kernel acknowledged whole (or read back, after a rebuild).
+        // Otherwise, read the table and look for their uids.
         let uids: BTreeSet<String> = keys
             .iter()
             .filter_map(|k| self.store.get(k).map(|t| t.uid.clone()))
-            .collect();
-        let removed: Vec<ForwardKey> = applied
-            .removed
-            .iter()
-            .filter(|r| r.uid.as_ref().is_some_and(|u| uids.contains(u)))
-            .map(|r| r.key)
             .collect();
         let removed_uids: BTreeSet<&str> = applied
             .removed
             .iter()
             .filter_map(|r| r.uid.as_deref())
             .collect();
-        let echoed = removed
-            .iter()
-            .all(|k| applied.confirmed_removed.contains(k));
-        if uids.iter().all(|u| removed_uids.contains(u.as_str()))
-            && (echoed
-                || self
-                    .with_engine(move |engine| engine.confirmed_absent(&removed))
-                    .await?)
-        {
+        if uids.iter().all(|u| removed_uids.contains(u.as_str())) {
             for key in keys {
                 self.release_now(key, round);
             }

@@ -1,6 +1,6 @@
 //! The transactions that bring the kernel's table to a [`Ruleset`]: a rebuild of the whole
-//! table or an update of its elements, each one `nft -j -f -` batch (one kernel
-//! transaction), and the probes that check a table or keys without changing anything.
+//! table as one `nft -j -f -` transaction, and an update of its elements as the set changes
+//! of one netlink batch ([`super::wire`]). Both are one kernel transaction.
 
 use std::borrow::Cow;
 use std::collections::HashSet;
@@ -14,6 +14,7 @@ use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 
 use super::diff::{Change, Update};
 use super::layout::*;
+use super::wire::{self, Op, SetChange};
 use crate::core::model::{Family, ForwardKey};
 
 impl Ruleset {
@@ -250,36 +251,6 @@ impl Ruleset {
         [addrs, ports]
     }
 
-    /// A transaction that only re-declares the base chain: `nft -c` accepts it exactly when
-    /// the table and chain exist, and it changes nothing even if committed.
-    pub fn probe(&self) -> String {
-        to_json(vec![NfCmd::Add(self.chain())])
-    }
-
-    /// A transaction that `nft -c` accepts exactly when none of `keys` is in the address
-    /// maps: `create` fails on an element that exists. Nothing is committed.
-    pub fn absence_check(&self, keys: &[ForwardKey]) -> String {
-        let mut cmds = Vec::new();
-        for family in FAMILIES {
-            let unspecified = match family {
-                Family::Ipv4 => "0.0.0.0",
-                Family::Ipv6 => "::",
-            };
-            let elems: Vec<Expression<'_>> = keys
-                .iter()
-                .filter(|k| k.family == family)
-                .map(|k| {
-                    let value = Expression::String(Cow::Borrowed(unspecified));
-                    Expression::List(vec![elem(k, None), value])
-                })
-                .collect();
-            if !elems.is_empty() {
-                cmds.push(NfCmd::Create(self.element(addr_map(family), elems)));
-            }
-        }
-        to_json(cmds)
-    }
-
     pub(super) fn chain(&self) -> NfListObject<'_> {
         self.nat_chain(CHAIN, NfHook::Prerouting, DSTNAT_PRIORITY)
     }
@@ -408,6 +379,89 @@ impl Ruleset {
             .filter(|(_, elems)| !elems.is_empty())
             .map(|(set, elems)| NfCmd::Add(self.element(set, elems)));
         deletes.chain(adds).collect()
+    }
+}
+
+impl Ruleset {
+    /// The element changes of an update, for the netlink batch: the same sets and the same
+    /// order as [`Ruleset::transaction`]'s (deletions first: a changed forward is deleted and
+    /// re-added under the same key).
+    pub fn element_changes(&self, update: &Update) -> Vec<SetChange> {
+        let keys = |list: &[ForwardKey], family: Family| -> Vec<wire::Elem> {
+            list.iter()
+                .filter(|k| k.family == family)
+                .map(|k| wire::Elem::key(wire::proto_port(k.protocol, k.external_port)))
+                .collect()
+        };
+        let addrs = |list: &[IpAddr], family: Family| -> Vec<wire::Elem> {
+            list.iter()
+                .filter(|a| Family::of(**a) == family)
+                .map(|a| wire::Elem::key(wire::addr(*a)))
+                .collect()
+        };
+        let sources = |list: &[Source], family: Family| -> Vec<wire::Elem> {
+            list.iter()
+                .filter(|s| s.key.family == family)
+                .map(source_range)
+                .collect()
+        };
+        let names = |list: &[String]| -> Vec<wire::Elem> {
+            list.iter()
+                .map(|n| wire::Elem::key(wire::ifname(n)))
+                .collect()
+        };
+        let mut deletes = vec![(WAN_IFACES, names(&update.delete_interfaces))];
+        let mut adds = vec![(WAN_IFACES, names(&update.add_interfaces))];
+        for family in FAMILIES {
+            deletes.push((addr_map(family), keys(&update.delete_addrs, family)));
+            deletes.push((port_map(family), keys(&update.delete_ports, family)));
+            deletes.push((wan_set(family), addrs(&update.delete_addresses, family)));
+            deletes.push((src_set(family), sources(&update.delete_sources, family)));
+            deletes.push((open_set(family), keys(&update.delete_open, family)));
+            adds.push((wan_set(family), addrs(&update.add_addresses, family)));
+            adds.push((src_set(family), sources(&update.add_sources, family)));
+            adds.push((open_set(family), keys(&update.add_open, family)));
+            let (mut addr_elems, mut port_elems) = (Vec::new(), Vec::new());
+            for key in update.add.iter().filter(|k| k.family == family) {
+                let forward = &self.forwards[key];
+                let key = wire::proto_port(key.protocol, key.external_port);
+                let comment = Some(owner_comment(forward));
+                addr_elems.push(wire::Elem {
+                    data: Some(wire::addr(forward.target.addr)),
+                    comment: comment.clone(),
+                    ..wire::Elem::key(key)
+                });
+                port_elems.push(wire::Elem {
+                    data: Some(forward.target.port.to_be_bytes().to_vec()),
+                    comment,
+                    ..wire::Elem::key(key)
+                });
+            }
+            adds.push((addr_map(family), addr_elems));
+            adds.push((port_map(family), port_elems));
+        }
+        let change =
+            |op| move |(set, elems): (&'static str, Vec<wire::Elem>)| SetChange { set, op, elems };
+        deletes
+            .into_iter()
+            .filter(|(_, elems)| !elems.is_empty())
+            .map(change(Op::Delete))
+            .chain(
+                adds.into_iter()
+                    .filter(|(_, elems)| !elems.is_empty())
+                    .map(change(Op::Add)),
+            )
+            .collect()
+    }
+}
+
+/// A source set element as a range of concatenations: from `network . proto . port` to
+/// `broadcast . proto . port`, as nft sends a prefix in an interval set.
+pub(super) fn source_range(source: &Source) -> wire::Elem {
+    let tail = wire::proto_port(source.key.protocol, source.key.external_port);
+    wire::Elem {
+        key_end: Some([wire::addr(source.net.broadcast()), tail.to_vec()].concat()),
+        ..wire::Elem::key([wire::addr(source.net.network()), tail.to_vec()].concat())
     }
 }
 

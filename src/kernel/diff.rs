@@ -51,6 +51,32 @@ impl Update {
         *self == Update::default()
     }
 
+    /// What differs, in a line: how many elements of each kind, and the first key.
+    pub fn summary(&self) -> String {
+        let parts = [
+            ("address elements to delete", self.delete_addrs.len()),
+            ("port elements to delete", self.delete_ports.len()),
+            ("forwards to add", self.add.len()),
+            ("interfaces to add", self.add_interfaces.len()),
+            ("interfaces to delete", self.delete_interfaces.len()),
+            ("addresses to add", self.add_addresses.len()),
+            ("addresses to delete", self.delete_addresses.len()),
+            ("source ranges to add", self.add_sources.len()),
+            ("source ranges to delete", self.delete_sources.len()),
+            ("open keys to add", self.add_open.len()),
+            ("open keys to delete", self.delete_open.len()),
+        ];
+        let mut text: Vec<String> = parts
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(what, n)| format!("{n} {what}"))
+            .collect();
+        if let Some(key) = self.add.first().or(self.delete_addrs.first()) {
+            text.push(format!("first: {key}"));
+        }
+        text.join(", ")
+    }
+
     pub(super) fn remove_forward(&mut self, forward: &Forward) {
         self.delete_addrs.push(forward.key);
         self.delete_ports.push(forward.key);

@@ -2,15 +2,22 @@
 //! as possible, and says what changed.
 
 use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
 
-use super::nft::{Firewall, NftError};
+use super::firewall::{Firewall, KernelError};
+use super::nfnl::NetlinkError;
+use super::read::set_names;
 use super::{Change, KernelTable, Ruleset, TableConfig, Update, owner_comment};
 use crate::core::model::{Forward, ForwardKey};
 use crate::core::plan::Holders;
 
-/// Up to this many forwards, confirming a removal from `nft --echo` is cheaper than a
-/// second `nft` run (about 15 ms here, whatever the table's size).
-const ECHO_MAX_FORWARDS: usize = 500;
+/// A rebuild whose read-back differs waits this long before the next, doubling each time.
+const REBUILD_BACKOFF_FIRST: Duration = Duration::from_secs(1);
+const REBUILD_BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// Reads and guarded commits tried while the ruleset keeps changing underneath; the last
+/// commit goes unguarded.
+const COMMIT_ATTEMPTS: usize = 3;
 
 /// A forward that left the table, as far as the previous state tells.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -22,17 +29,17 @@ pub struct Removed {
     pub was: String,
 }
 
-/// What one apply did to the router.
+/// What one apply did to the router. A successful apply is the kernel's word: the batch was
+/// acknowledged whole, or a rebuild was read back equal to what was sent.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Applied {
-    /// `None`: nothing was sent.
+    /// `None`: no rebuild.
     pub rebuilt: Option<String>,
     pub sent: bool,
     pub added: Vec<Forward>,
     pub removed: Vec<Removed>,
-    /// Keys the kernel reported deleted from the address maps in this transaction (its
-    /// `--echo`); empty after a rebuild, which is not echoed.
-    pub confirmed_removed: BTreeSet<ForwardKey>,
+    /// Conntrack entries deleted for removed or re-targeted forwards.
+    pub flows_closed: usize,
 }
 
 /// The state the engine diffs against, for describing what was removed.
@@ -48,6 +55,20 @@ impl Previous<'_> {
             Previous::Nothing => None,
             Previous::Applied(ruleset) => ruleset.forwards.get(key)?.owner.uid.clone(),
             Previous::Kernel(table) => table.owner_uid(key).map(str::to_owned),
+        }
+    }
+
+    fn target(&self, key: &ForwardKey) -> Option<(IpAddr, Option<u16>)> {
+        match self {
+            Previous::Nothing => None,
+            Previous::Applied(ruleset) => ruleset
+                .forwards
+                .get(key)
+                .map(|f| (f.target.addr, Some(f.target.port))),
+            Previous::Kernel(table) => table
+                .addrs
+                .get(key)
+                .map(|a| (a.value, table.ports.get(key).map(|p| p.value))),
         }
     }
 
@@ -72,22 +93,71 @@ impl Previous<'_> {
     }
 }
 
-/// Applies rulesets to one table. Between applies it remembers what it applied and sends
-/// only the elements that differ, so a change costs the same with 10 or 10,000 forwards:
-/// every `nft` listing loads the whole table, so the kernel is read in full only on the first
-/// apply, after [`Engine::forget`] (a resync, or a change to the table seen from outside),
-/// and after a failed transaction. A table deleted from outside makes the next transaction
-/// fail and is rebuilt; when nothing changed, an uncommitted check of the table's base chain
-/// (`nft -c`) finds a missing table just as well.
+/// Rebuilds that did not converge: how many in a row, and when the next may run.
+#[derive(Default)]
+struct RebuildBackoff {
+    failures: u32,
+    until: Option<Instant>,
+    difference: String,
+}
+
+impl RebuildBackoff {
+    fn failed(&mut self, now: Instant, difference: String) {
+        let wait = REBUILD_BACKOFF_FIRST
+            .saturating_mul(1 << self.failures.min(9))
+            .min(REBUILD_BACKOFF_MAX);
+        if self.failures == 0 {
+            tracing::error!(
+                %difference,
+                "the table read back after a rebuild is not what was sent; rebuilding again in {} s, then less often (this is logged once)",
+                wait.as_secs()
+            );
+        } else {
+            tracing::debug!(%difference, failures = self.failures + 1, "the rebuild did not converge again");
+        }
+        self.failures += 1;
+        self.until = Some(now + wait);
+        self.difference = difference;
+    }
+
+    fn held(&self, now: Instant) -> Option<KernelError> {
+        let until = self.until?;
+        (now < until).then(|| KernelError::Held {
+            seconds: until.duration_since(now).as_secs().max(1),
+            difference: self.difference.clone(),
+        })
+    }
+
+    fn converged(&mut self) {
+        if self.failures > 0 {
+            tracing::info!(
+                failed = self.failures,
+                "the table read back equals what was sent again"
+            );
+        }
+        *self = RebuildBackoff::default();
+    }
+}
+
+/// Applies rulesets to one table. Between applies it remembers what it applied and the
+/// ruleset generation at which that was true, and sends only the elements that differ, as
+/// one netlink batch valid only at that generation: a change costs the same with 10 or
+/// 10,000 forwards, and nothing changed underneath is overwritten blind. When the generation
+/// moved (someone committed), after [`Engine::forget`] and after a refused batch, it reads
+/// the table by dump and diffs against what the kernel holds. A rebuild (`nft`) is read back
+/// and must equal what was sent; one that does not is retried with backoff.
 pub struct Engine<F> {
     firewall: F,
     applied: Option<Ruleset>,
+    /// The generation at which `applied` was what the kernel held.
+    generation: Option<u32>,
     /// Who holds which port, as far as the engine knows: from the kernel's owner comments,
     /// then from every apply.
     holders: Holders,
     /// A read of the kernel taken ahead of the next apply ([`Engine::learn_holders`]), which
     /// uses it instead of reading again.
-    read_ahead: Option<Option<KernelTable>>,
+    read_ahead: Option<(Option<KernelTable>, u32)>,
+    rebuilds: RebuildBackoff,
 }
 
 impl<F: Firewall> Engine<F> {
@@ -95,8 +165,10 @@ impl<F: Firewall> Engine<F> {
         Engine {
             firewall,
             applied: None,
+            generation: None,
             holders: Holders::new(),
             read_ahead: None,
+            rebuilds: RebuildBackoff::default(),
         }
     }
 
@@ -109,18 +181,19 @@ impl<F: Firewall> Engine<F> {
         self.applied.as_ref()
     }
 
-    /// Whether the kernel confirms that none of `keys` is in the table, without reading it
-    /// and without committing anything: `false` when any is there or the check fails.
-    pub fn confirmed_absent(&mut self, keys: &[ForwardKey]) -> bool {
-        let Some(applied) = &self.applied else {
-            return false;
-        };
-        keys.is_empty() || self.firewall.check(&applied.absence_check(keys)).is_ok()
+    /// Whether what the engine remembers already accounts for the commit that made
+    /// `generation`: its own commits, and any commit before its last read.
+    pub fn knows(&self, generation: u32) -> bool {
+        self.applied.is_some()
+            && self
+                .generation
+                .is_some_and(|known| generation.wrapping_sub(known) as i32 <= 0)
     }
 
     /// Drop what the engine remembers; the next apply reads the kernel table in full.
     pub fn forget(&mut self) {
         self.applied = None;
+        self.generation = None;
         self.read_ahead = None;
     }
 
@@ -131,67 +204,229 @@ impl<F: Firewall> Engine<F> {
 
     /// Reads the kernel table to learn who holds which port (after a restart, from the owner
     /// comments); the next apply starts from this read.
-    pub fn learn_holders(&mut self, config: &TableConfig) -> Result<(), NftError> {
-        let table = self.read(&config.table, Some(config))?;
-        self.holders = table.as_ref().map(KernelTable::holders).unwrap_or_default();
-        self.read_ahead = Some(table);
+    pub fn learn_holders(&mut self, config: &TableConfig) -> Result<(), KernelError> {
+        let read = self.read_at(config)?;
+        self.holders = read
+            .0
+            .as_ref()
+            .map(KernelTable::holders)
+            .unwrap_or_default();
+        self.read_ahead = Some(read);
         Ok(())
     }
 
-    /// Reads and parses the kernel table, checking its shape against `config` (`None`: any
+    /// Reads the kernel table, checking its shape against `config` (`None`: any
     /// configuration of this daemon).
     pub fn read(
         &mut self,
         table: &str,
         config: Option<&TableConfig>,
-    ) -> Result<Option<KernelTable>, NftError> {
+    ) -> Result<Option<KernelTable>, KernelError> {
         Ok(self
             .firewall
-            .list_table(table)?
-            .map(|listing| KernelTable::from_nftables(config, &listing)))
+            .read(table, &set_names())?
+            .map(|dump| KernelTable::from_dump(config, &dump)))
+    }
+
+    fn read_at(&mut self, config: &TableConfig) -> Result<(Option<KernelTable>, u32), KernelError> {
+        match self.firewall.read(&config.table, &set_names())? {
+            Some(dump) => Ok((
+                Some(KernelTable::from_dump(Some(config), &dump)),
+                dump.generation,
+            )),
+            None => Ok((None, self.firewall.generation()?)),
+        }
     }
 
     /// Makes the kernel table hold `desired`, in one transaction, sending nothing when it
     /// already does. On any error the engine forgets, so the next apply reads the kernel.
-    pub fn apply(&mut self, desired: Ruleset) -> Result<Applied, NftError> {
-        let mut remembered = None;
-        if let Some(applied) = self.applied.take() {
-            let change = desired.diff_applied(&applied);
-            if change != Change::Nothing || self.table_present(&applied) {
-                remembered = Some((applied, change));
+    pub fn apply(&mut self, desired: Ruleset) -> Result<Applied, KernelError> {
+        match self.apply_from(&desired) {
+            Ok(applied) => {
+                self.holders = desired
+                    .forwards
+                    .iter()
+                    .filter_map(|(key, f)| Some((*key, f.owner.uid.clone()?)))
+                    .collect();
+                self.applied = Some(desired);
+                Ok(applied)
+            }
+            Err(error) => {
+                self.forget();
+                Err(error)
             }
         }
-        let kernel = match (remembered.as_ref(), self.read_ahead.take()) {
-            (Some(_), _) => None,
-            (None, Some(read)) => read,
-            (None, None) => self.read(&desired.config.table, Some(&desired.config))?,
-        };
-        let empty = KernelTable::default();
-        // `delta` is what differs element by element, for the report, even when the
-        // change is a rebuild.
-        let (change, previous) = match (remembered.as_ref(), kernel.as_ref()) {
-            (Some((applied, change)), _) => (change.clone(), Previous::Applied(applied)),
-            (None, Some(table)) => (desired.diff(Some(table)), Previous::Kernel(table)),
-            (None, None) => (desired.diff(None), Previous::Nothing),
-        };
-        let delta = match (&change, &previous) {
-            (Change::Update(update), _) => (**update).clone(),
-            (Change::Nothing, _) => Update::default(),
-            (Change::Rebuild(_), Previous::Applied(applied)) => desired.delta_applied(applied),
-            (Change::Rebuild(_), Previous::Kernel(table)) => desired.delta(table),
-            (Change::Rebuild(_), Previous::Nothing) => desired.delta(&empty),
-        };
-        let (rebuilt, confirmed_removed) = self.send(&desired, &change)?;
+    }
+
+    fn apply_from(&mut self, desired: &Ruleset) -> Result<Applied, KernelError> {
+        let remembered = self.applied.take().zip(self.generation.take());
+        if let Some((applied, generation)) = remembered {
+            match desired.diff_applied(&applied) {
+                Change::Nothing => {
+                    if self.firewall.generation()? == generation {
+                        self.generation = Some(generation);
+                        return Ok(Applied::default());
+                    }
+                    tracing::debug!("the ruleset changed since the last apply; reading the table");
+                }
+                Change::Update(update) => {
+                    match self.commit(
+                        desired,
+                        &update,
+                        Some(generation),
+                        Previous::Applied(&applied),
+                    ) {
+                        Err(KernelError::Netlink(
+                            error @ (NetlinkError::Changed(_) | NetlinkError::Refused { .. }),
+                        )) => {
+                            tracing::debug!(%error, "the batch was refused; reading the table");
+                        }
+                        done => return done,
+                    }
+                }
+                Change::Rebuild(reason) => {
+                    let delta = desired.delta_applied(&applied);
+                    return self.rebuild(desired, reason, &delta, &Previous::Applied(&applied));
+                }
+            }
+        }
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let (table, generation) = match self.read_ahead.take() {
+                Some(read) => read,
+                None => self.read_at(&desired.config)?,
+            };
+            let previous = table.as_ref().map_or(Previous::Nothing, Previous::Kernel);
+            match desired.diff(table.as_ref()) {
+                Change::Nothing => {
+                    self.generation = Some(generation);
+                    return Ok(Applied::default());
+                }
+                Change::Rebuild(reason) => {
+                    let delta = match &table {
+                        Some(table) => desired.delta(table),
+                        None => desired.delta(&KernelTable::default()),
+                    };
+                    return self.rebuild(desired, reason, &delta, &previous);
+                }
+                Change::Update(update) => {
+                    let guard = (attempt < COMMIT_ATTEMPTS).then_some(generation);
+                    if guard.is_none() {
+                        // Other tables' commits keep moving the generation between each
+                        // read and commit: send this update unguarded. A change to this table
+                        // meanwhile is announced by nf_tables, and the monitor has the table
+                        // read again.
+                        tracing::info!(
+                            attempts = attempt,
+                            "the ruleset changed between every read and commit; committing without the generation guard"
+                        );
+                    }
+                    match self.commit(desired, &update, guard, previous) {
+                        Err(KernelError::Netlink(NetlinkError::Changed(_))) => continue,
+                        Err(KernelError::Netlink(error @ NetlinkError::Refused { .. })) => {
+                            // The table holds what its dump did not show: replace it whole,
+                            // still in one transaction.
+                            tracing::warn!(%error, "the element update was refused; rebuilding the table");
+                            let reason = format!("element update refused: {error}");
+                            let delta = match &table {
+                                Some(table) => desired.delta(table),
+                                None => desired.delta(&KernelTable::default()),
+                            };
+                            let previous =
+                                table.as_ref().map_or(Previous::Nothing, Previous::Kernel);
+                            return self.rebuild(desired, reason, &delta, &previous);
+                        }
+                        done => return done,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Commits an element update valid at `generation` (unguarded: `None`), then closes the
+    /// flows of what it removed or re-targeted.
+    fn commit(
+        &mut self,
+        desired: &Ruleset,
+        update: &Update,
+        generation: Option<u32>,
+        previous: Previous<'_>,
+    ) -> Result<Applied, KernelError> {
+        let changes = desired.element_changes(update);
+        self.firewall
+            .commit(&desired.config.table, &changes, generation)?;
+        // A guarded batch is one commit right after `generation`; after an unguarded one the
+        // generation is not known, and the next apply reads.
+        self.generation = generation.map(|g| g.wrapping_add(1));
+        Ok(self.report(desired, update, None, &previous))
+    }
+
+    /// Replaces the whole table, reads it back and checks it holds `desired`.
+    fn rebuild(
+        &mut self,
+        desired: &Ruleset,
+        reason: String,
+        delta: &Update,
+        previous: &Previous<'_>,
+    ) -> Result<Applied, KernelError> {
+        if let Some(held) = self.rebuilds.held(Instant::now()) {
+            return Err(held);
+        }
+        let rebuild = Change::Rebuild(reason.clone());
+        let transaction = desired
+            .transaction(&rebuild)
+            .expect("a rebuild has a transaction");
+        self.firewall.run(&transaction)?;
+        let (table, generation) = self.read_at(&desired.config)?;
+        match desired.diff(table.as_ref()) {
+            Change::Nothing => {
+                self.rebuilds.converged();
+                self.generation = Some(generation);
+                Ok(self.report(desired, delta, Some(reason), previous))
+            }
+            other => {
+                let difference = describe(&other);
+                self.rebuilds.failed(Instant::now(), difference.clone());
+                Err(KernelError::NotConverged(difference))
+            }
+        }
+    }
+
+    /// What an apply did, from the update and the state before it. Flows of forwards that
+    /// went or point elsewhere now are closed here: the kernel has confirmed the elements
+    /// are gone, and the finalizer is released only after this returns.
+    fn report(
+        &mut self,
+        desired: &Ruleset,
+        delta: &Update,
+        rebuilt: Option<String>,
+        previous: &Previous<'_>,
+    ) -> Applied {
         let removed: BTreeSet<&ForwardKey> = delta
             .delete_addrs
             .iter()
             .chain(&delta.delete_ports)
             .filter(|key| !desired.forwards.contains_key(key))
             .collect();
-        let applied = Applied {
-            sent: change != Change::Nothing,
+        let retargeted = delta.add.iter().filter(|key| {
+            previous.target(key).is_some_and(|(addr, port)| {
+                let now = &desired.forwards[key].target;
+                addr != now.addr || port.is_some_and(|p| p != now.port)
+            })
+        });
+        let closing: Vec<ForwardKey> = removed.iter().copied().chain(retargeted).copied().collect();
+        let flows_closed = match self.firewall.close_flows(&closing, desired.config.ct_mark) {
+            Ok(closed) => closed,
+            Err(error) => {
+                tracing::warn!(%error, "cannot delete the conntrack entries of closed forwards; their flows last until they time out");
+                0
+            }
+        };
+        Applied {
+            sent: true,
             rebuilt,
-            confirmed_removed,
+            flows_closed,
             added: delta
                 .add
                 .iter()
@@ -205,67 +440,15 @@ impl<F: Firewall> Engine<F> {
                     was: previous.describe(key),
                 })
                 .collect(),
-        };
-        self.holders = desired
-            .forwards
-            .iter()
-            .filter_map(|(key, f)| Some((*key, f.owner.uid.clone()?)))
-            .collect();
-        self.applied = Some(desired);
-        Ok(applied)
-    }
-
-    /// Whether the table and its base chain are still there, checked without committing.
-    fn table_present(&mut self, applied: &Ruleset) -> bool {
-        match self.firewall.check(&applied.probe()) {
-            Ok(()) => true,
-            Err(err) => {
-                tracing::warn!(error = %err, "the table is gone or changed; reading it in full");
-                false
-            }
         }
     }
+}
 
-    /// Sends the change; returns why the table was rebuilt, if it was, and the keys the
-    /// kernel reported deleted.
-    fn send(
-        &mut self,
-        desired: &Ruleset,
-        change: &Change,
-    ) -> Result<(Option<String>, BTreeSet<ForwardKey>), NftError> {
-        let Some(transaction) = desired.transaction(change) else {
-            return Ok((None, BTreeSet::new()));
-        };
-        // The kernel's echo confirms removals in the same run, but `nft --echo` loads the
-        // whole table first (about 26 µs a forward here), so it is asked for only when the
-        // update removes forwards and the table is small; otherwise a removal is confirmed
-        // by `Engine::confirmed_absent`, whose cost does not grow with the table.
-        let echo = match change {
-            Change::Update(update) => {
-                let removes = update
-                    .delete_addrs
-                    .iter()
-                    .any(|k| !desired.forwards.contains_key(k));
-                removes && desired.forwards.len() <= ECHO_MAX_FORWARDS
-            }
-            _ => false,
-        };
-        match (self.firewall.apply(&transaction, echo), change) {
-            (Ok(_), Change::Rebuild(reason)) => Ok((Some(reason.clone()), BTreeSet::new())),
-            (Ok(echoed), _) => Ok((None, super::read::echoed_deletions(&echoed))),
-            (Err(err), Change::Update(_)) => {
-                // The table changed under us since it was read or remembered. Replace it
-                // whole, still in one transaction.
-                tracing::warn!(error = %err, "incremental update failed; rebuilding the table");
-                let reason = format!("incremental update failed: {err}");
-                let rebuild = Change::Rebuild(reason.clone());
-                let transaction = desired
-                    .transaction(&rebuild)
-                    .expect("a rebuild has a transaction");
-                self.firewall.apply(&transaction, false)?;
-                Ok((Some(reason), BTreeSet::new()))
-            }
-            (Err(err), _) => Err(err),
-        }
+/// A difference left after a rebuild, in a line.
+fn describe(change: &Change) -> String {
+    match change {
+        Change::Nothing => "none".to_owned(),
+        Change::Rebuild(reason) => reason.clone(),
+        Change::Update(update) => update.summary(),
     }
 }

@@ -1,14 +1,12 @@
-//! The `nft` runner: runs `nft` with JSON, behind [`Firewall`] so everything above it (the
-//! [`super::Engine`]) can be tested without a kernel. Each run has a deadline (a hung `nft`
-//! is killed and counts as a failure) and its stderr goes into the error. Spawned here rather
-//! than with the `nftables` crate's helper, which has neither.
+//! The `nft` runner, for what is rare: building or rebuilding the table from a JSON
+//! transaction. Each run has a deadline (a hung `nft` is killed and counts as a failure) and
+//! its stderr goes into the error. Spawned here rather than with the `nftables` crate's
+//! helper, which has neither.
 
 use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
-
-use nftables::schema::Nftables;
 
 /// How long one `nft` run may take unless told otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -26,26 +24,9 @@ pub enum NftError {
     Failed { command: String, stderr: String },
     #[error("{command} did not finish within {seconds} s and was killed")]
     Timeout { command: String, seconds: u64 },
-    #[error("{command} printed JSON this program cannot read")]
-    Output {
-        command: String,
-        #[source]
-        source: serde_json::Error,
-    },
 }
 
-/// What the engine needs from the kernel.
-pub trait Firewall {
-    /// `nft -j list table inet NAME`, or `None` when there is no such table.
-    fn list_table(&mut self, table: &str) -> Result<Option<Nftables<'static>>, NftError>;
-    /// Runs one JSON transaction with `nft -j -f -`; with `echo`, returns what the kernel
-    /// reported it did (`nft --echo`), else nothing.
-    fn apply(&mut self, transaction: &str, echo: bool) -> Result<String, NftError>;
-    /// Has the kernel check a transaction without committing it (`nft -c -j -f -`).
-    fn check(&mut self, transaction: &str) -> Result<(), NftError>;
-}
-
-/// [`Firewall`] through the `nft` program, found in `PATH` unless named.
+/// The `nft` program, found in `PATH` unless named.
 #[derive(Clone, Debug)]
 pub struct NftCli {
     program: Option<OsString>,
@@ -61,7 +42,6 @@ impl Default for NftCli {
 /// What one finished run printed.
 struct Ran {
     status: ExitStatus,
-    stdout: String,
     stderr: String,
 }
 
@@ -71,7 +51,7 @@ impl NftCli {
     }
 
     /// Runs the program with `args`, `input` on its standard input, killing it at the
-    /// deadline. Its output is read by threads of their own, so a full pipe never stalls
+    /// deadline. Its stderr is read by a thread of its own, so a full pipe never stalls
     /// it; a killed run's readers are left to end with the pipes.
     fn run(&self, command: &str, args: &[&str], input: Option<&str>) -> Result<Ran, NftError> {
         let program = self.program();
@@ -82,7 +62,7 @@ impl NftCli {
             } else {
                 Stdio::null()
             })
-            .stdout(Stdio::piped())
+            .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|source| NftError::Spawn { program, source })?;
@@ -103,12 +83,6 @@ impl NftCli {
                 text
             })
         };
-        let stdout = reader(
-            child
-                .stdout
-                .take()
-                .map(|p| Box::new(p) as Box<dyn Read + Send>),
-        );
         let stderr = reader(
             child
                 .stderr
@@ -139,29 +113,12 @@ impl NftCli {
         let _ = writer.join();
         Ok(Ran {
             status,
-            stdout: stdout.join().unwrap_or_default(),
             stderr: stderr.join().unwrap_or_default(),
         })
     }
 
     fn program(&self) -> OsString {
         self.program.clone().unwrap_or_else(|| "nft".into())
-    }
-
-    fn list(&mut self, args: &[&str]) -> Result<Option<Nftables<'static>>, NftError> {
-        let command = format!("{} -j {}", self.program().to_string_lossy(), args.join(" "));
-        tracing::debug!(%command, "reading the kernel table");
-        let ran = self.run(&command, &[&["-j"], args].concat(), None)?;
-        if ran.status.success() {
-            return serde_json::from_str(&ran.stdout)
-                .map(Some)
-                .map_err(|source| NftError::Output { command, source });
-        }
-        // nft says "No such file or directory" for a missing table or chain.
-        if ran.stderr.contains("No such file or directory") {
-            return Ok(None);
-        }
-        Err(failed(command, &ran))
     }
 }
 
@@ -177,35 +134,14 @@ fn failed(command: String, ran: &Ran) -> NftError {
     }
 }
 
-impl Firewall for NftCli {
-    fn list_table(&mut self, table: &str) -> Result<Option<Nftables<'static>>, NftError> {
-        self.list(&["list", "table", "inet", table])
-    }
-
-    fn apply(&mut self, transaction: &str, echo: bool) -> Result<String, NftError> {
-        self.send(transaction, if echo { &["--echo"] } else { &[] })
-    }
-
-    fn check(&mut self, transaction: &str) -> Result<(), NftError> {
-        self.send(transaction, &["-c"]).map(drop)
-    }
-}
-
 impl NftCli {
-    fn send(&mut self, transaction: &str, args: &[&str]) -> Result<String, NftError> {
-        let mut command = self.program().to_string_lossy().into_owned();
-        for arg in args.iter().chain(&["-j", "-f", "-"]) {
-            command.push(' ');
-            command.push_str(arg);
-        }
+    /// Runs one JSON transaction with `nft -j -f -`: one kernel transaction.
+    pub fn run_transaction(&mut self, transaction: &str) -> Result<(), NftError> {
+        let command = format!("{} -j -f -", self.program().to_string_lossy());
         tracing::debug!(%command, bytes = transaction.len(), "sending a transaction");
-        let ran = self.run(
-            &command,
-            &[args, &["-j", "-f", "-"]].concat(),
-            Some(transaction),
-        )?;
+        let ran = self.run(&command, &["-j", "-f", "-"], Some(transaction))?;
         if ran.status.success() {
-            Ok(ran.stdout)
+            Ok(())
         } else {
             Err(failed(command, &ran))
         }

@@ -1,17 +1,15 @@
-//! What the kernel holds: the table read back from `nft -j list`, checked against the shape
-//! this daemon builds, and the kernel's echo of a transaction.
+//! What the kernel holds: the table read back by netlink dump ([`super::nfnl`]), checked
+//! against the shape this daemon builds.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use nftables::expr::{Expression, NamedExpression};
-use nftables::schema::{NfListObject, NfObject, Nftables};
-use nftables::stmt::Counter;
-use nftables::types::{NfChainType, NfHook};
 
 use super::layout::*;
-use crate::core::model::{Family, ForwardKey, Protocol};
+use super::nfnl::TableDump;
+use super::wire::{self, Elem, SetInfo};
+use crate::core::model::{Family, ForwardKey};
 use crate::core::plan::Holders;
 
 /// The table as read from the kernel.
@@ -25,39 +23,101 @@ pub struct KernelTable {
     pub ports: BTreeMap<ForwardKey, Element<u16>>,
     pub sources: BTreeSet<Source>,
     pub open: BTreeSet<ForwardKey>,
-    /// Packets counted per forward (address map counters).
+    /// `(packets, bytes)` counted per forward (address map counters).
     pub counters: BTreeMap<ForwardKey, (u64, u64)>,
 }
 
-/// The keys deleted from the address maps, as `nft --echo` reports a transaction: the
-/// kernel's own account of what it committed.
-pub fn echoed_deletions(echo: &str) -> BTreeSet<ForwardKey> {
-    let mut keys = BTreeSet::new();
-    let Ok(value) = serde_json::from_str::<serde_json::Value>(echo) else {
-        return keys;
-    };
-    for object in value["nftables"].as_array().into_iter().flatten() {
-        let element = &object["delete"]["element"];
-        let Some(family) = FAMILIES
-            .into_iter()
-            .find(|f| element["name"].as_str() == Some(addr_map(*f)))
-        else {
-            continue;
-        };
-        for item in element["elem"].as_array().into_iter().flatten() {
-            let parts = &item["concat"];
-            let protocol = parts[0].as_str().and_then(Protocol::from_nft_name);
-            let port = parts[1].as_u64().and_then(|p| u16::try_from(p).ok());
-            if let (Some(protocol), Some(external_port)) = (protocol, port) {
-                keys.insert(ForwardKey {
-                    family,
-                    protocol,
-                    external_port,
-                });
-            }
-        }
+/// nf_tables set flags (linux/netfilter/nf_tables.h) that make up a set's kind.
+const NFT_SET_INTERVAL: u32 = 0x4;
+const NFT_SET_MAP: u32 = 0x8;
+/// nft's data type ids (nftables `enum datatypes`); a concatenation packs them 6 bits each.
+const TYPE_IPADDR: u32 = 7;
+const TYPE_IP6ADDR: u32 = 8;
+const TYPE_INET_PROTOCOL: u32 = 12;
+const TYPE_INET_SERVICE: u32 = 13;
+const TYPE_IFNAME: u32 = 41;
+const NF_INET_PRE_ROUTING: u32 = 0;
+const NF_INET_POST_ROUTING: u32 = 4;
+
+fn concat(types: &[u32]) -> u32 {
+    types.iter().fold(0, |acc, t| (acc << 6) | t)
+}
+
+fn addr_type_id(family: Family) -> (u32, u32) {
+    match family {
+        Family::Ipv4 => (TYPE_IPADDR, 4),
+        Family::Ipv6 => (TYPE_IP6ADDR, 16),
     }
-    keys
+}
+
+/// What one of the daemon's sets must be.
+struct SetKind {
+    key_type: u32,
+    key_len: u32,
+    /// Of the kind flags: map, interval.
+    flags: u32,
+    /// `(type, length)` of a map's values.
+    data: Option<(u32, u32)>,
+}
+
+fn expected_set(name: &str) -> Option<SetKind> {
+    let proto_port = concat(&[TYPE_INET_PROTOCOL, TYPE_INET_SERVICE]);
+    let kind = |key_type, key_len, flags, data| SetKind {
+        key_type,
+        key_len,
+        flags,
+        data,
+    };
+    if name == WAN_IFACES {
+        return Some(kind(TYPE_IFNAME, 16, 0, None));
+    }
+    FAMILIES.into_iter().find_map(|family| {
+        let (addr, len) = addr_type_id(family);
+        if name == wan_set(family) {
+            Some(kind(addr, len, 0, None))
+        } else if name == open_set(family) {
+            Some(kind(proto_port, 8, 0, None))
+        } else if name == src_set(family) {
+            let key = concat(&[addr, TYPE_INET_PROTOCOL, TYPE_INET_SERVICE]);
+            Some(kind(key, len + 8, NFT_SET_INTERVAL, None))
+        } else if name == addr_map(family) {
+            Some(kind(proto_port, 8, NFT_SET_MAP, Some((addr, len))))
+        } else if name == port_map(family) {
+            Some(kind(
+                proto_port,
+                8,
+                NFT_SET_MAP,
+                Some((TYPE_INET_SERVICE, 2)),
+            ))
+        } else {
+            None
+        }
+    })
+}
+
+fn set_problem(set: &SetInfo) -> Option<String> {
+    let expected = expected_set(&set.name)?;
+    let flags = set.flags & (NFT_SET_INTERVAL | NFT_SET_MAP);
+    let ok = set.key_type == expected.key_type
+        && set.key_len == expected.key_len
+        && flags == expected.flags
+        && set.data_type.zip(set.data_len) == expected.data;
+    (!ok).then(|| format!("set {} is not of the type this daemon creates", set.name))
+}
+
+/// Every set and map of the table, by name.
+pub fn set_names() -> Vec<&'static str> {
+    let mut names = vec![WAN_IFACES];
+    for family in FAMILIES {
+        names.extend([
+            wan_set(family),
+            open_set(family),
+            src_set(family),
+            addr_map(family),
+            port_map(family),
+        ]);
+    }
+    names
 }
 
 impl KernelTable {
@@ -85,78 +145,42 @@ impl KernelTable {
             .collect()
     }
 
-    /// Reads the output of `nft -j list table inet NAME`, checking that the table has the
-    /// shape this daemon creates and nothing else: the sets, maps, chain, and the rules of
-    /// `config` (`None`: of any configuration).
-    pub fn from_nftables(config: Option<&TableConfig>, listing: &Nftables) -> KernelTable {
+    /// Reads a dump of the table, checking that it has the shape this daemon creates and
+    /// nothing else: the sets, maps, chains, and the rules of `config` (`None`: of any
+    /// configuration).
+    pub fn from_dump(config: Option<&TableConfig>, dump: &TableDump) -> KernelTable {
         let mut table = KernelTable::default();
         let mut problems = Vec::new();
-        let mut sets = BTreeSet::new();
-        let mut rules = Vec::new();
-        let mut chains = Vec::new();
-        for object in listing.objects.iter() {
-            let NfObject::ListObject(object) = object else {
-                continue;
-            };
-            match object {
-                NfListObject::Set(set) => {
-                    sets.insert(set.name.to_string());
-                    table.read_set(
-                        &set.name,
-                        set.elem.as_deref().unwrap_or_default(),
-                        &mut problems,
-                    );
-                }
-                NfListObject::Map(map) => {
-                    sets.insert(map.name.to_string());
-                    table.read_map(
-                        &map.name,
-                        map.elem.as_deref().unwrap_or_default(),
-                        &mut problems,
-                    );
-                }
-                NfListObject::Chain(chain) => {
-                    chains.push(chain.name.to_string());
-                    let expected = chain._type == Some(NfChainType::NAT)
-                        && if chain.name == CHAIN {
-                            chain.hook == Some(NfHook::Prerouting)
-                                && chain.prio == Some(DSTNAT_PRIORITY)
-                        } else {
-                            chain.name == REFLECT_CHAIN
-                                && chain.hook == Some(NfHook::Postrouting)
-                                && chain.prio == Some(SRCNAT_PRIORITY)
-                        };
-                    if !expected {
-                        problems.push(format!(
-                            "chain {} is not one of the expected NAT chains",
-                            chain.name
-                        ));
-                    }
-                }
-                NfListObject::Rule(rule) => {
-                    rules.push(rule.comment.as_deref().unwrap_or_default().to_owned());
-                }
-                NfListObject::Table(_) | NfListObject::MetainfoObject(_) => {}
-                _ => problems.push("the table holds objects this daemon does not create".into()),
-            }
-        }
-        let mut expected_sets: BTreeSet<String> = BTreeSet::from([WAN_IFACES.to_owned()]);
-        for family in FAMILIES {
-            for name in [
-                wan_set(family),
-                open_set(family),
-                src_set(family),
-                addr_map(family),
-                port_map(family),
-            ] {
-                expected_sets.insert(name.to_owned());
-            }
-        }
+        let sets: BTreeSet<&str> = dump.sets.iter().map(|s| s.name.as_str()).collect();
+        let expected_sets: BTreeSet<&str> = set_names().into_iter().collect();
         if sets != expected_sets {
             problems.push(format!(
                 "sets and maps are {sets:?}, expected {expected_sets:?}"
             ));
         }
+        problems.extend(dump.sets.iter().filter_map(set_problem));
+        let mut chains = Vec::new();
+        for chain in &dump.chains {
+            chains.push(chain.name.clone());
+            let expected = chain.kind.as_deref() == Some("nat")
+                && if chain.name == CHAIN {
+                    chain.hook == Some((NF_INET_PRE_ROUTING, DSTNAT_PRIORITY))
+                } else {
+                    chain.name == REFLECT_CHAIN
+                        && chain.hook == Some((NF_INET_POST_ROUTING, SRCNAT_PRIORITY))
+                };
+            if !expected {
+                problems.push(format!(
+                    "chain {} is not one of the expected NAT chains",
+                    chain.name
+                ));
+            }
+        }
+        let rules: Vec<String> = dump
+            .rules
+            .iter()
+            .map(|(_, comment)| comment.clone().unwrap_or_default())
+            .collect();
         let (rules_ok, chains_ok) = match config {
             Some(config) => {
                 let mut expected = vec![CHAIN.to_owned()];
@@ -177,310 +201,244 @@ impl KernelTable {
             let expected_rules = config.map(TableConfig::rule_comments);
             problems.push(format!("rules are {rules:?}, expected {expected_rules:?}"));
         }
+        for (name, elems) in &dump.elements {
+            for elem in elems {
+                if !table.read_elem(name, elem) {
+                    problems.push(format!("set {name} holds an element of unexpected form"));
+                    break;
+                }
+            }
+        }
         table.shape_problem = (!problems.is_empty()).then(|| problems.join("; "));
         table
     }
 
-    pub(super) fn read_set(
-        &mut self,
-        name: &str,
-        elems: &[Expression<'_>],
-        problems: &mut Vec<String>,
-    ) {
-        if let Some(family) = FAMILIES.into_iter().find(|f| name == open_set(*f)) {
-            for item in elems {
-                match key_item(family, item) {
-                    Some(key) => {
-                        self.open.insert(key);
-                    }
-                    None => {
-                        problems.push(format!("set {name} holds an element of unexpected form"))
-                    }
-                }
-            }
-            return;
+    /// Takes one element of set `name`; `false` when it is not of the set's form.
+    fn read_elem(&mut self, name: &str, elem: &Elem) -> bool {
+        if name == WAN_IFACES {
+            return took(wire::read_ifname(&elem.key), |n| {
+                self.wan_interfaces.insert(n)
+            });
         }
-        if let Some(family) = FAMILIES.into_iter().find(|f| name == src_set(*f)) {
-            for item in elems {
-                match source_item(family, item) {
-                    Some(source) => {
-                        self.sources.insert(source);
-                    }
-                    None => {
-                        problems.push(format!("set {name} holds an element of unexpected form"))
-                    }
-                }
-            }
-            return;
-        }
-        for item in elems {
-            let Some(text) = plain_string(item) else {
-                problems.push(format!("set {name} holds an element of unexpected form"));
-                continue;
-            };
-            if name == WAN_IFACES {
-                self.wan_interfaces.insert(text.to_owned());
-            } else {
-                match text.parse::<IpAddr>() {
-                    Ok(addr) => {
-                        self.wan_addresses.insert(addr);
-                    }
-                    Err(_) => problems.push(format!("set {name} holds \"{text}\"")),
-                }
-            }
-        }
-    }
-
-    pub(super) fn read_map(
-        &mut self,
-        name: &str,
-        elems: &[Expression<'_>],
-        problems: &mut Vec<String>,
-    ) {
-        let Some((family, is_addr)) = FAMILIES.iter().find_map(|f| {
-            if name == addr_map(*f) {
-                Some((*f, true))
-            } else if name == port_map(*f) {
-                Some((*f, false))
-            } else {
-                None
-            }
+        let Some(family) = FAMILIES.into_iter().find(|f| {
+            [
+                wan_set(*f),
+                open_set(*f),
+                src_set(*f),
+                addr_map(*f),
+                port_map(*f),
+            ]
+            .contains(&name)
         }) else {
-            return;
+            return true;
         };
-        for item in elems {
-            let Some((key, comment, counter, value)) = map_item(family, item) else {
-                problems.push(format!("map {name} holds an element of unexpected form"));
-                continue;
+        let key = || {
+            let (protocol, external_port) = wire::read_proto_port(&elem.key)?;
+            Some(ForwardKey {
+                family,
+                protocol,
+                external_port,
+            })
+        };
+        if name == wan_set(family) {
+            return took(wire::read_addr(family, &elem.key), |a| {
+                self.wan_addresses.insert(a)
+            });
+        }
+        if name == open_set(family) {
+            return took(key(), |k| self.open.insert(k));
+        }
+        if name == src_set(family) {
+            return took(source_of(family, elem), |s| self.sources.insert(s));
+        }
+        let Some(key) = key() else { return false };
+        let data = elem.data.as_deref().unwrap_or_default();
+        if name == addr_map(family) {
+            let Some(addr) = wire::read_addr(family, data) else {
+                return false;
             };
-            if is_addr {
-                match value.as_str().and_then(|v| v.parse::<IpAddr>().ok()) {
-                    Some(addr) if Family::of(addr) == family => {
-                        self.addrs.insert(
-                            key,
-                            Element {
-                                value: addr,
-                                comment,
-                            },
-                        );
-                        if let Some(counter) = counter {
-                            self.counters.insert(key, counter);
-                        }
-                    }
-                    _ => problems.push(format!("map {name} holds a value that is not an address")),
-                }
-            } else {
-                match value.as_u64().and_then(|v| u16::try_from(v).ok()) {
-                    Some(port) => {
-                        self.ports.insert(
-                            key,
-                            Element {
-                                value: port,
-                                comment,
-                            },
-                        );
-                    }
-                    None => problems.push(format!("map {name} holds a value that is not a port")),
-                }
+            self.addrs.insert(
+                key,
+                Element {
+                    value: addr,
+                    comment: elem.comment.clone(),
+                },
+            );
+            if let Some(counter) = elem.counter {
+                self.counters.insert(key, counter);
             }
+            return true;
         }
+        let Ok(port) = <[u8; 2]>::try_from(data) else {
+            return false;
+        };
+        self.ports.insert(
+            key,
+            Element {
+                value: u16::from_be_bytes(port),
+                comment: elem.comment.clone(),
+            },
+        );
+        true
     }
 }
 
-/// `["tcp", 80]` as `nft -j` lists an open set element or a map key.
-pub(super) fn key_item(family: Family, item: &Expression<'_>) -> Option<ForwardKey> {
-    let Expression::Named(NamedExpression::Concat(parts)) = item else {
-        return None;
-    };
-    let [Expression::String(protocol), Expression::Number(port)] = parts.as_slice() else {
-        return None;
-    };
-    forward_key(family, protocol, *port)
+/// Hands a decoded value to `insert`; whether there was one.
+fn took<T>(value: Option<T>, insert: impl FnOnce(T) -> bool) -> bool {
+    value.map(insert).is_some()
 }
 
-/// A key from the protocol name and port number nft lists.
-pub(super) fn forward_key(family: Family, protocol: &str, port: u32) -> Option<ForwardKey> {
-    Some(ForwardKey {
-        family,
-        protocol: Protocol::from_nft_name(protocol)?,
-        external_port: u16::try_from(port).ok()?,
-    })
-}
-
-/// `[prefix or address, "tcp", 80]` as `nft -j` lists a source set element (a /32 or /128
-/// comes back as a plain address).
-pub(super) fn source_item(family: Family, item: &Expression<'_>) -> Option<Source> {
-    let item = match item {
-        Expression::Named(NamedExpression::Elem(elem)) => &*elem.val,
-        other => other,
-    };
-    let Expression::Named(NamedExpression::Concat(parts)) = item else {
+/// A source set element: the range from `key` to `key_end` must be one network, with the
+/// same protocol and port at both ends.
+fn source_of(family: Family, elem: &Elem) -> Option<Source> {
+    let len = addr_type_id(family).1 as usize;
+    let end = elem.key_end.as_deref().unwrap_or(&elem.key);
+    if elem.key.len() != len + 8 || end.len() != len + 8 || elem.key[len..] != end[len..] {
         return None;
-    };
-    let [addr, Expression::String(protocol), Expression::Number(port)] = parts.as_slice() else {
-        return None;
-    };
-    let net: IpNet = match addr {
-        Expression::String(text) => IpNet::from(text.parse::<IpAddr>().ok()?),
-        Expression::Named(NamedExpression::Prefix(prefix)) => {
-            let Expression::String(text) = &*prefix.addr else {
-                return None;
-            };
-            IpNet::new(text.parse().ok()?, u8::try_from(prefix.len).ok()?).ok()?
-        }
+    }
+    let first = wire::read_addr(family, &elem.key[..len])?;
+    let last = wire::read_addr(family, &end[..len])?;
+    let (first_bits, last_bits, width) = match (first, last) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => (u128::from(u32::from(a)), u128::from(u32::from(b)), 32),
+        (IpAddr::V6(a), IpAddr::V6(b)) => (u128::from(a), u128::from(b), 128),
         _ => return None,
     };
-    (Family::of(net.addr()) == family).then_some(())?;
+    let host = first_bits ^ last_bits;
+    // A network: the differing bits are all the low ones, and the first address has none.
+    if host & host.wrapping_add(1) != 0 || first_bits & host != 0 {
+        return None;
+    }
+    let prefix = width - (128 - host.leading_zeros()) as u8;
+    let (protocol, external_port) = wire::read_proto_port(&elem.key[len..])?;
     Some(Source {
-        key: forward_key(family, protocol, *port)?,
-        net,
+        key: ForwardKey {
+            family,
+            protocol,
+            external_port,
+        },
+        net: IpNet::new(first, prefix).ok()?,
     })
-}
-
-pub(super) fn plain_string<'e>(item: &'e Expression<'_>) -> Option<&'e str> {
-    match item {
-        Expression::String(text) => Some(text),
-        Expression::Named(NamedExpression::Elem(elem)) => plain_string(&elem.val),
-        _ => None,
-    }
-}
-
-/// A map element value as JSON, whatever form the crate parsed it into.
-pub(super) enum Value {
-    Text(String),
-    Number(u64),
-}
-
-impl Value {
-    pub(super) fn as_str(&self) -> Option<&str> {
-        match self {
-            Value::Text(text) => Some(text),
-            Value::Number(_) => None,
-        }
-    }
-
-    pub(super) fn as_u64(&self) -> Option<u64> {
-        match self {
-            Value::Number(n) => Some(*n),
-            Value::Text(text) => text.parse().ok(),
-        }
-    }
-}
-
-type MapItem = (ForwardKey, Option<String>, Option<(u64, u64)>, Value);
-
-/// `[{"elem": {"val": {"concat": ["tcp", 80]}, "comment": ..., "counter": ...}}, value]`
-pub(super) fn map_item(family: Family, item: &Expression<'_>) -> Option<MapItem> {
-    let Expression::List(pair) = item else {
-        return None;
-    };
-    let [key, value] = pair.as_slice() else {
-        return None;
-    };
-    let (val, comment, counter) = match key {
-        Expression::Named(NamedExpression::Elem(elem)) => {
-            let counter = match &elem.counter {
-                Some(Counter::Anonymous(Some(c))) => Some((
-                    c.packets.unwrap_or_default() as u64,
-                    c.bytes.unwrap_or_default() as u64,
-                )),
-                _ => None,
-            };
-            (
-                &*elem.val,
-                elem.comment.as_deref().map(str::to_owned),
-                counter,
-            )
-        }
-        other => (other, None, None),
-    };
-    let key = key_item(family, val)?;
-    let value = match value {
-        Expression::String(text) => Value::Text(text.to_string()),
-        Expression::Number(n) => Value::Number(u64::from(*n)),
-        _ => return None,
-    };
-    Some((key, comment, counter, value))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::kernel::Change;
+    use crate::kernel::diff::Update;
     use crate::kernel::fixtures::{forward, ruleset};
+    use crate::kernel::wire::{ChainInfo, Op};
+
+    /// A dump of the table `r` would build: its elements as the netlink batch writes them.
+    fn dump_of(r: &Ruleset) -> TableDump {
+        let all = Update {
+            add: r.forwards.keys().copied().collect(),
+            add_sources: r.forwards.values().flat_map(sources_of).collect(),
+            add_open: r.forwards.values().filter_map(open_of).collect(),
+            add_interfaces: r.config.wan_interfaces.iter().cloned().collect(),
+            add_addresses: r.config.wan_addresses.iter().copied().collect(),
+            ..Update::default()
+        };
+        let mut elements: BTreeMap<String, Vec<Elem>> = set_names()
+            .into_iter()
+            .map(|n| (n.to_owned(), Vec::new()))
+            .collect();
+        for change in r.element_changes(&all) {
+            assert_eq!(change.op, Op::Add);
+            elements.get_mut(change.set).unwrap().extend(change.elems);
+        }
+        let sets = set_names()
+            .into_iter()
+            .map(|name| {
+                let kind = expected_set(name).unwrap();
+                SetInfo {
+                    name: name.to_owned(),
+                    flags: kind.flags,
+                    key_type: kind.key_type,
+                    key_len: kind.key_len,
+                    data_type: kind.data.map(|d| d.0),
+                    data_len: kind.data.map(|d| d.1),
+                }
+            })
+            .collect();
+        TableDump {
+            generation: 1,
+            sets,
+            chains: vec![ChainInfo {
+                name: CHAIN.into(),
+                hook: Some((NF_INET_PRE_ROUTING, DSTNAT_PRIORITY)),
+                kind: Some("nat".into()),
+            }],
+            rules: r
+                .config
+                .rule_comments()
+                .into_iter()
+                .map(|c| (CHAIN.to_owned(), Some(c)))
+                .collect(),
+            elements,
+            attempts: 1,
+        }
+    }
 
     #[test]
-    fn kernel_listing_round_trips() {
-        let r = ruleset(&[forward(80, "10.0.0.1", "a"), forward(443, "fd00::5", "b")]);
-        // What `nft -j list table` prints for that table, trimmed to what is read.
-        let listing = serde_json::json!({"nftables": [
-            {"metainfo": {"version": "1.0.6", "release_name": "x", "json_schema_version": 1}},
-            {"table": {"family": "inet", "name": DEFAULT_TABLE, "handle": 1}},
-            {"set": {"family": "inet", "name": "wan_ifaces", "table": DEFAULT_TABLE, "type": "ifname", "handle": 2, "elem": ["wan"]}},
-            {"set": {"family": "inet", "name": "wan_ipv4", "table": DEFAULT_TABLE, "type": "ipv4_addr", "handle": 3, "elem": ["203.0.113.1"]}},
-            {"set": {"family": "inet", "name": "wan_ipv6", "table": DEFAULT_TABLE, "type": "ipv6_addr", "handle": 4}},
-            {"set": {"family": "inet", "name": "open_ipv4", "table": DEFAULT_TABLE, "type": ["inet_proto", "inet_service"], "handle": 12,
-                "elem": [{"concat": ["tcp", 80]}]}},
-            {"set": {"family": "inet", "name": "src_ipv4", "table": DEFAULT_TABLE, "type": ["ipv4_addr", "inet_proto", "inet_service"], "handle": 13, "flags": ["interval"]}},
-            {"set": {"family": "inet", "name": "open_ipv6", "table": DEFAULT_TABLE, "type": ["inet_proto", "inet_service"], "handle": 14,
-                "elem": [{"concat": ["tcp", 443]}]}},
-            {"set": {"family": "inet", "name": "src_ipv6", "table": DEFAULT_TABLE, "type": ["ipv6_addr", "inet_proto", "inet_service"], "handle": 15, "flags": ["interval"]}},
-            {"map": {"family": "inet", "name": "fwd_ipv4_addr", "table": DEFAULT_TABLE, "type": ["inet_proto", "inet_service"], "handle": 5, "map": "ipv4_addr",
-                "elem": [[{"elem": {"val": {"concat": ["tcp", 80]}, "comment": "ns/a:http uid=0000-1111", "counter": {"packets": 3, "bytes": 180}}}, "10.0.0.1"]],
-                "stmt": [{"counter": null}]}},
-            {"map": {"family": "inet", "name": "fwd_ipv4_port", "table": DEFAULT_TABLE, "type": ["inet_proto", "inet_service"], "handle": 6, "map": "inet_service",
-                "elem": [[{"elem": {"val": {"concat": ["tcp", 80]}, "comment": "ns/a:http uid=0000-1111"}}, 8080]]}},
-            {"map": {"family": "inet", "name": "fwd_ipv6_addr", "table": DEFAULT_TABLE, "type": ["inet_proto", "inet_service"], "handle": 7, "map": "ipv6_addr",
-                "elem": [[{"elem": {"val": {"concat": ["tcp", 443]}, "comment": "ns/b:http uid=0000-1111"}}, "fd00::5"]]}},
-            {"map": {"family": "inet", "name": "fwd_ipv6_port", "table": DEFAULT_TABLE, "type": ["inet_proto", "inet_service"], "handle": 8, "map": "inet_service",
-                "elem": [[{"elem": {"val": {"concat": ["tcp", 443]}, "comment": "ns/b:http uid=0000-1111"}}, 8080]]}},
-            {"chain": {"family": "inet", "table": DEFAULT_TABLE, "name": "prerouting", "handle": 9, "type": "nat", "hook": "prerouting", "prio": -100, "policy": "accept"}},
-            {"rule": {"family": "inet", "table": DEFAULT_TABLE, "chain": "prerouting", "handle": 10, "comment": "kube-port-forward ipv4 open iif=wan daddr=set mark=0x00200000", "expr": []}},
-            {"rule": {"family": "inet", "table": DEFAULT_TABLE, "chain": "prerouting", "handle": 16, "comment": "kube-port-forward ipv4 ranges iif=wan daddr=set mark=0x00200000", "expr": []}},
-            {"rule": {"family": "inet", "table": DEFAULT_TABLE, "chain": "prerouting", "handle": 11, "comment": "kube-port-forward ipv6 open iif=wan daddr=set mark=0x00200000", "expr": []}},
-            {"rule": {"family": "inet", "table": DEFAULT_TABLE, "chain": "prerouting", "handle": 17, "comment": "kube-port-forward ipv6 ranges iif=wan daddr=set mark=0x00200000", "expr": []}}
-        ]});
-        let listing: Nftables = serde_json::from_value(listing).unwrap();
-        let kernel = KernelTable::from_nftables(Some(&r.config), &listing);
+    fn dumps_round_trip_the_batch_encoding() {
+        let mut limited = forward(80, "10.0.0.1", "a");
+        limited.sources = vec![
+            "10.0.0.0/8".parse().unwrap(),
+            "203.0.113.2/32".parse().unwrap(),
+        ];
+        let r = ruleset(&[
+            limited,
+            forward(443, "fd00::5", "b"),
+            forward(53, "10.0.0.2", "c"),
+        ]);
+        let mut dump = dump_of(&r);
+        dump.elements.get_mut("fwd_ipv4_addr").unwrap()[0].counter = Some((3, 180));
+        let kernel = KernelTable::from_dump(Some(&r.config), &dump);
         assert_eq!(kernel.shape_problem, None);
         assert_eq!(kernel.counters.values().next(), Some(&(3, 180)));
         assert_eq!(r.diff(Some(&kernel)), Change::Nothing);
 
         let other = TableConfig::new(DEFAULT_TABLE, [], []).unwrap();
-        let kernel = KernelTable::from_nftables(Some(&other), &listing);
+        let kernel = KernelTable::from_dump(Some(&other), &dump);
         assert!(kernel.shape_problem.unwrap().contains("rules are"));
-        assert_eq!(
-            KernelTable::from_nftables(None, &listing).shape_problem,
-            None
-        );
+        assert_eq!(KernelTable::from_dump(None, &dump).shape_problem, None);
     }
 
     #[test]
-    fn echoed_deletions_are_read_from_address_maps_only() {
-        let echo = r#"{"nftables": [
-            {"delete": {"element": {"family": "inet", "table": "t", "name": "fwd_ipv4_addr",
-                "elem": [{"concat": ["tcp", 80]}, {"concat": ["udp", 53]}]}}},
-            {"delete": {"element": {"family": "inet", "table": "t", "name": "fwd_ipv4_port",
-                "elem": [{"concat": ["tcp", 81]}]}}},
-            {"delete": {"element": {"family": "inet", "table": "t", "name": "fwd_ipv6_addr",
-                "elem": [{"concat": ["tcp", 443]}]}}},
-            {"add": {"element": {"family": "inet", "table": "t", "name": "fwd_ipv4_addr",
-                "elem": [[{"concat": ["tcp", 8080]}, "10.0.0.1"]]}}}
-        ]}"#;
-        let keys = echoed_deletions(echo);
-        let key = |family, protocol, external_port| ForwardKey {
-            family,
-            protocol,
-            external_port,
-        };
-        assert_eq!(
-            keys,
-            BTreeSet::from([
-                key(Family::Ipv4, Protocol::Tcp, 80),
-                key(Family::Ipv4, Protocol::Udp, 53),
-                key(Family::Ipv6, Protocol::Tcp, 443),
-            ])
+    fn foreign_shapes_and_elements_are_problems() {
+        let r = ruleset(&[forward(80, "10.0.0.1", "a")]);
+        let mut dump = dump_of(&r);
+        dump.sets[0].key_type = TYPE_IP6ADDR;
+        let problem = KernelTable::from_dump(Some(&r.config), &dump)
+            .shape_problem
+            .unwrap();
+        assert!(
+            problem.contains("set wan_ifaces is not of the type"),
+            "{problem}"
         );
-        assert!(echoed_deletions("").is_empty());
+
+        let mut dump = dump_of(&r);
+        dump.elements.get_mut("src_ipv4").unwrap().push(Elem {
+            key: [
+                &[10, 0, 0, 1][..],
+                &wire::proto_port(crate::core::model::Protocol::Tcp, 80),
+            ]
+            .concat(),
+            key_end: Some(
+                [
+                    &[10, 0, 0, 6][..],
+                    &wire::proto_port(crate::core::model::Protocol::Tcp, 80),
+                ]
+                .concat(),
+            ),
+            ..Elem::default()
+        });
+        let problem = KernelTable::from_dump(Some(&r.config), &dump)
+            .shape_problem
+            .unwrap();
+        assert!(
+            problem.contains("set src_ipv4 holds an element of unexpected form"),
+            "{problem}"
+        );
     }
 }

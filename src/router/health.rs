@@ -35,6 +35,8 @@ pub struct Metrics {
     pub applying: bool,
     /// The table was last confirmed in step with the cluster at this moment.
     pub last_sync: Option<Instant>,
+    /// Applies have failed since this moment, without one succeeding.
+    pub failing_since: Option<Instant>,
     pub forwards: [usize; 5],
     pub wan_addresses: usize,
     pub transactions: u64,
@@ -68,6 +70,7 @@ impl Default for Metrics {
             synced: false,
             applying: false,
             last_sync: None,
+            failing_since: None,
             forwards: [0; 5],
             wan_addresses: 0,
             transactions: 0,
@@ -102,12 +105,23 @@ impl Metrics {
         }
         self.synced = true;
         self.applying = true;
+        self.failing_since = None;
         self.last_sync = Some(Instant::now());
     }
 
     /// Alive: the loop turned within `stall` (it turns at least every heartbeat).
     pub fn alive(&self, now: Instant, stall: Duration) -> bool {
         now.duration_since(self.loop_turned) <= stall
+    }
+
+    /// Converging, as the watchdog means it: alive, and the kernel table has not failed to
+    /// reach what the cluster asks for during all of `failing` (a loop that fails the same
+    /// apply over and over is busy, not healthy).
+    pub fn converging(&self, now: Instant, stall: Duration, failing: Duration) -> bool {
+        self.alive(now, stall)
+            && self
+                .failing_since
+                .is_none_or(|since| now.duration_since(since) <= failing)
     }
 
     /// Ready: the first sync is done and the last apply succeeded.

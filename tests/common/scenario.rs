@@ -113,13 +113,37 @@ fn nft_wrapper(dir: &TempDir, name: &str, transaction: &str) -> (String, std::pa
     (wrapper, marker)
 }
 
-/// An nft that refuses every transaction deleting something while the marker exists.
-pub fn nft_failing_deletes(dir: &TempDir) -> (String, std::path::PathBuf) {
+/// An nft that refuses every transaction while the marker exists. The daemon runs `nft` only
+/// to build or rebuild its table (elements go by netlink): see [`stray_set`].
+pub fn nft_failing(dir: &TempDir) -> (String, std::path::PathBuf) {
     nft_wrapper(
         dir,
-        "nft-fails-deletes",
-        "  input=$(cat)\n  if [ -e \"$M\" ] && printf '%s' \"$input\" | grep -q '\"delete\"'; then echo injected failure >&2; exit 1; fi\n  printf '%s' \"$input\" | exec nft \"$@\"",
+        "nft-fails",
+        "  if [ -e \"$M\" ]; then echo injected failure >&2; exit 1; fi\n  exec nft \"$@\"",
     )
+}
+
+/// Adds (or removes) a set the daemon does not create to its table: harmless to traffic,
+/// but the table no longer has the daemon's shape, so every apply must rebuild it with
+/// `nft` until the set is gone.
+pub fn stray_set(ns: &Netns, present: bool) {
+    if present {
+        ns.nft(&[
+            "add",
+            "set",
+            "inet",
+            "kube_port_forward",
+            "stray",
+            "{ type inet_service; }",
+        ]);
+    } else {
+        ns.nft(&["delete", "set", "inet", "kube_port_forward", "stray"]);
+    }
+}
+
+/// An nft that counts its runs: one line in the returned file per run.
+pub fn nft_counting(dir: &TempDir) -> (String, std::path::PathBuf) {
+    nft_wrapper(dir, "nft-counts", "  echo run >> \"$M\"")
 }
 
 /// An nft that hangs on every transaction while the marker exists.
