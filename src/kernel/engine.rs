@@ -6,8 +6,10 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use super::firewall::{Firewall, KernelError};
+use super::layout::{FAMILIES, addr_map};
 use super::nfnl::NetlinkError;
 use super::read::set_names;
+use super::wire::{self, Elem};
 use super::{Change, KernelTable, Ruleset, TableConfig, Update, owner_comment};
 use crate::core::model::{Forward, ForwardKey};
 use crate::core::plan::Holders;
@@ -354,12 +356,13 @@ impl<F: Firewall> Engine<F> {
         previous: Previous<'_>,
     ) -> Result<Applied, KernelError> {
         let changes = desired.element_changes(update);
-        self.firewall
+        let deleted = self
+            .firewall
             .commit(&desired.config.table, &changes, generation)?;
         // A guarded batch is one commit right after `generation`; after an unguarded one the
         // generation is not known, and the next apply reads.
         self.generation = generation.map(|g| g.wrapping_add(1));
-        Ok(self.report(desired, update, None, &previous))
+        Ok(self.report(desired, update, None, &previous, &idle(&deleted)))
     }
 
     /// Replaces the whole table, reads it back and checks it holds `desired`.
@@ -383,7 +386,7 @@ impl<F: Firewall> Engine<F> {
             Change::Nothing => {
                 self.rebuilds.converged();
                 self.generation = Some(generation);
-                Ok(self.report(desired, delta, Some(reason), previous))
+                Ok(self.report(desired, delta, Some(reason), previous, &BTreeSet::new()))
             }
             other => {
                 let difference = describe(&other);
@@ -395,13 +398,16 @@ impl<F: Firewall> Engine<F> {
 
     /// What an apply did, from the update and the state before it. Flows of forwards that
     /// went or point elsewhere now are closed here: the kernel has confirmed the elements
-    /// are gone, and the finalizer is released only after this returns.
+    /// are gone, and the finalizer is released only after this returns. Forwards in `idle`
+    /// never carried a flow (their counter was 0 when deleted): nothing to close, and the
+    /// walk of the kernel's whole conntrack table is spared.
     fn report(
         &mut self,
         desired: &Ruleset,
         delta: &Update,
         rebuilt: Option<String>,
         previous: &Previous<'_>,
+        idle: &BTreeSet<ForwardKey>,
     ) -> Applied {
         let removed: BTreeSet<&ForwardKey> = delta
             .delete_addrs
@@ -415,7 +421,13 @@ impl<F: Firewall> Engine<F> {
                 addr != now.addr || port.is_some_and(|p| p != now.port)
             })
         });
-        let closing: Vec<ForwardKey> = removed.iter().copied().chain(retargeted).copied().collect();
+        let closing: Vec<ForwardKey> = removed
+            .iter()
+            .copied()
+            .chain(retargeted)
+            .filter(|key| !idle.contains(key))
+            .copied()
+            .collect();
         let flows_closed = match self.firewall.close_flows(&closing, desired.config.ct_mark) {
             Ok(closed) => closed,
             Err(error) => {
@@ -442,6 +454,23 @@ impl<F: Firewall> Engine<F> {
                 .collect(),
         }
     }
+}
+
+/// The forwards whose address element the kernel reported deleted with no packet counted.
+fn idle(deleted: &[(String, Elem)]) -> BTreeSet<ForwardKey> {
+    deleted
+        .iter()
+        .filter(|(_, elem)| elem.counter.is_some_and(|(packets, _)| packets == 0))
+        .filter_map(|(set, elem)| {
+            let family = FAMILIES.into_iter().find(|f| *set == addr_map(*f))?;
+            let (protocol, external_port) = wire::read_proto_port(&elem.key)?;
+            Some(ForwardKey {
+                family,
+                protocol,
+                external_port,
+            })
+        })
+        .collect()
 }
 
 /// A difference left after a rebuild, in a line.

@@ -5,7 +5,7 @@
 
 use super::nfnl::{NetlinkError, Nfnl, TableDump};
 use super::nft::{NftCli, NftError};
-use super::wire::{self, SetChange};
+use super::wire::{self, Elem, SetChange};
 use crate::core::model::ForwardKey;
 
 /// What went wrong in the kernel lane.
@@ -40,13 +40,14 @@ pub trait Firewall {
     /// generation; `None` when there is no such table.
     fn read(&mut self, table: &str, sets: &[&str]) -> Result<Option<TableDump>, KernelError>;
     /// Commits element changes in one transaction, refused whole unless the ruleset is
-    /// still at `generation` (when given).
+    /// still at `generation` (when given). Returns the deleted elements with their counters
+    /// at the commit, as far as the kernel echoed them.
     fn commit(
         &mut self,
         table: &str,
         changes: &[SetChange],
         generation: Option<u32>,
-    ) -> Result<(), KernelError>;
+    ) -> Result<Vec<(String, Elem)>, KernelError>;
     /// Runs an nft JSON transaction (a rebuild of the table).
     fn run(&mut self, transaction: &str) -> Result<(), KernelError>;
     /// Deletes the conntrack entries of these forwards (flows marked with `mark` to their
@@ -99,7 +100,7 @@ impl Firewall for Kernel {
         table: &str,
         changes: &[SetChange],
         generation: Option<u32>,
-    ) -> Result<(), KernelError> {
+    ) -> Result<Vec<(String, Elem)>, KernelError> {
         self.with_netlink(|n| n.commit(table, changes, generation))
     }
 

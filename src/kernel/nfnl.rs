@@ -165,28 +165,36 @@ impl Nfnl {
     }
 
     /// Sends `changes` to `table` as one batch, valid only at `generation` (when given).
-    /// Every message is acknowledged; any error means nothing was committed.
+    /// Every message is acknowledged; any error means nothing was committed. Returns the
+    /// deleted elements as the kernel echoed them at the commit, with their counters.
     pub fn commit(
         &mut self,
         table: &str,
         changes: &[SetChange],
         generation: Option<u32>,
-    ) -> Result<(), NetlinkError> {
+    ) -> Result<Vec<(String, Elem)>, NetlinkError> {
         let begin = self.next_seq();
         let mut seq = begin.wrapping_add(1);
         let mut messages = Vec::new();
         let mut sets = BTreeMap::new();
         for change in changes {
-            for m in wire::element_messages(table, change, &mut seq) {
-                sets.insert(seq.wrapping_sub(1), change.set);
+            let first = seq;
+            for (index, m) in wire::element_messages(table, change, &mut seq)
+                .into_iter()
+                .enumerate()
+            {
+                sets.insert(first.wrapping_add(index as u32), change.set);
                 messages.push(m);
             }
         }
         let end = seq;
         self.seq = end;
         self.send(&wire::batch(generation, begin, &messages, end))?;
-        // The kernel handles the batch within the send: every answer is queued by now, one
-        // per message, or the error that stopped it.
+        // The kernel handles the batch within the send: every answer is queued by now, the
+        // echoes of deletions first, then one acknowledgement per message, or the error that
+        // stopped it.
+        let deleted_kind = (wire::SUBSYS_NFTABLES << 8) | u16::from(wire::NFT_MSG_DELSETELEM);
+        let mut deleted = Vec::new();
         let mut acked = 0;
         while acked < messages.len() {
             let len = self.receive()?;
@@ -197,6 +205,11 @@ impl Nfnl {
                     Some(code) => {
                         failed = Some((code, m.error_seq().unwrap_or(m.seq)));
                         break;
+                    }
+                    None if m.kind == deleted_kind && ours(&m, table) => {
+                        if let Some((set, elems)) = wire::read_elements(&m) {
+                            deleted.extend(elems.into_iter().map(|e| (set.clone(), e)));
+                        }
                     }
                     None => {}
                 }
@@ -212,7 +225,7 @@ impl Nfnl {
                 });
             }
         }
-        Ok(())
+        Ok(deleted)
     }
 
     /// Discards answers still queued (after an error, those to the rest of a batch).

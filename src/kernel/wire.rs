@@ -21,6 +21,7 @@ use crate::core::model::{Family, Protocol};
 pub const NLM_F_REQUEST: u16 = 0x1;
 pub const NLM_F_MULTI: u16 = 0x2;
 pub const NLM_F_ACK: u16 = 0x4;
+pub const NLM_F_ECHO: u16 = 0x8;
 pub const NLM_F_DUMP_INTR: u16 = 0x10;
 pub const NLM_F_DUMP: u16 = 0x300;
 pub const NLM_F_CREATE: u16 = 0x400;
@@ -460,7 +461,8 @@ pub struct SetChange {
 pub fn element_messages(table: &str, change: &SetChange, seq: &mut u32) -> Vec<Vec<u8>> {
     let (kind, flags) = match change.op {
         Op::Add => (NFT_MSG_NEWSETELEM, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_ACK),
-        Op::Delete => (NFT_MSG_DELSETELEM, NLM_F_REQUEST | NLM_F_ACK),
+        // Echoed: the kernel reports each deleted element with its counter at the commit.
+        Op::Delete => (NFT_MSG_DELSETELEM, NLM_F_REQUEST | NLM_F_ACK | NLM_F_ECHO),
     };
     let mut out = Vec::new();
     let mut elems = change.elems.iter().peekable();
@@ -853,7 +855,7 @@ mod tests {
         let expected = bytes(&[
             B::U32(92),
             B::U16(0x0a0e),
-            B::U16(NLM_F_REQUEST | NLM_F_ACK),
+            B::U16(NLM_F_REQUEST | NLM_F_ACK | NLM_F_ECHO),
             B::U32(7),
             B::U32(0),
             B::Raw(&[1, 0, 0, 0]),
