@@ -30,6 +30,21 @@ fn service(name: &str, annotated: bool, port: u16) -> serde_json::Value {
         "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]}})
 }
 
+/// Creates `name` (see [`service`]); returns its namespace.
+fn create(api: &ApiServer, name: &str, annotated: bool, port: u16) -> String {
+    let created = api.create(service(name, annotated, port));
+    created["metadata"]["namespace"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// Whether the Service holds a finalizer.
+fn finalized(api: &ApiServer, port: u16, name: &str) -> bool {
+    api.get(&format!("ns-{}", port % 20), name)
+        .is_some_and(|s| !s["metadata"]["finalizers"].is_null())
+}
+
 fn percentiles(mut values: Vec<Duration>) -> String {
     values.sort();
     let at = |p: usize| values[(values.len() * p / 100).min(values.len() - 1)].as_secs_f64() * 1e3;
@@ -74,41 +89,25 @@ fn latency_with(present: u16) {
     daemon.wait_log("ready");
     for i in 0..present {
         let name = format!("old-{i}");
-        let created = api.create(service(&name, true, 30_000 + i));
-        let ns = created["metadata"]["namespace"]
-            .as_str()
-            .unwrap()
-            .to_owned();
+        let ns = create(&api, &name, true, 30_000 + i);
         api.set_lb_ips(&ns, &name, &[common::SERVER4]);
     }
     wait_for("the forwards present first", || {
-        (0..present).all(|i| {
-            let ns = format!("ns-{}", (30_000 + i) % 20);
-            api.get(&ns, &format!("old-{i}"))
-                .is_some_and(|s| !s["metadata"]["finalizers"].is_null())
-        })
+        (0..present).all(|i| finalized(&api, 30_000 + i, &format!("old-{i}")))
     });
     let runs_before = nft_runs(&runs);
     let opened = open_new(&api, &topology, 20_000, 200);
     let plain_address: Vec<Duration> = (0..200u16)
         .map(|i| {
             let name = format!("plain-{i}");
-            let created = api.create(service(&name, false, 21_000 + i));
-            let ns = created["metadata"]["namespace"]
-                .as_str()
-                .unwrap()
-                .to_owned();
+            let ns = create(&api, &name, false, 21_000 + i);
             let start = Instant::now();
             api.set_lb_ips(&ns, &name, &[common::SERVER4]);
             start.elapsed()
         })
         .collect();
     wait_for("200 finalizers", || {
-        (20_000..20_200u16).all(|port| {
-            let ns = format!("ns-{}", port % 20);
-            api.get(&ns, &format!("new-{port}"))
-                .is_some_and(|s| !s["metadata"]["finalizers"].is_null())
-        })
+        (20_000..20_200u16).all(|port| finalized(&api, port, &format!("new-{port}")))
     });
     let deleted = |prefix: &str, first: u16| -> Vec<Duration> {
         (0..200u16)
@@ -165,12 +164,8 @@ fn scale() {
     for i in 0..10_000u16 {
         let annotated = i % 10 == 0;
         let name = format!("svc-{i}");
-        let created = api.create(service(&name, annotated, 10_000 + i));
+        let ns = create(&api, &name, annotated, 10_000 + i);
         if annotated {
-            let ns = created["metadata"]["namespace"]
-                .as_str()
-                .unwrap()
-                .to_owned();
             let ip = format!("10.{}.{}.{}", i / 62_500, (i / 250) % 250, i % 250 + 1);
             api.set_lb_ips(&ns, &name, &[&ip]);
         }
@@ -184,11 +179,9 @@ fn scale() {
     let rss_ready = status_field(daemon.pid(), "VmRSS");
     let settle = Instant::now();
     wait_for("1,000 finalizers", || {
-        (0..10_000u16).step_by(10).all(|i| {
-            let ns = format!("ns-{}", (10_000 + i) % 20);
-            api.get(&ns, &format!("svc-{i}"))
-                .is_some_and(|s| !s["metadata"]["finalizers"].is_null())
-        })
+        (0..10_000u16)
+            .step_by(10)
+            .all(|i| finalized(&api, 10_000 + i, &format!("svc-{i}")))
     });
     let settled = settle.elapsed();
     let pid = daemon.pid();
@@ -228,11 +221,7 @@ fn router() {
     daemon.wait_log("ready");
     for i in 0..100u16 {
         let name = format!("svc-{i}");
-        let created = api.create(service(&name, true, 20_000 + i));
-        let ns = created["metadata"]["namespace"]
-            .as_str()
-            .unwrap()
-            .to_owned();
+        let ns = create(&api, &name, true, 20_000 + i);
         api.set_lb_ips(&ns, &name, &[common::SERVER4]);
     }
     let target: SocketAddr = format!("{}:20099", common::ROUTER_WAN4).parse().unwrap();
@@ -278,11 +267,7 @@ fn open_new(api: &ApiServer, topology: &Topology, first: u16, count: u16) -> Vec
     (first..first + count)
         .map(|port| {
             let name = format!("new-{port}");
-            let created = api.create(service(&name, true, port));
-            let ns = created["metadata"]["namespace"]
-                .as_str()
-                .unwrap()
-                .to_owned();
+            let ns = create(api, &name, true, port);
             let target: SocketAddr = format!("{}:{port}", common::ROUTER_WAN4).parse().unwrap();
             let start = Instant::now();
             api.set_lb_ips(&ns, &name, &[common::SERVER4]);
@@ -315,11 +300,7 @@ fn restart() {
     let api = ApiServer::new();
     for i in 0..1_000u16 {
         let name = format!("svc-{i}");
-        let created = api.create(service(&name, true, 30_000 + i));
-        let ns = created["metadata"]["namespace"]
-            .as_str()
-            .unwrap()
-            .to_owned();
+        let ns = create(&api, &name, true, 30_000 + i);
         api.set_lb_ips(&ns, &name, &[common::SERVER4]);
     }
     let addr = api.listen(Some(&topology.router));

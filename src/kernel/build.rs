@@ -229,28 +229,6 @@ impl Ruleset {
         })
     }
 
-    pub(super) fn forward_elements(
-        &self,
-        family: Family,
-        keys: &[ForwardKey],
-    ) -> [Vec<Expression<'_>>; 2] {
-        let mut addrs = Vec::new();
-        let mut ports = Vec::new();
-        for key in keys.iter().filter(|k| k.family == family) {
-            let forward = &self.forwards[key];
-            let comment = owner_comment(forward);
-            addrs.push(Expression::List(vec![
-                elem(key, Some(comment.clone())),
-                Expression::String(Cow::Owned(forward.target.addr.to_string())),
-            ]));
-            ports.push(Expression::List(vec![
-                elem(key, Some(comment)),
-                Expression::Number(u32::from(forward.target.port)),
-            ]));
-        }
-        [addrs, ports]
-    }
-
     pub(super) fn chain(&self) -> NfListObject<'_> {
         self.nat_chain(CHAIN, NfHook::Prerouting, DSTNAT_PRIORITY)
     }
@@ -331,127 +309,166 @@ impl Ruleset {
     }
 
     pub(super) fn update_commands(&self, update: &Update) -> Vec<NfCmd<'_>> {
-        let keys = |list: &[ForwardKey], family: Family| -> Vec<Expression<'_>> {
-            list.iter()
-                .filter(|k| k.family == family)
-                .map(|k| elem(k, None))
-                .collect()
-        };
-        let addrs = |list: &[IpAddr], family: Family| -> Vec<Expression<'_>> {
-            list.iter()
-                .filter(|a| Family::of(**a) == family)
-                .map(|a| Expression::String(Cow::Owned(a.to_string())))
-                .collect()
-        };
-        let sources = |list: &[Source], family: Family| -> Vec<Expression<'_>> {
-            list.iter()
-                .filter(|s| s.key.family == family)
-                .map(source_elem)
-                .collect()
-        };
-        let names = |list: &[String]| -> Vec<Expression<'_>> {
-            list.iter()
+        update
+            .by_set()
+            .into_iter()
+            .filter_map(|(set, op, items)| {
+                let elems = self.expressions(&items);
+                if elems.is_empty() {
+                    return None;
+                }
+                let object = self.element(set, elems);
+                Some(match op {
+                    Op::Delete => NfCmd::Delete(object),
+                    Op::Add => NfCmd::Add(object),
+                })
+            })
+            .collect()
+    }
+
+    /// The items of one set as nft JSON elements.
+    fn expressions(&self, items: &Items<'_>) -> Vec<Expression<'_>> {
+        match *items {
+            Items::Interfaces(names) => names
+                .iter()
                 .map(|n| Expression::String(Cow::Owned(n.clone())))
-                .collect()
-        };
-        // Deletions first: a changed forward is deleted and re-added under the same key.
-        let mut deletes = vec![(WAN_IFACES, names(&update.delete_interfaces))];
-        let mut adds = vec![(WAN_IFACES, names(&update.add_interfaces))];
-        for family in FAMILIES {
-            deletes.push((addr_map(family), keys(&update.delete_addrs, family)));
-            deletes.push((port_map(family), keys(&update.delete_ports, family)));
-            deletes.push((wan_set(family), addrs(&update.delete_addresses, family)));
-            deletes.push((src_set(family), sources(&update.delete_sources, family)));
-            deletes.push((open_set(family), keys(&update.delete_open, family)));
-            adds.push((wan_set(family), addrs(&update.add_addresses, family)));
-            adds.push((src_set(family), sources(&update.add_sources, family)));
-            adds.push((open_set(family), keys(&update.add_open, family)));
-            let [addr_elems, port_elems] = self.forward_elements(family, &update.add);
-            adds.push((addr_map(family), addr_elems));
-            adds.push((port_map(family), port_elems));
+                .collect(),
+            Items::Addresses(family, addrs) => of_family(addrs, family, |a| Family::of(*a))
+                .map(|a| Expression::String(Cow::Owned(a.to_string())))
+                .collect(),
+            Items::Sources(family, sources) => of_family(sources, family, |s| s.key.family)
+                .map(source_elem)
+                .collect(),
+            Items::Keys(family, keys) => of_family(keys, family, |k| k.family)
+                .map(|k| elem(k, None))
+                .collect(),
+            Items::Targets(family, keys, value) => of_family(keys, family, |k| k.family)
+                .map(|key| {
+                    let forward = &self.forwards[key];
+                    let target = match value {
+                        Value::Addr => {
+                            Expression::String(Cow::Owned(forward.target.addr.to_string()))
+                        }
+                        Value::Port => Expression::Number(u32::from(forward.target.port)),
+                    };
+                    Expression::List(vec![elem(key, Some(owner_comment(forward))), target])
+                })
+                .collect(),
         }
-        let deletes = deletes
+    }
+
+    /// The element changes of an update, for the netlink batch: the same sets in the same
+    /// order as [`Ruleset::transaction`]'s.
+    pub fn element_changes(&self, update: &Update) -> Vec<SetChange> {
+        update
+            .by_set()
             .into_iter()
-            .filter(|(_, elems)| !elems.is_empty())
-            .map(|(set, elems)| NfCmd::Delete(self.element(set, elems)));
-        let adds = adds
-            .into_iter()
-            .filter(|(_, elems)| !elems.is_empty())
-            .map(|(set, elems)| NfCmd::Add(self.element(set, elems)));
-        deletes.chain(adds).collect()
+            .map(|(set, op, items)| SetChange {
+                set,
+                op,
+                elems: self.wire_elements(&items),
+            })
+            .filter(|change| !change.elems.is_empty())
+            .collect()
+    }
+
+    /// The items of one set as netlink elements.
+    fn wire_elements(&self, items: &Items<'_>) -> Vec<wire::Elem> {
+        let key = |k: &ForwardKey| wire::proto_port(k.protocol, k.external_port);
+        match *items {
+            Items::Interfaces(names) => names
+                .iter()
+                .map(|n| wire::Elem::key(wire::ifname(n)))
+                .collect(),
+            Items::Addresses(family, addrs) => of_family(addrs, family, |a| Family::of(*a))
+                .map(|a| wire::Elem::key(wire::addr(*a)))
+                .collect(),
+            Items::Sources(family, sources) => of_family(sources, family, |s| s.key.family)
+                .map(source_range)
+                .collect(),
+            Items::Keys(family, keys) => of_family(keys, family, |k| k.family)
+                .map(|k| wire::Elem::key(key(k)))
+                .collect(),
+            Items::Targets(family, keys, value) => of_family(keys, family, |k| k.family)
+                .map(|k| {
+                    let forward = &self.forwards[k];
+                    let data = match value {
+                        Value::Addr => wire::addr(forward.target.addr),
+                        Value::Port => forward.target.port.to_be_bytes().to_vec(),
+                    };
+                    wire::Elem {
+                        data: Some(data),
+                        comment: Some(owner_comment(forward)),
+                        ..wire::Elem::key(key(k))
+                    }
+                })
+                .collect(),
+        }
     }
 }
 
-impl Ruleset {
-    /// The element changes of an update, for the netlink batch: the same sets and the same
-    /// order as [`Ruleset::transaction`]'s (deletions first: a changed forward is deleted and
-    /// re-added under the same key).
-    pub fn element_changes(&self, update: &Update) -> Vec<SetChange> {
-        let keys = |list: &[ForwardKey], family: Family| -> Vec<wire::Elem> {
-            list.iter()
-                .filter(|k| k.family == family)
-                .map(|k| wire::Elem::key(wire::proto_port(k.protocol, k.external_port)))
-                .collect()
-        };
-        let addrs = |list: &[IpAddr], family: Family| -> Vec<wire::Elem> {
-            list.iter()
-                .filter(|a| Family::of(**a) == family)
-                .map(|a| wire::Elem::key(wire::addr(*a)))
-                .collect()
-        };
-        let sources = |list: &[Source], family: Family| -> Vec<wire::Elem> {
-            list.iter()
-                .filter(|s| s.key.family == family)
-                .map(source_range)
-                .collect()
-        };
-        let names = |list: &[String]| -> Vec<wire::Elem> {
-            list.iter()
-                .map(|n| wire::Elem::key(wire::ifname(n)))
-                .collect()
-        };
-        let mut deletes = vec![(WAN_IFACES, names(&update.delete_interfaces))];
-        let mut adds = vec![(WAN_IFACES, names(&update.add_interfaces))];
+/// What an update changes in one set.
+enum Items<'u> {
+    Interfaces(&'u [String]),
+    Addresses(Family, &'u [IpAddr]),
+    Sources(Family, &'u [Source]),
+    Keys(Family, &'u [ForwardKey]),
+    /// The desired forwards of these keys, as address or port map elements.
+    Targets(Family, &'u [ForwardKey], Value),
+}
+
+#[derive(Clone, Copy)]
+enum Value {
+    Addr,
+    Port,
+}
+
+fn of_family<'a, T>(
+    items: &'a [T],
+    family: Family,
+    of: impl Fn(&T) -> Family + 'a,
+) -> impl Iterator<Item = &'a T> + 'a {
+    items.iter().filter(move |item| of(item) == family)
+}
+
+impl Update {
+    /// Set by set, in the order a transaction sends them: deletions first, so a changed
+    /// forward is deleted and re-added under the same key in the same transaction.
+    fn by_set(&self) -> Vec<(&'static str, Op, Items<'_>)> {
+        let mut deletes = vec![(WAN_IFACES, Items::Interfaces(&self.delete_interfaces))];
+        let mut adds = vec![(WAN_IFACES, Items::Interfaces(&self.add_interfaces))];
         for family in FAMILIES {
-            deletes.push((addr_map(family), keys(&update.delete_addrs, family)));
-            deletes.push((port_map(family), keys(&update.delete_ports, family)));
-            deletes.push((wan_set(family), addrs(&update.delete_addresses, family)));
-            deletes.push((src_set(family), sources(&update.delete_sources, family)));
-            deletes.push((open_set(family), keys(&update.delete_open, family)));
-            adds.push((wan_set(family), addrs(&update.add_addresses, family)));
-            adds.push((src_set(family), sources(&update.add_sources, family)));
-            adds.push((open_set(family), keys(&update.add_open, family)));
-            let (mut addr_elems, mut port_elems) = (Vec::new(), Vec::new());
-            for key in update.add.iter().filter(|k| k.family == family) {
-                let forward = &self.forwards[key];
-                let key = wire::proto_port(key.protocol, key.external_port);
-                let comment = Some(owner_comment(forward));
-                addr_elems.push(wire::Elem {
-                    data: Some(wire::addr(forward.target.addr)),
-                    comment: comment.clone(),
-                    ..wire::Elem::key(key)
-                });
-                port_elems.push(wire::Elem {
-                    data: Some(forward.target.port.to_be_bytes().to_vec()),
-                    comment,
-                    ..wire::Elem::key(key)
-                });
-            }
-            adds.push((addr_map(family), addr_elems));
-            adds.push((port_map(family), port_elems));
+            deletes.push((addr_map(family), Items::Keys(family, &self.delete_addrs)));
+            deletes.push((port_map(family), Items::Keys(family, &self.delete_ports)));
+            deletes.push((
+                wan_set(family),
+                Items::Addresses(family, &self.delete_addresses),
+            ));
+            deletes.push((
+                src_set(family),
+                Items::Sources(family, &self.delete_sources),
+            ));
+            deletes.push((open_set(family), Items::Keys(family, &self.delete_open)));
+            adds.push((
+                wan_set(family),
+                Items::Addresses(family, &self.add_addresses),
+            ));
+            adds.push((src_set(family), Items::Sources(family, &self.add_sources)));
+            adds.push((open_set(family), Items::Keys(family, &self.add_open)));
+            adds.push((
+                addr_map(family),
+                Items::Targets(family, &self.add, Value::Addr),
+            ));
+            adds.push((
+                port_map(family),
+                Items::Targets(family, &self.add, Value::Port),
+            ));
         }
-        let change =
-            |op| move |(set, elems): (&'static str, Vec<wire::Elem>)| SetChange { set, op, elems };
-        deletes
+        let deletes = deletes
             .into_iter()
-            .filter(|(_, elems)| !elems.is_empty())
-            .map(change(Op::Delete))
-            .chain(
-                adds.into_iter()
-                    .filter(|(_, elems)| !elems.is_empty())
-                    .map(change(Op::Add)),
-            )
-            .collect()
+            .map(|(set, items)| (set, Op::Delete, items));
+        let adds = adds.into_iter().map(|(set, items)| (set, Op::Add, items));
+        deletes.chain(adds).collect()
     }
 }
 
