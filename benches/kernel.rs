@@ -11,11 +11,10 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::Netns;
+use common::recording::Recording;
 use kube_port_forward::core::model::{Family, Forward, ForwardKey, Owner, Protocol, Target};
-use kube_port_forward::kernel::nfnl::TableDump;
-use kube_port_forward::kernel::wire::{Elem, SetChange};
 use kube_port_forward::kernel::{DEFAULT_TABLE, Ruleset, TableConfig};
-use kube_port_forward::kernel::{Engine, Firewall, Kernel, KernelError, NftCli};
+use kube_port_forward::kernel::{Engine, Firewall, Kernel, NftCli};
 
 fn ruleset(n: usize) -> Ruleset {
     let forwards: BTreeMap<ForwardKey, Forward> = (0..n)
@@ -72,45 +71,6 @@ fn engine() -> Engine<Kernel> {
     Engine::new(Kernel::new(NftCli::default()))
 }
 
-/// The kernel, timing each netlink commit (the batch: send, kernel transaction, acks) and
-/// each conntrack clean-up apart from the rest of an apply (the diff, the report).
-struct Timed {
-    inner: Kernel,
-    commits: Vec<Duration>,
-    flows: Vec<Duration>,
-}
-
-impl Firewall for Timed {
-    fn generation(&mut self) -> Result<u32, KernelError> {
-        self.inner.generation()
-    }
-    fn read(&mut self, table: &str, sets: &[&str]) -> Result<Option<TableDump>, KernelError> {
-        self.inner.read(table, sets)
-    }
-    fn commit(
-        &mut self,
-        table: &str,
-        changes: &[SetChange],
-        generation: Option<u32>,
-    ) -> Result<Vec<(String, Elem)>, KernelError> {
-        let start = Instant::now();
-        let result = self.inner.commit(table, changes, generation);
-        self.commits.push(start.elapsed());
-        result
-    }
-    fn run(&mut self, transaction: &str) -> Result<(), KernelError> {
-        self.inner.run(transaction)
-    }
-    fn close_flows(&mut self, keys: &[ForwardKey], mark: u32) -> Result<usize, KernelError> {
-        let start = Instant::now();
-        let result = self.inner.close_flows(keys, mark);
-        if !keys.is_empty() {
-            self.flows.push(start.elapsed());
-        }
-        result
-    }
-}
-
 /// Applies `ruleset(n)`, then times `rounds` removals and as many additions of one forward,
 /// alternating, with the same engine: each is one netlink batch. Returns the whole applies
 /// (removals, additions), the commits alone, and the conntrack clean-up a removal costs when
@@ -119,11 +79,7 @@ fn one_change(n: usize, rounds: usize) -> [(f64, f64, f64); 4] {
     let ns = Netns::new("bench");
     ns.enter(move || {
         let desired = ruleset(n);
-        let mut engine = Engine::new(Timed {
-            inner: Kernel::new(NftCli::default()),
-            commits: Vec::new(),
-            flows: Vec::new(),
-        });
+        let mut engine = Engine::new(Recording::default());
         engine.apply(desired.clone()).unwrap();
         let key = *desired.forwards.keys().nth(n / 2).unwrap();
         let mut without = desired.clone();
@@ -140,10 +96,10 @@ fn one_change(n: usize, rounds: usize) -> [(f64, f64, f64); 4] {
             }
         }
         let timed = engine.firewall();
-        let commits = std::mem::take(&mut timed.commits);
+        let commits = std::mem::take(&mut timed.commit_times);
         // The removed forward never carried a flow, so the engine did not look for its
         // conntrack entries: what that walk costs when a forward did, measured apart.
-        assert!(timed.flows.is_empty());
+        assert!(timed.closings.iter().all(Vec::is_empty));
         let mut flows = Vec::new();
         for _ in 0..rounds {
             let start = Instant::now();

@@ -6,57 +6,13 @@ mod common;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
+use common::recording::Recording;
 use common::*;
 use kube_port_forward::core::model::{Family, Forward, ForwardKey, Owner, Protocol, Target};
-use kube_port_forward::kernel::nfnl::{Nfnl, TableDump};
+use kube_port_forward::kernel::nfnl::Nfnl;
 use kube_port_forward::kernel::wire::{self, Elem, Op, SetChange};
 use kube_port_forward::kernel::{Change, DEFAULT_TABLE, Ruleset, TableConfig};
-use kube_port_forward::kernel::{Engine, Firewall, Kernel, KernelError, NftCli};
-
-/// The real kernel, recording every change sent: nft transactions and netlink batches.
-struct Recording {
-    inner: Kernel,
-    runs: Vec<String>,
-    commits: Vec<Vec<SetChange>>,
-    closings: Vec<Vec<ForwardKey>>,
-}
-
-impl Default for Recording {
-    fn default() -> Recording {
-        Recording {
-            inner: kernel(),
-            runs: Vec::new(),
-            commits: Vec::new(),
-            closings: Vec::new(),
-        }
-    }
-}
-
-impl Firewall for Recording {
-    fn generation(&mut self) -> Result<u32, KernelError> {
-        self.inner.generation()
-    }
-    fn read(&mut self, table: &str, sets: &[&str]) -> Result<Option<TableDump>, KernelError> {
-        self.inner.read(table, sets)
-    }
-    fn commit(
-        &mut self,
-        table: &str,
-        changes: &[SetChange],
-        generation: Option<u32>,
-    ) -> Result<Vec<(String, Elem)>, KernelError> {
-        self.commits.push(changes.to_vec());
-        self.inner.commit(table, changes, generation)
-    }
-    fn run(&mut self, transaction: &str) -> Result<(), KernelError> {
-        self.runs.push(transaction.to_owned());
-        self.inner.run(transaction)
-    }
-    fn close_flows(&mut self, keys: &[ForwardKey], mark: u32) -> Result<usize, KernelError> {
-        self.closings.push(keys.to_vec());
-        self.inner.close_flows(keys, mark)
-    }
-}
+use kube_port_forward::kernel::{Engine, Kernel, KernelError, NftCli};
 
 fn kernel() -> Kernel {
     Kernel::new(NftCli::default())
@@ -591,37 +547,17 @@ fn reads_during_commits_are_retried_until_consistent() {
 /// it counts the runs against the time that passed.
 #[test]
 fn a_rebuild_that_does_not_converge_backs_off() {
-    struct Tampering(Recording);
-    impl Firewall for Tampering {
-        fn generation(&mut self) -> Result<u32, KernelError> {
-            self.0.generation()
-        }
-        fn read(&mut self, table: &str, sets: &[&str]) -> Result<Option<TableDump>, KernelError> {
-            let mut dump = self.0.read(table, sets)?;
-            if let Some(rule) = dump.as_mut().and_then(|d| d.rules.first_mut()) {
-                rule.1 = Some("read back otherwise".to_owned());
-            }
-            Ok(dump)
-        }
-        fn commit(
-            &mut self,
-            table: &str,
-            changes: &[SetChange],
-            generation: Option<u32>,
-        ) -> Result<Vec<(String, Elem)>, KernelError> {
-            self.0.commit(table, changes, generation)
-        }
-        fn run(&mut self, transaction: &str) -> Result<(), KernelError> {
-            self.0.run(transaction)
-        }
-        fn close_flows(&mut self, keys: &[ForwardKey], mark: u32) -> Result<usize, KernelError> {
-            self.0.close_flows(keys, mark)
-        }
-    }
     let ns = Netns::new("k15");
     ns.enter(|| {
         let desired = ruleset(many(5));
-        let mut engine = Engine::new(Tampering(Recording::default()));
+        let mut engine = Engine::new(Recording {
+            tamper: Some(|dump| {
+                if let Some(rule) = dump.rules.first_mut() {
+                    rule.1 = Some("read back otherwise".to_owned());
+                }
+            }),
+            ..Recording::default()
+        });
         let start = std::time::Instant::now();
         let err = engine.apply(desired.clone()).unwrap_err();
         assert!(matches!(err, KernelError::NotConverged(_)), "{err}");
@@ -633,7 +569,7 @@ fn a_rebuild_that_does_not_converge_backs_off() {
                 other => panic!("{other}"),
             }
         }
-        let runs = engine.firewall().0.runs.len() as f64;
+        let runs = engine.firewall().runs.len() as f64;
         let seconds = start.elapsed().as_secs_f64();
         // Waits of 1, 2, 4... s: n runs need at least 2^(n-1) - 1 s.
         assert!(

@@ -4,6 +4,7 @@
 
 pub mod apiserver;
 pub mod daemon;
+pub mod recording;
 pub mod scenario;
 
 use std::fs::File;
