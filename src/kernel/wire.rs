@@ -96,10 +96,7 @@ const NFTA_GEN_ID: u16 = 1;
 const UDATA_COMMENT: u8 = 0;
 
 const CTA_TUPLE_ORIG: u16 = 1;
-const CTA_TUPLE_IP: u16 = 1;
 const CTA_TUPLE_PROTO: u16 = 2;
-const CTA_IP_V4_DST: u16 = 2;
-const CTA_IP_V6_DST: u16 = 4;
 const CTA_PROTO_NUM: u16 = 1;
 const CTA_PROTO_DST_PORT: u16 = 3;
 const CTA_MARK: u16 = 8;
@@ -679,7 +676,6 @@ pub struct Flow {
     pub protocol: Option<Protocol>,
     /// The destination port the client used (before DNAT).
     pub port: Option<u16>,
-    pub destination: Option<IpAddr>,
     /// `CTA_TUPLE_ORIG` as the kernel sent it, to name the entry when deleting it.
     tuple: Vec<u8>,
     zone: Option<Vec<u8>>,
@@ -696,14 +692,7 @@ pub fn read_flow(message: &Received<'_>) -> Option<Flow> {
     };
     let a = message.attrs();
     let tuple = a.get(CTA_TUPLE_ORIG)?;
-    let t = Attrs(tuple);
-    let ip = Attrs(t.get(CTA_TUPLE_IP).unwrap_or_default());
-    let destination = match family {
-        Family::Ipv4 => ip.get(CTA_IP_V4_DST),
-        Family::Ipv6 => ip.get(CTA_IP_V6_DST),
-    }
-    .and_then(|b| read_addr(family, b));
-    let proto = Attrs(t.get(CTA_TUPLE_PROTO).unwrap_or_default());
+    let proto = Attrs(Attrs(tuple).get(CTA_TUPLE_PROTO).unwrap_or_default());
     Some(Flow {
         family,
         protocol: proto
@@ -712,7 +701,6 @@ pub fn read_flow(message: &Received<'_>) -> Option<Flow> {
         port: proto
             .get(CTA_PROTO_DST_PORT)
             .and_then(|b| Some(u16::from_be_bytes(b.get(..2)?.try_into().ok()?))),
-        destination,
         tuple: tuple.to_vec(),
         zone: a.get(CTA_ZONE).map(<[u8]>::to_vec),
     })
@@ -954,6 +942,85 @@ mod tests {
                 B::Raw(&[0, 0x20, 0, 0]),
             ])
         );
+    }
+
+    #[test]
+    fn table_and_conntrack_requests_have_their_exact_bytes() {
+        assert_eq!(
+            get_table(2, "t"),
+            bytes(&[
+                B::U32(28),
+                B::U16(0x0a01),
+                B::U16(NLM_F_REQUEST | NLM_F_ACK),
+                B::U32(2),
+                B::U32(0),
+                B::Raw(&[1, 0, 0, 0]),
+                B::U16(6),
+                B::U16(1),
+                B::Raw(b"t\0\0\0"),
+            ])
+        );
+        // A dumped entry comes back as the delete's tuple, byte for byte, with its zone.
+        let tuple = [9u8, 9, 9, 9, 7, 7, 7, 7];
+        let flow = Flow {
+            family: Family::Ipv6,
+            protocol: Some(Protocol::Udp),
+            port: Some(53),
+            tuple: tuple.to_vec(),
+            zone: Some(vec![0, 5]),
+        };
+        assert_eq!(
+            conntrack_delete(3, &flow),
+            bytes(&[
+                B::U32(40),
+                B::U16(0x0102),
+                B::U16(NLM_F_REQUEST | NLM_F_ACK),
+                B::U32(3),
+                B::U32(0),
+                B::Raw(&[10, 0, 0, 0]),
+                B::U16(12),
+                B::U16(0x8001),
+                B::Raw(&tuple),
+                B::U16(6),
+                B::U16(18),
+                B::Raw(&[0, 5, 0, 0]),
+            ])
+        );
+    }
+
+    #[test]
+    fn conntrack_entries_are_read_from_their_original_tuple() {
+        // IPCTNL_MSG_CT_NEW for 203.0.113.2:40000 -> 203.0.113.1:5353/udp, as dumped.
+        let mut m = Message::new(
+            (SUBSYS_CTNETLINK << 8) | u16::from(IPCTNL_MSG_CT_NEW),
+            NLM_F_MULTI,
+            1,
+            AF_INET,
+            0,
+        );
+        let orig = m.begin(CTA_TUPLE_ORIG);
+        let ip = m.begin(1);
+        m.put(1, &[203, 0, 113, 2]);
+        m.put(2, &[203, 0, 113, 1]);
+        m.end(ip);
+        let proto = m.begin(CTA_TUPLE_PROTO);
+        m.put(CTA_PROTO_NUM, &[17]);
+        m.put(2, &40000u16.to_be_bytes());
+        m.put(CTA_PROTO_DST_PORT, &5353u16.to_be_bytes());
+        m.end(proto);
+        m.end(orig);
+        m.put_be32(CTA_MARK, 0x0020_0000);
+        let whole = m.finish();
+        let received: Vec<Received<'_>> = messages(&whole).collect();
+        let flow = read_flow(&received[0]).unwrap();
+        assert_eq!(flow.family, Family::Ipv4);
+        assert_eq!(flow.protocol, Some(Protocol::Udp));
+        assert_eq!(flow.port, Some(5353));
+        assert_eq!(flow.zone, None);
+        // The delete names the entry by the tuple exactly as dumped.
+        let delete = conntrack_delete(2, &flow);
+        let tuple = &whole[20..20 + usize::from(u16::from_ne_bytes([whole[20], whole[21]]))];
+        assert_eq!(&delete[20..20 + tuple.len()], tuple);
     }
 
     #[test]
