@@ -97,8 +97,11 @@ impl Daemon {
             );
         }
         self.failures = 0;
-        self.lock_metrics()
-            .applied(started.elapsed(), applied.sent, &decision.plan);
+        {
+            let mut metrics = self.lock_metrics();
+            metrics.applied(started.elapsed(), applied.sent, &decision.plan);
+            metrics.flows_closed += applied.flows_closed as u64;
+        }
         if std::mem::take(&mut self.verify_outside_change) && applied.sent {
             self.lock_metrics().table_restores += 1;
             tracing::warn!(

@@ -3,7 +3,8 @@
 
 use crate::kernel::Applied;
 
-/// Logs every forward an apply added or removed, and a rebuild with its reason.
+/// Logs every forward an apply added or removed, a rebuild with its reason, and the flows
+/// of closed forwards that were ended.
 pub fn record(table: &str, applied: &Applied) {
     if let Some(reason) = &applied.rebuilt {
         tracing::info!(action = "rebuild", table, reason = %reason, "rebuilt the table");
@@ -30,6 +31,14 @@ pub fn record(table: &str, applied: &Applied) {
             external_port = removed.key.external_port,
             was = %removed.was,
             "forward closed"
+        );
+    }
+    if applied.flows_closed > 0 {
+        tracing::info!(
+            action = "flows",
+            table,
+            flows = applied.flows_closed,
+            "ended the running flows of closed or re-targeted forwards"
         );
     }
 }

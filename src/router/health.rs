@@ -43,6 +43,8 @@ pub struct Metrics {
     pub apply_errors: u64,
     pub watch_errors: u64,
     pub table_restores: u64,
+    /// Conntrack entries deleted because their forward closed or moved.
+    pub flows_closed: u64,
     /// Finalizer changes, conditions and events handed to the cluster lane.
     pub bookkeeping_queued: usize,
     /// The cluster lane has nothing pending or in flight.
@@ -77,6 +79,7 @@ impl Default for Metrics {
             apply_errors: 0,
             watch_errors: 0,
             table_restores: 0,
+            flows_closed: 0,
             bookkeeping_queued: 0,
             bookkeeping_idle: true,
             apply_buckets: [0; BUCKETS.len()],
@@ -194,8 +197,13 @@ impl Metrics {
             ),
             (
                 "table_restores_total",
-                "Times the table was deleted from outside and restored.",
+                "Times the table was changed from outside and restored.",
                 self.table_restores,
+            ),
+            (
+                "flows_closed_total",
+                "Conntrack entries deleted because their forward closed or moved elsewhere.",
+                self.flows_closed,
             ),
         ];
         for (name, help, value) in counters {
