@@ -127,3 +127,19 @@ fn a_namespace_selector_is_matched_against_namespace_manifests_offline() {
         .collect();
     assert_eq!(states, [("games", "forwarding"), ("other", "refused")]);
 }
+
+/// `plan | head -0`: a reader that closed its end before the output came is not an error of
+/// the command, and nothing panics.
+#[test]
+fn output_into_a_closed_pipe_is_not_a_panic() {
+    let (read, write) = nix::unistd::pipe().unwrap();
+    drop(read);
+    let output = Command::new(BIN)
+        .args(["plan", "-f", "examples/"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(std::process::Stdio::from(write))
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(!stderr(&output).contains("panicked"), "{}", stderr(&output));
+}

@@ -348,13 +348,10 @@ pub fn run(command: Command, nft: NftCli) -> Result<u8, CommandError> {
             // Offline: the router's own addresses are the WAN addresses given.
             let policy = policy.policy(table.wan_addresses.iter().copied())?;
             let (manifests, plan, ruleset) = planned(&files, &table, &policy)?;
-            print!(
-                "{}",
-                match output {
-                    Format::Text => output::plan_text(&plan, &manifests, &ruleset),
-                    Format::Json => output::plan_json(&plan, &manifests, &ruleset),
-                }
-            );
+            emit(&match output {
+                Format::Text => output::plan_text(&plan, &manifests, &ruleset),
+                Format::Json => output::plan_json(&plan, &manifests, &ruleset),
+            });
             let problems = plan.count(State::Invalid)
                 + plan.count(State::Conflict)
                 + plan.count(State::Refused)
@@ -391,8 +388,8 @@ pub fn run(command: Command, nft: NftCli) -> Result<u8, CommandError> {
             let (table, count) = (ruleset.config.table.clone(), ruleset.forwards.len());
             let applied = Engine::new(Kernel::new(nft)).apply(ruleset)?;
             audit::record(&table, &applied);
-            println!(
-                "{count} forwards in table inet {table}: {} opened, {} closed{}",
+            emit(&format!(
+                "{count} forwards in table inet {table}: {} opened, {} closed{}\n",
                 applied.added.len(),
                 applied.removed.len(),
                 if applied.sent {
@@ -400,7 +397,7 @@ pub fn run(command: Command, nft: NftCli) -> Result<u8, CommandError> {
                 } else {
                     " (nothing to change)"
                 }
-            );
+            ));
             Ok(exit::OK)
         }
         Command::Run {
@@ -438,21 +435,30 @@ pub fn run(command: Command, nft: NftCli) -> Result<u8, CommandError> {
         }
         Command::ReleaseFinalizers { cluster, finalizer } => {
             let released = runtime()?.block_on(release_finalizers(cluster, finalizer))?;
-            println!("released the finalizer of {released} Services");
+            emit(&format!("released the finalizer of {released} Services\n"));
             Ok(exit::OK)
         }
         Command::Status { table, output } => {
             TableConfig::new(&table, [], [])?;
             let current = Engine::new(Kernel::new(nft)).read(&table, None)?;
-            print!(
-                "{}",
-                match output {
-                    Format::Text => output::status_text(&table, current.as_ref()),
-                    Format::Json => output::status_json(&table, current.as_ref()),
-                }
-            );
+            emit(&match output {
+                Format::Text => output::status_text(&table, current.as_ref()),
+                Format::Json => output::status_json(&table, current.as_ref()),
+            });
             Ok(exit::OK)
         }
+    }
+}
+
+/// Prints a command's output. A reader that stopped reading (`status | head`) is not an
+/// error of the command: the rest is dropped instead of panicking as `print!` does.
+fn emit(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(error) = out.write_all(text.as_bytes()).and_then(|()| out.flush())
+        && error.kind() != std::io::ErrorKind::BrokenPipe
+    {
+        eprintln!("cannot write the output: {error}");
     }
 }
 
