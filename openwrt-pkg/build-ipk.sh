@@ -54,7 +54,7 @@ size=$(du -sk "$data" | cut -f1)
 cat > "$control/control" <<CONTROL
 Package: kube-port-forward
 Version: $version-r$release
-Depends: nftables-json, kmod-nft-nat
+Depends: nftables-json, kmod-nft-nat, kmod-nf-conntrack-netlink
 Source: openwrt-pkg/kube-port-forward
 SourceName: kube-port-forward
 License: Apache-2.0

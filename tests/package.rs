@@ -119,7 +119,10 @@ fn the_ipk_has_opkgs_layout_fields_conffiles_and_clean_scripts() {
     assert_eq!(fields["Architecture"], "x86_64");
     assert!(fields["Version"].starts_with(env!("CARGO_PKG_VERSION")));
     let depends: Vec<&str> = fields["Depends"].split(", ").collect();
-    assert_eq!(depends, ["nftables-json", "kmod-nft-nat"]);
+    assert_eq!(
+        depends,
+        ["nftables-json", "kmod-nft-nat", "kmod-nf-conntrack-netlink"]
+    );
     assert!(fields["Installed-Size"].parse::<u64>().unwrap() > 0);
 
     // Conffiles and the scripts are the feed Makefile's, so opkg and the SDK build agree.
