@@ -619,3 +619,35 @@ fn only_forwards_that_carried_flows_have_their_flows_closed() {
         assert_eq!(kernel_diff(&without), Change::Nothing);
     });
 }
+
+/// Someone flushing the ruleset right after a rebuild, before it is read back, is their
+/// change, not a rebuild that does not hold: no backoff, and the next apply (the monitor
+/// reports the flush) builds the table again at once.
+#[test]
+fn a_flush_right_after_a_rebuild_is_not_a_rebuild_that_fails() {
+    let ns = Netns::new("k17");
+    ns.enter(|| {
+        let desired = ruleset(many(5));
+        let mut engine = Engine::new(Recording {
+            after_run: Some(|| {
+                run("nft", &["flush", "ruleset"]);
+            }),
+            ..Recording::default()
+        });
+        let applied = engine.apply(desired.clone()).unwrap();
+        assert!(applied.rebuilt.is_some());
+        // The engine does not claim the flush's generation as its own: the monitor's report
+        // of it makes the daemon read and rebuild.
+        let now = Nfnl::open().unwrap().generation().unwrap();
+        assert!(!engine.knows(now));
+        engine.forget();
+        for _ in 0..3 {
+            assert!(engine.apply(desired.clone()).unwrap().rebuilt.is_some());
+            engine.forget();
+        }
+        engine.firewall().after_run = None;
+        engine.apply(desired.clone()).unwrap();
+        assert_eq!(kernel_diff(&desired), Change::Nothing);
+        assert_eq!(engine.firewall().runs.len(), 5);
+    });
+}

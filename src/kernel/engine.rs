@@ -380,12 +380,25 @@ impl<F: Firewall> Engine<F> {
         let transaction = desired
             .transaction(&rebuild)
             .expect("a rebuild has a transaction");
+        let before = self.firewall.generation()?;
         self.firewall.run(&transaction)?;
         let (table, generation) = self.read_at(&desired.config)?;
         match desired.diff(table.as_ref()) {
             Change::Nothing => {
                 self.rebuilds.converged();
                 self.generation = Some(generation);
+                Ok(self.report(desired, delta, Some(reason), previous, &BTreeSet::new()))
+            }
+            other if generation.wrapping_sub(before) != 1 => {
+                // Someone else committed between the rebuild and its read-back (a second
+                // `nft flush ruleset`): the difference may be theirs, not a rebuild that does
+                // not hold. The rebuild counts as done; with the generation unknown, the
+                // monitor's report of that commit has the table read again.
+                tracing::debug!(
+                    difference = %describe(&other),
+                    "the table changed again right after the rebuild"
+                );
+                self.generation = None;
                 Ok(self.report(desired, delta, Some(reason), previous, &BTreeSet::new()))
             }
             other => {

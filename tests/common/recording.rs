@@ -19,6 +19,8 @@ pub struct Recording {
     pub closing_times: Vec<Duration>,
     /// Applied to every table read, to make the kernel seem to hold something else.
     pub tamper: Option<fn(&mut TableDump)>,
+    /// Run right after each nft transaction, as another program would.
+    pub after_run: Option<fn()>,
 }
 
 impl Default for Recording {
@@ -31,6 +33,7 @@ impl Default for Recording {
             closings: Vec::new(),
             closing_times: Vec::new(),
             tamper: None,
+            after_run: None,
         }
     }
 }
@@ -63,7 +66,11 @@ impl Firewall for Recording {
 
     fn run(&mut self, transaction: &str) -> Result<(), KernelError> {
         self.runs.push(transaction.to_owned());
-        self.inner.run(transaction)
+        let result = self.inner.run(transaction);
+        if let Some(after_run) = self.after_run {
+            after_run();
+        }
+        result
     }
 
     fn close_flows(&mut self, keys: &[ForwardKey], mark: u32) -> Result<usize, KernelError> {
