@@ -276,7 +276,7 @@ impl<F: Firewall> Engine<F> {
                         desired,
                         &update,
                         Some(generation),
-                        Previous::Applied(&applied),
+                        &Previous::Applied(&applied),
                     ) {
                         Err(KernelError::Netlink(
                             error @ (NetlinkError::Changed(_) | NetlinkError::Refused { .. }),
@@ -292,6 +292,7 @@ impl<F: Firewall> Engine<F> {
                 }
             }
         }
+        let empty = KernelTable::default();
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -306,10 +307,7 @@ impl<F: Firewall> Engine<F> {
                     return Ok(Applied::default());
                 }
                 Change::Rebuild(reason) => {
-                    let delta = match &table {
-                        Some(table) => desired.delta(table),
-                        None => desired.delta(&KernelTable::default()),
-                    };
+                    let delta = desired.delta(table.as_ref().unwrap_or(&empty));
                     return self.rebuild(desired, reason, &delta, &previous);
                 }
                 Change::Update(update) => {
@@ -324,19 +322,14 @@ impl<F: Firewall> Engine<F> {
                             "the ruleset changed between every read and commit; committing without the generation guard"
                         );
                     }
-                    match self.commit(desired, &update, guard, previous) {
+                    match self.commit(desired, &update, guard, &previous) {
                         Err(KernelError::Netlink(NetlinkError::Changed(_))) => continue,
                         Err(KernelError::Netlink(error @ NetlinkError::Refused { .. })) => {
                             // The table holds what its dump did not show: replace it whole,
                             // still in one transaction.
                             tracing::warn!(%error, "the element update was refused; rebuilding the table");
                             let reason = format!("element update refused: {error}");
-                            let delta = match &table {
-                                Some(table) => desired.delta(table),
-                                None => desired.delta(&KernelTable::default()),
-                            };
-                            let previous =
-                                table.as_ref().map_or(Previous::Nothing, Previous::Kernel);
+                            let delta = desired.delta(table.as_ref().unwrap_or(&empty));
                             return self.rebuild(desired, reason, &delta, &previous);
                         }
                         done => return done,
@@ -353,7 +346,7 @@ impl<F: Firewall> Engine<F> {
         desired: &Ruleset,
         update: &Update,
         generation: Option<u32>,
-        previous: Previous<'_>,
+        previous: &Previous<'_>,
     ) -> Result<Applied, KernelError> {
         let changes = desired.element_changes(update);
         let deleted = self
@@ -362,7 +355,7 @@ impl<F: Firewall> Engine<F> {
         // A guarded batch is one commit right after `generation`; after an unguarded one the
         // generation is not known, and the next apply reads.
         self.generation = generation.map(|g| g.wrapping_add(1));
-        Ok(self.report(desired, update, None, &previous, &idle(&deleted)))
+        Ok(self.report(desired, update, None, previous, &idle(&deleted)))
     }
 
     /// Replaces the whole table, reads it back and checks it holds `desired`.

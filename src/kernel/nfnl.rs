@@ -145,23 +145,42 @@ impl Nfnl {
         self.socket.recv(&mut buffer, 0)
     }
 
-    /// The ruleset's generation now.
-    pub fn generation(&mut self) -> Result<u32, NetlinkError> {
+    /// Sends a request answered by one message (`parse` reads it), followed by an
+    /// acknowledgement when `acked` (the request asked for one), and waits for the end of
+    /// its answer, so nothing of it is left queued. `Ok(None)`: the kernel answered
+    /// `ENOENT`.
+    fn ask<T>(
+        &mut self,
+        request: impl FnOnce(u32) -> Vec<u8>,
+        acked: bool,
+        parse: impl Fn(&Received<'_>) -> Option<T>,
+    ) -> Result<Option<T>, NetlinkError> {
         let seq = self.next_seq();
-        self.send(&wire::get_generation(seq))?;
+        self.send(&request(seq))?;
+        let mut answer = None;
         loop {
             let len = self.receive()?;
             for m in wire::messages(&self.buffer[..len]) {
                 if m.seq != seq {
                     continue;
                 }
-                if let Some(code) = m.error().filter(|c| *c != 0) {
-                    return Err(io::Error::from_raw_os_error(code).into());
+                match m.error() {
+                    Some(0) => return Ok(answer),
+                    Some(ENOENT) => return Ok(None),
+                    Some(code) => return Err(io::Error::from_raw_os_error(code).into()),
+                    None => answer = parse(&m),
                 }
-                return wire::generation_of(&m)
-                    .ok_or(NetlinkError::Malformed { what: "generation" });
+                if !acked {
+                    return Ok(answer);
+                }
             }
         }
+    }
+
+    /// The ruleset's generation now.
+    pub fn generation(&mut self) -> Result<u32, NetlinkError> {
+        self.ask(wire::get_generation, false, wire::generation_of)?
+            .ok_or(NetlinkError::Malformed { what: "generation" })
     }
 
     /// Sends `changes` to `table` as one batch, valid only at `generation` (when given).
@@ -200,10 +219,15 @@ impl Nfnl {
             let len = self.receive()?;
             let mut failed = None;
             for m in wire::messages(&self.buffer[..len]) {
+                // Only answers to this batch's messages count.
+                let answered = m.error_seq().unwrap_or(m.seq);
+                if m.error().is_some() && answered.wrapping_sub(begin) > end.wrapping_sub(begin) {
+                    continue;
+                }
                 match m.error() {
                     Some(0) => acked += 1,
                     Some(code) => {
-                        failed = Some((code, m.error_seq().unwrap_or(m.seq)));
+                        failed = Some((code, answered));
                         break;
                     }
                     None if m.kind == deleted_kind && ours(&m, table) => {
@@ -331,24 +355,8 @@ impl Nfnl {
 
     fn read_once(&mut self, table: &str, wanted: &[&str]) -> Result<Read, NetlinkError> {
         // The table itself: a missing one answers ENOENT.
-        let seq = self.next_seq();
-        self.send(&wire::get_table(seq, table))?;
-        let mut found = None;
-        while found.is_none() {
-            let len = self.receive()?;
-            for m in wire::messages(&self.buffer[..len]) {
-                if m.seq != seq {
-                    continue;
-                }
-                match m.error() {
-                    Some(0) => {}
-                    Some(ENOENT) => found = Some(false),
-                    Some(code) => return Err(io::Error::from_raw_os_error(code).into()),
-                    None => found = Some(true),
-                }
-            }
-        }
-        if found == Some(false) {
+        let found = self.ask(|seq| wire::get_table(seq, table), true, |_| Some(()))?;
+        if found.is_none() {
             return Ok(Read::Missing);
         }
         let Some(sets) = self.dump_all(
