@@ -12,7 +12,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::{Netns, TempDir, Topology};
-use kube_port_forward::core::model::{Family, Forward, ForwardKey, Owner, Protocol, Target};
+use kube_port_forward::core::model::{Family, Forward, ForwardKey, Owner, Protocol};
 use kube_port_forward::kernel::{DEFAULT_TABLE, Ruleset, TableConfig};
 use kube_port_forward::kernel::{Engine, Kernel, NftCli};
 
@@ -50,10 +50,9 @@ fn map_ruleset(n: usize) -> Ruleset {
         };
         let forward = Forward {
             key,
-            target: Target {
-                addr: addr.parse().unwrap(),
-                port: port_to,
-            },
+            backends: vec![addr.parse().unwrap()],
+            port: port_to,
+            down: Vec::new(),
             owner: Owner {
                 namespace: "bench".into(),
                 name,

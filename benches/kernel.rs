@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::Netns;
 use common::recording::Recording;
-use kube_port_forward::core::model::{Family, Forward, ForwardKey, Owner, Protocol, Target};
+use kube_port_forward::core::model::{Family, Forward, ForwardKey, Owner, Protocol};
 use kube_port_forward::kernel::{DEFAULT_TABLE, Ruleset, TableConfig};
 use kube_port_forward::kernel::{Engine, Firewall, Kernel, NftCli};
 
@@ -30,12 +30,13 @@ fn ruleset(n: usize) -> Ruleset {
             };
             let forward = Forward {
                 key,
-                target: Target {
-                    addr: format!("10.{}.{}.{}", i / 62_500, (i / 250) % 250, i % 250 + 1)
+                backends: vec![
+                    format!("10.{}.{}.{}", i / 62_500, (i / 250) % 250, i % 250 + 1)
                         .parse()
                         .unwrap(),
-                    port: 8080,
-                },
+                ],
+                port: 8080,
+                down: Vec::new(),
                 owner: Owner {
                     namespace: format!("ns-{}", i % 50),
                     name: format!("svc-{}", i / 2),
@@ -103,7 +104,7 @@ fn one_change(n: usize, rounds: usize) -> [(f64, f64, f64); 4] {
         let mut flows = Vec::new();
         for _ in 0..rounds {
             let start = Instant::now();
-            timed.inner.close_flows(&[key], 0x0020_0000).unwrap();
+            timed.inner.close_flows(&[(key, None)], 0x0020_0000).unwrap();
             flows.push(start.elapsed());
         }
         assert_eq!(commits.len(), 2 * rounds);

@@ -93,7 +93,7 @@ fn main() {
             let Change::Update(update) = changed.diff_applied(&desired) else {
                 panic!("expected an update")
             };
-            assert_eq!(update.add.len(), 2);
+            assert_eq!(update.add_addrs.len(), 2);
         },
     );
     measure("build the transaction for one changed Service", 11, || {

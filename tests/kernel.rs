@@ -8,7 +8,7 @@ use std::net::IpAddr;
 
 use common::recording::Recording;
 use common::*;
-use kube_port_forward::core::model::{Family, Forward, ForwardKey, Owner, Protocol, Target};
+use kube_port_forward::core::model::{Family, Forward, ForwardKey, Owner, Protocol};
 use kube_port_forward::kernel::nfnl::Nfnl;
 use kube_port_forward::kernel::wire::{self, Elem, Op, SetChange};
 use kube_port_forward::kernel::{Change, DEFAULT_TABLE, Ruleset, TableConfig};
@@ -30,10 +30,14 @@ fn forward(port: u16, target: &str) -> Forward {
             },
             external_port: port,
         },
-        target: Target {
-            addr,
-            port: 8000 + port % 1000,
+        // Every seventh forward has three backends, spread over the bucket maps.
+        backends: if port.is_multiple_of(7) {
+            (0..3u8).map(|i| next_addr(addr, i)).collect()
+        } else {
+            vec![addr]
         },
+        port: 8000 + port % 1000,
+        down: Vec::new(),
         owner: Owner {
             namespace: "ns".into(),
             name: format!("svc-{port}"),
@@ -50,6 +54,22 @@ fn forward(port: u16, target: &str) -> Forward {
             (0, IpAddr::V6(_)) => vec!["fd00::/8".parse().unwrap()],
             _ => Vec::new(),
         },
+    }
+}
+
+/// `addr` plus `i` in its last byte: the other backends of a forward.
+fn next_addr(addr: IpAddr, i: u8) -> IpAddr {
+    match addr {
+        IpAddr::V4(a) => {
+            let mut o = a.octets();
+            o[3] = o[3].wrapping_add(i);
+            IpAddr::from(o)
+        }
+        IpAddr::V6(a) => {
+            let mut o = a.octets();
+            o[15] = o[15].wrapping_add(i);
+            IpAddr::from(o)
+        }
     }
 }
 
@@ -126,7 +146,7 @@ fn one_change_among_many_sends_only_that_change() {
         let mut engine = Engine::new(Recording::default());
         engine.apply(ruleset(forwards.clone())).unwrap();
         let mut changed = forwards.clone();
-        changed[150].target.port = 9999;
+        changed[150].port = 9999;
         let desired = ruleset(changed);
         let applied = engine.apply(desired.clone()).unwrap();
         assert!(applied.rebuilt.is_none());
@@ -135,7 +155,7 @@ fn one_change_among_many_sends_only_that_change() {
             vec![desired.forwards[&forwards[150].key].clone()]
         );
         assert!(applied.removed.is_empty());
-        // One batch: delete and add in both maps of one family, one element each.
+        // One batch: the port element of one forward replaced, nothing else.
         let sent = engine.firewall().commits.last().unwrap().clone();
         let sets: Vec<(&str, Op, usize)> =
             sent.iter().map(|c| (c.set, c.op, c.elems.len())).collect();
@@ -144,23 +164,43 @@ fn one_change_among_many_sends_only_that_change() {
         } else {
             "ipv6"
         };
-        let addr = format!("fwd_{family}_addr");
         let port = format!("fwd_{family}_port");
         assert_eq!(
             sets,
-            vec![
-                (addr.as_str(), Op::Delete, 1),
-                (port.as_str(), Op::Delete, 1),
-                (addr.as_str(), Op::Add, 1),
-                (port.as_str(), Op::Add, 1),
-            ]
+            vec![(port.as_str(), Op::Delete, 1), (port.as_str(), Op::Add, 1)]
+        );
+        // A backend of a forward with three going down: its four buckets change, and the
+        // down set records it.
+        let mut down = desired.clone();
+        let several = down
+            .forwards
+            .values_mut()
+            .find(|f| f.backends.len() == 3)
+            .unwrap();
+        several.down = vec![several.backends[1]];
+        let family = if several.key.family == Family::Ipv4 {
+            "ipv4"
+        } else {
+            "ipv6"
+        };
+        engine.apply(down.clone()).unwrap();
+        let sent = engine.firewall().commits.last().unwrap().clone();
+        let picks: usize = sent
+            .iter()
+            .filter(|c| c.set.starts_with("pick_") && c.op == Op::Add)
+            .map(|c| c.elems.len())
+            .sum();
+        assert_eq!(picks, 4);
+        assert!(
+            sent.iter()
+                .any(|c| c.set == format!("down_{family}") && c.op == Op::Add)
         );
         assert_eq!(
             engine.firewall().runs.len(),
             1,
             "only the first apply ran nft"
         );
-        assert_eq!(kernel_diff(&desired), Change::Nothing);
+        assert_eq!(kernel_diff(&down), Change::Nothing);
     });
 }
 
@@ -357,11 +397,21 @@ fn nft_lists_what_netlink_wrote() {
             Family::Ipv6 => "ipv6",
         };
         let key = serde_json::json!({"concat": [forward.key.protocol.nft_name(), forward.key.external_port]});
+        if let Some(buckets) = forward.buckets() {
+            for (bucket, backend) in buckets.iter().enumerate() {
+                let pick = set(&format!("pick_{family}_{bucket}"))
+                    .into_iter()
+                    .find(|e| e[0] == key || e[0]["elem"]["val"] == key)
+                    .unwrap_or_else(|| panic!("{key} in bucket {bucket}: {listing}"));
+                assert_eq!(pick[1], backend.to_string());
+            }
+            continue;
+        }
         let addr = set(&format!("fwd_{family}_addr"))
             .into_iter()
             .find(|e| e[0]["elem"]["val"] == key)
             .unwrap_or_else(|| panic!("{key} in {listing}"));
-        assert_eq!(addr[1], forward.target.addr.to_string());
+        assert_eq!(addr[1], forward.backends[0].to_string());
         assert_eq!(
             addr[0]["elem"]["comment"],
             format!(
@@ -373,7 +423,7 @@ fn nft_lists_what_netlink_wrote() {
             .into_iter()
             .find(|e| e[0]["elem"]["val"] == key)
             .unwrap();
-        assert_eq!(port[1], forward.target.port);
+        assert_eq!(port[1], forward.port);
     }
     let sources = set("src_ipv4");
     assert!(
@@ -525,7 +575,7 @@ fn reads_during_commits_are_retried_until_consistent() {
         for step in 0..20 {
             let mut changed = desired.clone();
             let key = *changed.forwards.keys().nth(step * 7).unwrap();
-            changed.forwards.get_mut(&key).unwrap().target.port = 7000 + step as u16;
+            changed.forwards.get_mut(&key).unwrap().port = 7000 + step as u16;
             let applied = engine.apply(changed.clone()).unwrap();
             assert_eq!(applied.rebuilt, None);
             assert_eq!(kernel_diff(&changed), Change::Nothing);
@@ -613,7 +663,7 @@ fn only_forwards_that_carried_flows_have_their_flows_closed() {
             .last()
             .unwrap()
             .iter()
-            .map(|k| k.external_port)
+            .map(|(k, _)| k.external_port)
             .collect();
         assert_eq!(closing, vec![used]);
         assert_eq!(kernel_diff(&without), Change::Nothing);

@@ -4,7 +4,7 @@
 use serde::Serialize;
 
 use crate::cli::manifest::Manifests;
-use crate::core::model::ForwardKey;
+use crate::core::model::{ForwardKey, targets_text};
 use crate::core::plan::{Outcome, Plan, State};
 use crate::kernel::{KernelTable, Ruleset};
 
@@ -24,10 +24,11 @@ pub fn plan_text(plan: &Plan, manifests: &Manifests, ruleset: &Ruleset) -> Strin
                 .key
                 .map(|k| k.to_string())
                 .unwrap_or_else(|| "-".into()),
-            outcome
-                .target
-                .map(|t| t.to_string())
-                .unwrap_or_else(|| "-".into()),
+            if outcome.backends.is_empty() {
+                "-".into()
+            } else {
+                targets_text(outcome.backends.iter().copied())
+            },
             owner_text(outcome),
             outcome.reason.clone().unwrap_or_default(),
         ]);

@@ -10,6 +10,7 @@ use serde_json::json;
 use super::watched::object_ref;
 use super::{Cluster, Key};
 use crate::core::decide::{Store, Summary};
+use crate::core::model::targets_text;
 use crate::core::tracked::Condition;
 use crate::kernel::Applied;
 
@@ -95,7 +96,11 @@ pub fn changes_by_service(
                 .entry((*key).clone())
                 .or_default()
                 .0
-                .push(format!("{} -> {}", forward.key, forward.target));
+                .push(format!(
+                    "{} -> {}",
+                    forward.key,
+                    targets_text(forward.targets())
+                ));
         }
     }
     for removed in &applied.removed {

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::core::model::targets_text;
 use crate::core::plan::{self, Holders, Plan, State};
 use crate::core::policy::Policy;
 use crate::core::tracked::Tracked;
@@ -99,8 +100,10 @@ fn summarize(outcomes: &[&plan::Outcome]) -> Summary {
     );
     let lines: Vec<String> = outcomes
         .iter()
-        .map(|o| match (o.state, o.key, o.target) {
-            (State::Forwarding, Some(key), Some(target)) => format!("{key} -> {target}"),
+        .map(|o| match (o.state, o.key) {
+            (State::Forwarding, Some(key)) => {
+                format!("{key} -> {}", targets_text(o.backends.iter().copied()))
+            }
             _ => format!(
                 "\"{}\": {}",
                 o.entry,

@@ -116,6 +116,14 @@ impl fmt::Display for Target {
     }
 }
 
+/// Targets as one word: `10.0.0.1:80,10.0.0.2:80` (no spaces, for log fields and columns).
+pub fn targets_text(targets: impl Iterator<Item = Target>) -> String {
+    targets
+        .map(|t| t.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// The Service (and which of its ports) a forward belongs to.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct Owner {
@@ -139,13 +147,136 @@ impl fmt::Display for Owner {
     }
 }
 
+/// How many buckets the clients of a forward with several backends are spread over: each
+/// new flow's client address is hashed into one, and each bucket names one backend. 12 is
+/// shared evenly by 1, 2, 3, 4, 6 and 12 backends (k3s clusters of 3 nodes are the usual
+/// case); 5 backends get 3, 3, 2, 2, 2. Fixed, because the hash's modulus is in the rule.
+pub const BUCKETS: usize = 12;
+
 /// One forward the router should carry.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct Forward {
     pub key: ForwardKey,
-    pub target: Target,
+    /// Where new flows go: the Service's addresses of this family, sorted, at least one.
+    pub backends: Vec<IpAddr>,
+    /// The port on every backend.
+    pub port: u16,
+    /// Backends a health check holds down, sorted: left out of the choice, unless every
+    /// backend is down (a probe's word never blackholes a forward).
+    pub down: Vec<IpAddr>,
     pub owner: Owner,
     /// Clients allowed to use it (`spec.loadBalancerSourceRanges` of its family), sorted,
     /// canonical; empty: every client.
     pub sources: Vec<IpNet>,
+}
+
+impl Forward {
+    /// The backends new flows may go to: those not down, or all when every one is.
+    pub fn choice(&self) -> Vec<IpAddr> {
+        let up: Vec<IpAddr> = self
+            .backends
+            .iter()
+            .filter(|b| !self.down.contains(b))
+            .copied()
+            .collect();
+        if up.is_empty() {
+            self.backends.clone()
+        } else {
+            up
+        }
+    }
+
+    /// The backends as `address:port`.
+    pub fn targets(&self) -> impl Iterator<Item = Target> + '_ {
+        self.backends.iter().map(|&addr| Target {
+            addr,
+            port: self.port,
+        })
+    }
+
+    /// The backend of each bucket, for a forward with several backends (`None`: one backend,
+    /// no choice to make). Bucket `i` belongs to backend `i mod n`; the buckets of backends
+    /// out of the choice go round the others in turn. So a backend going down moves only its
+    /// own clients, and the clients of the others stay where their sessions are.
+    pub fn buckets(&self) -> Option<[IpAddr; BUCKETS]> {
+        if self.backends.len() < 2 {
+            return None;
+        }
+        let choice = self.choice();
+        let mut moved = 0;
+        Some(std::array::from_fn(|bucket| {
+            let base = self.backends[bucket % self.backends.len()];
+            if choice.contains(&base) {
+                base
+            } else {
+                moved += 1;
+                choice[(moved - 1) % choice.len()]
+            }
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn forward(backends: &[&str], down: &[&str]) -> Forward {
+        Forward {
+            key: ForwardKey {
+                family: Family::Ipv4,
+                protocol: Protocol::Tcp,
+                external_port: 80,
+            },
+            backends: backends.iter().map(|b| b.parse().unwrap()).collect(),
+            port: 80,
+            down: down.iter().map(|b| b.parse().unwrap()).collect(),
+            owner: Owner {
+                namespace: "ns".into(),
+                name: "web".into(),
+                uid: None,
+                service_port: "http".into(),
+            },
+            sources: Vec::new(),
+        }
+    }
+
+    fn count(buckets: &[IpAddr; BUCKETS], addr: &str) -> usize {
+        let addr: IpAddr = addr.parse().unwrap();
+        buckets.iter().filter(|b| **b == addr).count()
+    }
+
+    #[test]
+    fn one_backend_has_no_buckets() {
+        assert_eq!(forward(&["10.0.0.1"], &[]).buckets(), None);
+        assert_eq!(forward(&["10.0.0.1"], &["10.0.0.1"]).choice().len(), 1);
+    }
+
+    #[test]
+    fn buckets_are_shared_evenly_and_a_down_backend_moves_only_its_own() {
+        let all = forward(&["10.0.0.1", "10.0.0.2", "10.0.0.3"], &[]);
+        let before = all.buckets().unwrap();
+        for addr in ["10.0.0.1", "10.0.0.2", "10.0.0.3"] {
+            assert_eq!(count(&before, addr), 4);
+        }
+        let one_down = forward(&["10.0.0.1", "10.0.0.2", "10.0.0.3"], &["10.0.0.2"]);
+        let after = one_down.buckets().unwrap();
+        assert_eq!(count(&after, "10.0.0.2"), 0);
+        assert_eq!(count(&after, "10.0.0.1"), 6);
+        assert_eq!(count(&after, "10.0.0.3"), 6);
+        let down: IpAddr = "10.0.0.2".parse().unwrap();
+        for (b, a) in before.iter().zip(after) {
+            if *b != down {
+                assert_eq!(*b, a, "a client of a healthy backend moved");
+            }
+        }
+    }
+
+    #[test]
+    fn every_backend_down_keeps_them_all() {
+        let f = forward(&["10.0.0.1", "10.0.0.2"], &["10.0.0.1", "10.0.0.2"]);
+        assert_eq!(f.choice().len(), 2);
+        let buckets = f.buckets().unwrap();
+        assert_eq!(count(&buckets, "10.0.0.1"), 6);
+        assert_eq!(count(&buckets, "10.0.0.2"), 6);
+    }
 }

@@ -41,7 +41,8 @@ pub struct Outcome {
     /// The annotation entry as written, or the field at fault for a Service-wide refusal.
     pub entry: String,
     pub key: Option<ForwardKey>,
-    pub target: Option<Target>,
+    /// Where the forward goes: every backend of its family, each as `address:port`.
+    pub backends: Vec<Target>,
     pub service_port: Option<String>,
     pub state: State,
     pub reason: Option<String>,
@@ -77,9 +78,10 @@ struct Candidate<'a> {
     rank: Rank<'a>,
     outcome: usize,
     key: ForwardKey,
-    target: Target,
+    backends: Vec<IpAddr>,
+    port: u16,
     service: &'a Service,
-    port: &'a ServicePort,
+    port_ref: &'a ServicePort,
     sources: Vec<IpNet>,
 }
 
@@ -142,8 +144,10 @@ pub fn plan_held<'a>(
                 }
                 let forward = Forward {
                     key: candidate.key,
-                    target: candidate.target,
-                    owner: owner(candidate.service, candidate.port),
+                    backends: candidate.backends,
+                    port: candidate.port,
+                    down: Vec::new(),
+                    owner: owner(candidate.service, candidate.port_ref),
                     sources: candidate.sources,
                 };
                 forwards.insert(candidate.key, forward);
@@ -181,7 +185,7 @@ fn resolve_service<'a>(
         name: printable(&service.name),
         entry: entry.to_owned(),
         key: None,
-        target: None,
+        backends: Vec::new(),
         service_port: None,
         state,
         reason,
@@ -283,14 +287,24 @@ fn resolve_service<'a>(
                 outcomes.push(described(State::Waiting, Some(reason.into())));
                 continue;
             }
-            for &addr in &targets {
-                let family = Family::of(addr);
+            for family in [Family::Ipv4, Family::Ipv6] {
+                let backends: Vec<IpAddr> = targets
+                    .iter()
+                    .filter(|a| Family::of(**a) == family)
+                    .copied()
+                    .collect();
+                if backends.is_empty() {
+                    continue;
+                }
                 let key = ForwardKey {
                     family,
                     protocol,
                     external_port,
                 };
-                let target = Target { addr, port: number };
+                let shown: Vec<Target> = backends
+                    .iter()
+                    .map(|&addr| Target { addr, port: number })
+                    .collect();
                 let family_sources: Vec<IpNet> = sources
                     .iter()
                     .filter(|net| Family::of(net.addr()) == family)
@@ -301,7 +315,7 @@ fn resolve_service<'a>(
                     // connect, so nothing is opened for it.
                     outcomes.push(Outcome {
                         key: Some(key),
-                        target: Some(target),
+                        backends: shown,
                         ..described(
                             State::Refused,
                             Some(format!(
@@ -316,13 +330,14 @@ fn resolve_service<'a>(
                     rank,
                     outcome: outcomes.len(),
                     key,
-                    target,
+                    backends,
+                    port: number,
                     service,
-                    port,
+                    port_ref: port,
                 });
                 outcomes.push(Outcome {
                     key: Some(key),
-                    target: Some(target),
+                    backends: shown,
                     ..described(State::Forwarding, None)
                 });
             }
@@ -391,8 +406,9 @@ fn source_ranges(service: &Service) -> Result<Vec<IpNet>, (String, String)> {
 /// field and the reason.
 type Targets = (Vec<IpAddr>, Vec<(String, String)>);
 
-/// The addresses to forward to: the first IPv4 and first IPv6 of the LoadBalancer ingress,
-/// else, where the policy allows it, of `spec.externalIPs`; each checked against the policy.
+/// The addresses to forward to: every address of the LoadBalancer ingress, else, where the
+/// policy allows it, of `spec.externalIPs`; each checked against the policy on its own, so
+/// a refused one is reported and the others serve. Sorted, without repeats.
 fn targets(service: &Service, policy: &Policy) -> Result<Targets, (String, String)> {
     if service.ingress_ips.is_empty() && !service.external_ips.is_empty() && !policy.external_ips {
         // Anyone who may create a Service may write any address here (CVE-2020-8554): no
@@ -405,8 +421,8 @@ fn targets(service: &Service, policy: &Policy) -> Result<Targets, (String, Strin
     } else {
         ("status.loadBalancer.ingress", &service.ingress_ips)
     };
-    let mut v4 = None;
-    let mut v6 = None;
+    let mut allowed = Vec::new();
+    let mut refused = Vec::new();
     for (index, text) in list.iter().enumerate() {
         let field = if field == "spec.externalIPs" {
             format!("{field}[{index}]")
@@ -419,20 +435,13 @@ fn targets(service: &Service, policy: &Policy) -> Result<Targets, (String, Strin
                 format!("\"{}\" is not an IP address", printable(text)),
             )
         })?;
-        let slot = match addr {
-            IpAddr::V4(_) => &mut v4,
-            IpAddr::V6(_) => &mut v6,
-        };
-        slot.get_or_insert((field, addr));
-    }
-    let mut allowed = Vec::new();
-    let mut refused = Vec::new();
-    for (field, addr) in v4.into_iter().chain(v6) {
         match policy.check_target(addr) {
             Ok(()) => allowed.push(addr),
             Err(reason) => refused.push((field, reason)),
         }
     }
+    allowed.sort_unstable();
+    allowed.dedup();
     Ok((allowed, refused))
 }
 
@@ -560,7 +569,7 @@ mod tests {
         );
         assert_eq!(plan.count(State::Forwarding), 4);
         let fwd = &plan.forwards[&key(8080, Protocol::Tcp)];
-        assert_eq!(fwd.target.port, 80);
+        assert_eq!(fwd.port, 80);
         assert!(plan.forwards.contains_key(&key(53, Protocol::Udp)));
         assert!(plan.forwards.contains_key(&key(53, Protocol::Tcp)));
         assert_eq!(
@@ -677,9 +686,10 @@ mod tests {
     }
 
     #[test]
-    fn dual_stack_forwards_each_family() {
-        let mut s = svc("a", "web", "http", "10.0.0.1");
+    fn dual_stack_forwards_each_family_to_every_address() {
+        let mut s = svc("a", "web", "http", "10.0.0.9");
         s.ingress_ips.push("fd00::1".into());
+        s.ingress_ips.push("10.0.0.1".into());
         s.ingress_ips.push("10.0.0.9".into());
         let plan = plan([&s], &Policy::default());
         assert_eq!(plan.forwards.len(), 2);
@@ -687,14 +697,26 @@ mod tests {
             family: Family::Ipv6,
             ..key(80, Protocol::Tcp)
         };
-        assert_eq!(plan.forwards[&v6].target.addr.to_string(), "fd00::1");
+        let text = |f: &Forward| -> Vec<String> { f.backends.iter().map(|a| a.to_string()).collect() };
+        assert_eq!(text(&plan.forwards[&v6]), ["fd00::1"]);
         assert_eq!(
-            plan.forwards[&key(80, Protocol::Tcp)]
-                .target
-                .addr
-                .to_string(),
-            "10.0.0.1"
+            text(&plan.forwards[&key(80, Protocol::Tcp)]),
+            ["10.0.0.1", "10.0.0.9"]
         );
+    }
+
+    #[test]
+    fn a_refused_backend_is_reported_and_the_others_serve() {
+        let mut s = svc("a", "web", "http", "10.0.0.1");
+        s.ingress_ips.push("8.8.8.8".into());
+        s.ingress_ips.push("10.0.0.2".into());
+        let plan = plan([&s], &Policy::default());
+        assert_eq!(plan.count(State::Refused), 1);
+        let refused = plan.outcomes.iter().find(|o| o.state == State::Refused).unwrap();
+        assert_eq!(refused.entry, "status.loadBalancer.ingress[1].ip");
+        let forward = &plan.forwards[&key(80, Protocol::Tcp)];
+        assert_eq!(forward.backends.len(), 2);
+        assert!(!forward.backends.contains(&"8.8.8.8".parse().unwrap()));
     }
 
     #[test]

@@ -7,15 +7,17 @@ use std::collections::HashSet;
 use std::net::IpAddr;
 
 use nftables::expr::{BinaryOperation, CT, Map as MapExpr, Payload, PayloadField};
-use nftables::expr::{Elem, Expression, Fib, FibFlag, FibResult, Meta, MetaKey, NamedExpression};
+use nftables::expr::{Elem, Expression, Fib, FibFlag, FibResult, JHash, Meta, MetaKey};
+use nftables::expr::{NamedExpression, SetItem, Verdict};
 use nftables::schema::{self, NfCmd, NfListObject, NfObject, SetType, SetTypeValue};
-use nftables::stmt::{Mangle, Match, NAT, NATFamily, Operator, Statement};
+use nftables::stmt::{JumpTarget, Mangle, Match, NAT, NATFamily, Operator, Statement, VerdictMap};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 
 use super::diff::{Change, Update};
 use super::layout::*;
 use super::wire::{self, Op, SetChange};
-use crate::core::model::{Family, ForwardKey};
+use super::read::KernelTable;
+use crate::core::model::{BUCKETS, Family, ForwardKey};
 
 impl Ruleset {
     /// The nft JSON transaction for a change. `None` for [`Change::Nothing`].
@@ -107,7 +109,7 @@ impl Ruleset {
         }))
     }
 
-    pub(super) fn rule(&self, family: Family, who: Who, side: Side) -> NfListObject<'_> {
+    pub(super) fn rule(&self, family: Family, who: Who, side: Side, pick: Pick) -> NfListObject<'_> {
         let mut expr = Vec::new();
         let iifname = || {
             Expression::Named(NamedExpression::Meta(Meta {
@@ -184,15 +186,30 @@ impl Ruleset {
                 Expression::Number(self.config.mark_of(side)),
             ]))),
         }));
-        expr.push(Statement::DNAT(Some(NAT {
-            addr: Some(map_lookup(addr_map(family))),
-            family: Some(match family {
-                Family::Ipv4 => NATFamily::IP,
-                Family::Ipv6 => NATFamily::IP6,
+        expr.push(match pick {
+            Pick::Single => dnat(family, addr_map(family)),
+            // `jhash ip saddr mod 12 vmap { 0 : goto bucket_ipv4_0, ... }`
+            Pick::Hash => Statement::VerdictMap(VerdictMap {
+                key: Expression::Named(NamedExpression::JHash(JHash {
+                    hash_mod: BUCKETS as u32,
+                    offset: None,
+                    expr: Box::new(payload(nat_proto(family), "saddr")),
+                    seed: None,
+                })),
+                data: Expression::Named(NamedExpression::Set(
+                    (0..BUCKETS)
+                        .map(|bucket| {
+                            SetItem::Mapping(
+                                Expression::Number(bucket as u32),
+                                Expression::Verdict(Verdict::Goto(JumpTarget {
+                                    target: Cow::Borrowed(bucket_chain(family, bucket)),
+                                })),
+                            )
+                        })
+                        .collect(),
+                )),
             }),
-            port: Some(map_lookup(port_map(family))),
-            flags: None,
-        })));
+        });
         NfListObject::Rule(schema::Rule {
             family: NfFamily::INet,
             table: Cow::Borrowed(&self.config.table),
@@ -200,7 +217,36 @@ impl Ruleset {
             expr: Cow::Owned(expr),
             handle: None,
             index: None,
-            comment: Some(Cow::Owned(self.config.rule_comment(family, who, side))),
+            comment: Some(Cow::Owned(self.config.rule_comment(family, who, side, pick))),
+        })
+    }
+
+    /// The rule of a bucket chain: DNAT by the bucket's map.
+    pub(super) fn bucket_rule(&self, family: Family, bucket: usize) -> NfListObject<'_> {
+        NfListObject::Rule(schema::Rule {
+            family: NfFamily::INet,
+            table: Cow::Borrowed(&self.config.table),
+            chain: Cow::Borrowed(bucket_chain(family, bucket)),
+            expr: Cow::Owned(vec![dnat(family, pick_map(family, bucket))]),
+            handle: None,
+            index: None,
+            comment: Some(Cow::Owned(bucket_comment(family, bucket))),
+        })
+    }
+
+    /// A regular chain, the target of a `goto`.
+    pub(super) fn plain_chain(&self, name: &'static str) -> NfListObject<'_> {
+        NfListObject::Chain(schema::Chain {
+            family: NfFamily::INet,
+            table: Cow::Borrowed(&self.config.table),
+            name: Cow::Borrowed(name),
+            newname: None,
+            handle: None,
+            _type: None,
+            hook: None,
+            prio: None,
+            dev: None,
+            policy: None,
         })
     }
 
@@ -285,25 +331,36 @@ impl Ruleset {
             cmds.push(NfCmd::Add(
                 self.map_decl(port_map(family), SetType::InetService),
             ));
+            for bucket in 0..BUCKETS {
+                cmds.push(NfCmd::Add(
+                    self.map_decl(pick_map(family, bucket), addr_type(family)),
+                ));
+            }
+            let down = vec![SetType::InetProto, SetType::InetService, addr_type(family)];
+            let down = SetTypeValue::Concatenated(Cow::Owned(down));
+            cmds.push(NfCmd::Add(self.set_of(down_set(family), down, None)));
         }
         cmds.push(NfCmd::Add(self.chain()));
         if self.config.reflects() {
             cmds.push(NfCmd::Add(self.reflect_chain()));
         }
-        for (family, who, side) in self.config.rules() {
-            cmds.push(NfCmd::Add(self.rule(family, who, side)));
+        for family in FAMILIES {
+            for bucket in 0..BUCKETS {
+                cmds.push(NfCmd::Add(self.plain_chain(bucket_chain(family, bucket))));
+            }
+        }
+        for (family, who, side, pick) in self.config.rules() {
+            cmds.push(NfCmd::Add(self.rule(family, who, side, pick)));
         }
         if self.config.reflects() {
             cmds.push(NfCmd::Add(self.reflect_rule()));
         }
-        let all = Update {
-            add: self.forwards.keys().copied().collect(),
-            add_sources: self.forwards.values().flat_map(sources_of).collect(),
-            add_open: self.forwards.values().filter_map(open_of).collect(),
-            add_interfaces: self.config.wan_interfaces.iter().cloned().collect(),
-            add_addresses: self.config.wan_addresses.iter().copied().collect(),
-            ..Update::default()
-        };
+        for family in FAMILIES {
+            for bucket in 0..BUCKETS {
+                cmds.push(NfCmd::Add(self.bucket_rule(family, bucket)));
+            }
+        }
+        let all = self.delta(&KernelTable::default());
         cmds.extend(self.update_commands(&all));
         cmds
     }
@@ -347,14 +404,38 @@ impl Ruleset {
                     let forward = &self.forwards[key];
                     let target = match value {
                         Value::Addr => {
-                            Expression::String(Cow::Owned(forward.target.addr.to_string()))
+                            Expression::String(Cow::Owned(forward.backends[0].to_string()))
                         }
-                        Value::Port => Expression::Number(u32::from(forward.target.port)),
+                        Value::Port => Expression::Number(u32::from(forward.port)),
                     };
                     Expression::List(vec![elem(key, Some(owner_comment(forward))), target])
                 })
                 .collect(),
+            Items::Picks(family, bucket, picks, with_value) => of_pick(picks, family, bucket)
+                .map(|key| match with_value {
+                    false => elem(key, None),
+                    true => Expression::List(vec![
+                        elem(key, None),
+                        Expression::String(Cow::Owned(self.pick(key, bucket).to_string())),
+                    ]),
+                })
+                .collect(),
+            Items::Down(family, down) => of_family(down, family, |d| d.0.family)
+                .map(|(key, addr)| {
+                    Expression::Named(NamedExpression::Concat(vec![
+                        Expression::String(Cow::Borrowed(key.protocol.nft_name())),
+                        Expression::Number(u32::from(key.external_port)),
+                        Expression::String(Cow::Owned(addr.to_string())),
+                    ]))
+                })
+                .collect(),
         }
+    }
+
+    /// The backend of bucket `bucket` of the desired forward `key`.
+    fn pick(&self, key: &ForwardKey, bucket: usize) -> IpAddr {
+        let forward = &self.forwards[key];
+        forward.buckets().map_or(forward.backends[0], |b| b[bucket])
     }
 
     /// The element changes of an update, for the netlink batch: the same sets in the same
@@ -389,12 +470,21 @@ impl Ruleset {
             Items::Keys(family, keys) => of_family(keys, family, |k| k.family)
                 .map(|k| wire::Elem::key(key(k)))
                 .collect(),
+            Items::Picks(family, bucket, picks, with_value) => of_pick(picks, family, bucket)
+                .map(|k| wire::Elem {
+                    data: with_value.then(|| wire::addr(self.pick(k, bucket))),
+                    ..wire::Elem::key(key(k))
+                })
+                .collect(),
+            Items::Down(family, down) => of_family(down, family, |d| d.0.family)
+                .map(|(k, addr)| wire::Elem::key([key(k).to_vec(), wire::addr(*addr)].concat()))
+                .collect(),
             Items::Targets(family, keys, value) => of_family(keys, family, |k| k.family)
                 .map(|k| {
                     let forward = &self.forwards[k];
                     let data = match value {
-                        Value::Addr => wire::addr(forward.target.addr),
-                        Value::Port => forward.target.port.to_be_bytes().to_vec(),
+                        Value::Addr => wire::addr(forward.backends[0]),
+                        Value::Port => forward.port.to_be_bytes().to_vec(),
                     };
                     wire::Elem {
                         data: Some(data),
@@ -415,6 +505,20 @@ enum Items<'u> {
     Keys(Family, &'u [ForwardKey]),
     /// The desired forwards of these keys, as address or port map elements.
     Targets(Family, &'u [ForwardKey], Value),
+    /// The elements of one bucket's map among these, with their backend when adding.
+    Picks(Family, usize, &'u [PickElem], bool),
+    Down(Family, &'u [Down]),
+}
+
+fn of_pick(
+    picks: &[PickElem],
+    family: Family,
+    bucket: usize,
+) -> impl Iterator<Item = &ForwardKey> + '_ {
+    picks
+        .iter()
+        .filter(move |(key, b)| key.family == family && *b == bucket)
+        .map(|(key, _)| key)
 }
 
 #[derive(Clone, Copy)]
@@ -449,6 +553,18 @@ impl Update {
                 Items::Sources(family, &self.delete_sources),
             ));
             deletes.push((open_set(family), Items::Keys(family, &self.delete_open)));
+            deletes.push((down_set(family), Items::Down(family, &self.delete_down)));
+            for bucket in 0..BUCKETS {
+                deletes.push((
+                    pick_map(family, bucket),
+                    Items::Picks(family, bucket, &self.delete_picks, false),
+                ));
+                adds.push((
+                    pick_map(family, bucket),
+                    Items::Picks(family, bucket, &self.add_picks, true),
+                ));
+            }
+            adds.push((down_set(family), Items::Down(family, &self.add_down)));
             adds.push((
                 wan_set(family),
                 Items::Addresses(family, &self.add_addresses),
@@ -457,11 +573,11 @@ impl Update {
             adds.push((open_set(family), Items::Keys(family, &self.add_open)));
             adds.push((
                 addr_map(family),
-                Items::Targets(family, &self.add, Value::Addr),
+                Items::Targets(family, &self.add_addrs, Value::Addr),
             ));
             adds.push((
                 port_map(family),
-                Items::Targets(family, &self.add, Value::Port),
+                Items::Targets(family, &self.add_ports, Value::Port),
             ));
         }
         let deletes = deletes
@@ -494,6 +610,26 @@ pub(super) fn source_elem(source: &Source) -> Expression<'static> {
         Expression::String(Cow::Borrowed(source.key.protocol.nft_name())),
         Expression::Number(u32::from(source.key.external_port)),
     ]))
+}
+
+/// `dnat ip to meta l4proto . th dport map @addresses : meta l4proto . th dport map @ports`
+fn dnat(family: Family, addresses: &'static str) -> Statement<'static> {
+    Statement::DNAT(Some(NAT {
+        addr: Some(map_lookup(addresses)),
+        family: Some(match family {
+            Family::Ipv4 => NATFamily::IP,
+            Family::Ipv6 => NATFamily::IP6,
+        }),
+        port: Some(map_lookup(port_map(family))),
+        flags: None,
+    }))
+}
+
+fn nat_proto(family: Family) -> &'static str {
+    match family {
+        Family::Ipv4 => "ip",
+        Family::Ipv6 => "ip6",
+    }
 }
 
 /// A map key `proto . port`, with the owner comment when adding.
@@ -566,7 +702,10 @@ pub(super) fn to_json(commands: Vec<NfCmd<'_>>) -> String {
             out.push(',');
         }
         let counted_map = match &command {
-            NfCmd::Add(NfListObject::Map(map)) => FAMILIES.iter().any(|f| map.name == addr_map(*f)),
+            NfCmd::Add(NfListObject::Map(map)) => FAMILIES.iter().any(|f| {
+                map.name == addr_map(*f)
+                    || (0..BUCKETS).any(|bucket| map.name == pick_map(*f, bucket))
+            }),
             _ => false,
         };
         let object = NfObject::CmdObject(command);
@@ -598,12 +737,13 @@ mod tests {
         assert_eq!(cmds[1]["delete"]["table"]["name"], DEFAULT_TABLE);
         let maps: Vec<&serde_json::Value> =
             cmds.iter().filter_map(|c| c["add"].get("map")).collect();
-        assert_eq!(maps.len(), 4);
+        assert_eq!(maps.len(), 4 + 2 * BUCKETS);
         for map in maps {
             let counted = map.get("stmt").is_some();
+            let name = map["name"].as_str().unwrap();
             assert_eq!(
                 counted,
-                map["name"].as_str().unwrap().ends_with("_addr"),
+                name.ends_with("_addr") || name.starts_with("pick_"),
                 "{map}"
             );
         }

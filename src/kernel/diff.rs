@@ -1,12 +1,15 @@
 //! The difference between what the table holds and what it should hold: nothing, a few
 //! elements, or a rebuild of the whole table.
 
+use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use super::layout::*;
 use super::read::KernelTable;
 use crate::core::model::{Forward, ForwardKey};
+#[cfg(test)]
+use crate::core::model::BUCKETS;
 
 /// What the next transaction must do.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -24,8 +27,15 @@ pub enum Change {
 pub struct Update {
     pub delete_addrs: Vec<ForwardKey>,
     pub delete_ports: Vec<ForwardKey>,
-    /// Keys of the desired forwards to (re)add to both maps.
-    pub add: Vec<ForwardKey>,
+    /// Keys of desired forwards with one backend whose address element is (re)added.
+    pub add_addrs: Vec<ForwardKey>,
+    /// Keys of desired forwards whose port element is (re)added.
+    pub add_ports: Vec<ForwardKey>,
+    pub delete_picks: Vec<PickElem>,
+    /// Buckets of desired forwards with several backends to (re)add.
+    pub add_picks: Vec<PickElem>,
+    pub add_down: Vec<Down>,
+    pub delete_down: Vec<Down>,
     pub add_interfaces: Vec<String>,
     pub delete_interfaces: Vec<String>,
     pub add_addresses: Vec<IpAddr>,
@@ -56,7 +66,12 @@ impl Update {
         let parts = [
             ("address elements to delete", self.delete_addrs.len()),
             ("port elements to delete", self.delete_ports.len()),
-            ("forwards to add", self.add.len()),
+            ("address elements to add", self.add_addrs.len()),
+            ("port elements to add", self.add_ports.len()),
+            ("buckets to delete", self.delete_picks.len()),
+            ("buckets to add", self.add_picks.len()),
+            ("down backends to add", self.add_down.len()),
+            ("down backends to delete", self.delete_down.len()),
             ("interfaces to add", self.add_interfaces.len()),
             ("interfaces to delete", self.delete_interfaces.len()),
             ("addresses to add", self.add_addresses.len()),
@@ -71,49 +86,130 @@ impl Update {
             .filter(|(_, n)| *n > 0)
             .map(|(what, n)| format!("{n} {what}"))
             .collect();
-        if let Some(key) = self.add.first().or(self.delete_addrs.first()) {
+        let first = self
+            .add_ports
+            .first()
+            .or(self.delete_ports.first())
+            .or(self.add_picks.first().map(|(k, _)| k))
+            .or(self.delete_picks.first().map(|(k, _)| k));
+        if let Some(key) = first {
             text.push(format!("first: {key}"));
         }
         text.join(", ")
     }
 
-    pub(super) fn remove_forward(&mut self, forward: &Forward) {
-        self.delete_addrs.push(forward.key);
-        self.delete_ports.push(forward.key);
-        self.delete_sources.extend(sources_of(forward));
-        self.delete_open.extend(open_of(forward));
+    /// The keys whose forwarding elements (address, port, buckets) this update adds.
+    pub fn added_keys(&self) -> BTreeSet<ForwardKey> {
+        self.add_addrs
+            .iter()
+            .chain(&self.add_ports)
+            .copied()
+            .chain(self.add_picks.iter().map(|(k, _)| *k))
+            .collect()
     }
 
-    pub(super) fn add_forward(&mut self, forward: &Forward) {
-        self.add.push(forward.key);
-        self.add_sources.extend(sources_of(forward));
-        self.add_open.extend(open_of(forward));
+    /// The keys whose forwarding elements this update deletes.
+    pub fn deleted_keys(&self) -> BTreeSet<ForwardKey> {
+        self.delete_addrs
+            .iter()
+            .chain(&self.delete_ports)
+            .copied()
+            .chain(self.delete_picks.iter().map(|(k, _)| *k))
+            .collect()
+    }
+}
+
+/// Elements of a map whose value or comment differs, or that one side lacks: delete what
+/// the current side has, add what the desired side has.
+fn map_delta<K: Ord + Copy, V: PartialEq>(
+    desired: &BTreeMap<K, V>,
+    current: &BTreeMap<K, V>,
+    delete: &mut Vec<K>,
+    add: &mut Vec<K>,
+) {
+    for (key, value) in desired {
+        match current.get(key) {
+            Some(now) if now == value => {}
+            Some(_) => {
+                delete.push(*key);
+                add.push(*key);
+            }
+            None => add.push(*key),
+        }
+    }
+    delete.extend(current.keys().filter(|k| !desired.contains_key(k)));
+    delete.sort_unstable();
+}
+
+fn set_delta<T: Ord + Clone>(desired: &BTreeSet<T>, current: &BTreeSet<T>) -> (Vec<T>, Vec<T>) {
+    (
+        desired.difference(current).cloned().collect(),
+        current.difference(desired).cloned().collect(),
+    )
+}
+
+impl KernelTable {
+    /// Adds the elements of one forward, as this daemon writes them.
+    pub(super) fn insert_forward(&mut self, forward: &Forward) {
+        let key = forward.key;
+        let comment = Some(owner_comment(forward));
+        match forward.buckets() {
+            None => {
+                self.addrs.insert(
+                    key,
+                    Element {
+                        value: forward.backends[0],
+                        comment: comment.clone(),
+                    },
+                );
+            }
+            Some(buckets) => {
+                for (bucket, addr) in buckets.into_iter().enumerate() {
+                    self.picks.insert((key, bucket), addr);
+                }
+            }
+        }
+        self.ports.insert(
+            key,
+            Element {
+                value: forward.port,
+                comment,
+            },
+        );
+        self.down.extend(forward.down.iter().map(|addr| (key, *addr)));
+        self.sources.extend(sources_of(forward));
+        self.open.extend(open_of(forward));
     }
 
-    pub(super) fn set_wan(
-        &mut self,
-        config: &TableConfig,
-        interfaces: &BTreeSet<String>,
-        addresses: &BTreeSet<IpAddr>,
-    ) {
-        self.add_interfaces = config
-            .wan_interfaces
-            .difference(interfaces)
-            .cloned()
-            .collect();
-        self.delete_interfaces = interfaces
-            .difference(&config.wan_interfaces)
-            .cloned()
-            .collect();
-        self.add_addresses = config
-            .wan_addresses
-            .difference(addresses)
-            .copied()
-            .collect();
-        self.delete_addresses = addresses
-            .difference(&config.wan_addresses)
-            .copied()
-            .collect();
+    /// The update that turns `current` into this table, element by element.
+    fn delta_from(&self, current: &KernelTable) -> Update {
+        let mut update = Update::default();
+        map_delta(
+            &self.addrs,
+            &current.addrs,
+            &mut update.delete_addrs,
+            &mut update.add_addrs,
+        );
+        map_delta(
+            &self.ports,
+            &current.ports,
+            &mut update.delete_ports,
+            &mut update.add_ports,
+        );
+        map_delta(
+            &self.picks,
+            &current.picks,
+            &mut update.delete_picks,
+            &mut update.add_picks,
+        );
+        (update.add_down, update.delete_down) = set_delta(&self.down, &current.down);
+        (update.add_sources, update.delete_sources) = set_delta(&self.sources, &current.sources);
+        (update.add_open, update.delete_open) = set_delta(&self.open, &current.open);
+        (update.add_interfaces, update.delete_interfaces) =
+            set_delta(&self.wan_interfaces, &current.wan_interfaces);
+        (update.add_addresses, update.delete_addresses) =
+            set_delta(&self.wan_addresses, &current.wan_addresses);
+        update
     }
 }
 
@@ -129,24 +225,8 @@ impl Ruleset {
             wan_addresses: self.config.wan_addresses.clone(),
             ..KernelTable::default()
         };
-        for (key, forward) in &self.forwards {
-            let comment = Some(owner_comment(forward));
-            table.addrs.insert(
-                *key,
-                Element {
-                    value: forward.target.addr,
-                    comment: comment.clone(),
-                },
-            );
-            table.ports.insert(
-                *key,
-                Element {
-                    value: forward.target.port,
-                    comment,
-                },
-            );
-            table.sources.extend(sources_of(forward));
-            table.open.extend(open_of(forward));
+        for forward in self.forwards.values() {
+            table.insert_forward(forward);
         }
         table
     }
@@ -170,100 +250,44 @@ impl Ruleset {
 
     /// The elements that differ between `current` and this ruleset, whatever its shape.
     pub fn delta(&self, current: &KernelTable) -> Update {
-        let mut update = Update::default();
-        for (key, forward) in &self.forwards {
-            let comment = Some(owner_comment(forward));
-            let addr = current.addrs.get(key);
-            let port = current.ports.get(key);
-            let addr_same =
-                addr.is_some_and(|a| a.value == forward.target.addr && a.comment == comment);
-            let port_same =
-                port.is_some_and(|p| p.value == forward.target.port && p.comment == comment);
-            if addr_same && port_same {
-                continue;
-            }
-            if addr.is_some() {
-                update.delete_addrs.push(*key);
-            }
-            if port.is_some() {
-                update.delete_ports.push(*key);
-            }
-            update.add.push(*key);
-        }
-        let stale = |key: &&ForwardKey| !self.forwards.contains_key(key);
-        update
-            .delete_addrs
-            .extend(current.addrs.keys().filter(stale));
-        update
-            .delete_ports
-            .extend(current.ports.keys().filter(stale));
-        update.delete_addrs.sort_unstable();
-        update.delete_ports.sort_unstable();
-        let desired: BTreeSet<Source> = self.forwards.values().flat_map(sources_of).collect();
-        update.add_sources = desired.difference(&current.sources).copied().collect();
-        update.delete_sources = current.sources.difference(&desired).copied().collect();
-        let open: BTreeSet<ForwardKey> = self.forwards.values().filter_map(open_of).collect();
-        update.add_open = open.difference(&current.open).copied().collect();
-        update.delete_open = current.open.difference(&open).copied().collect();
-        update.set_wan(
-            &self.config,
-            &current.wan_interfaces,
-            &current.wan_addresses,
-        );
-        update
+        self.as_kernel().delta_from(current)
     }
 
-    /// [`Ruleset::delta`] against a ruleset known to be applied: compares forwards directly,
-    /// with no element built, so its cost is a walk of two sorted maps.
+    /// [`Ruleset::delta`] against a ruleset known to be applied: only the forwards that
+    /// differ are turned into elements, so its cost is a walk of two sorted maps.
     pub fn delta_applied(&self, previous: &Ruleset) -> Update {
-        let mut update = Update::default();
+        let mut before = KernelTable {
+            wan_interfaces: previous.config.wan_interfaces.clone(),
+            wan_addresses: previous.config.wan_addresses.clone(),
+            ..KernelTable::default()
+        };
+        let mut after = KernelTable {
+            wan_interfaces: self.config.wan_interfaces.clone(),
+            wan_addresses: self.config.wan_addresses.clone(),
+            ..KernelTable::default()
+        };
         let mut old = previous.forwards.iter().peekable();
         let mut new = self.forwards.iter().peekable();
         loop {
-            match (old.peek(), new.peek()) {
+            let order = match (old.peek(), new.peek()) {
                 (None, None) => break,
-                (Some((_, fo)), None) => {
-                    update.remove_forward(fo);
-                    old.next();
-                }
-                (None, Some((_, fnew))) => {
-                    update.add_forward(fnew);
-                    new.next();
-                }
-                (Some((ko, fo)), Some((kn, fnew))) => {
-                    if ko < kn {
-                        update.remove_forward(fo);
-                        old.next();
-                    } else if kn < ko {
-                        update.add_forward(fnew);
-                        new.next();
-                    } else {
-                        if fo != fnew {
-                            update.delete_addrs.push(**ko);
-                            update.delete_ports.push(**ko);
-                            update.add.push(**kn);
-                            let (before, after) = (sources_of(fo), sources_of(fnew));
-                            let gone = before.iter().filter(|s| !after.contains(s));
-                            update.delete_sources.extend(gone);
-                            let new_sources = after.iter().filter(|s| !before.contains(s));
-                            update.add_sources.extend(new_sources);
-                            if open_of(fo) != open_of(fnew) {
-                                update.delete_open.extend(open_of(fo));
-                                update.add_open.extend(open_of(fnew));
-                            }
-                        }
-                        old.next();
-                        new.next();
+                (Some(_), None) => Ordering::Less,
+                (None, Some(_)) => Ordering::Greater,
+                (Some((ko, _)), Some((kn, _))) => ko.cmp(kn),
+            };
+            match order {
+                Ordering::Less => before.insert_forward(old.next().expect("peeked").1),
+                Ordering::Greater => after.insert_forward(new.next().expect("peeked").1),
+                Ordering::Equal => {
+                    let (fo, fnew) = (old.next().expect("peeked").1, new.next().expect("peeked").1);
+                    if fo != fnew {
+                        before.insert_forward(fo);
+                        after.insert_forward(fnew);
                     }
                 }
             }
         }
-        update.set_wan(
-            &self.config,
-            &previous.config.wan_interfaces,
-            &previous.config.wan_addresses,
-        );
-        update
+        after.delta_from(&before)
     }
 }
 
@@ -299,14 +323,15 @@ mod tests {
         let many: Vec<Forward> = (1000..1100).map(|p| forward(p, "10.0.0.1", "a")).collect();
         let before = ruleset(&many);
         let mut changed = many.clone();
-        changed[50].target.addr = "10.0.0.2".parse().unwrap();
+        changed[50].backends = vec!["10.0.0.2".parse().unwrap()];
         changed.remove(10);
         changed.push(forward(2000, "10.0.0.3", "c"));
         let after = ruleset(&changed);
         let expected = Update {
             delete_addrs: vec![many[10].key, many[50].key],
-            delete_ports: vec![many[10].key, many[50].key],
-            add: vec![many[50].key, changed.last().unwrap().key],
+            delete_ports: vec![many[10].key],
+            add_addrs: vec![many[50].key, changed.last().unwrap().key],
+            add_ports: vec![changed.last().unwrap().key],
             add_open: vec![changed.last().unwrap().key],
             delete_open: vec![many[10].key],
             ..Update::default()
@@ -341,9 +366,46 @@ mod tests {
         let Change::Update(update) = r.diff(Some(&kernel)) else {
             panic!("expected an update")
         };
-        assert_eq!(update.delete_addrs, vec![key]);
+        assert!(update.delete_addrs.is_empty());
         assert!(update.delete_ports.is_empty());
-        assert_eq!(update.add, vec![key]);
+        assert_eq!(update.add_ports, vec![key]);
+        assert!(update.add_addrs.is_empty());
+    }
+
+    #[test]
+    fn several_backends_fill_buckets_and_a_down_one_changes_only_its_own() {
+        let mut f = forward(80, "10.0.0.1", "a");
+        f.backends = ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
+            .map(|a| a.parse().unwrap())
+            .to_vec();
+        let before = ruleset(std::slice::from_ref(&f));
+        let kernel = before.as_kernel();
+        assert!(kernel.addrs.is_empty(), "no address element: the hash rule takes it");
+        assert_eq!(kernel.picks.len(), BUCKETS);
+        assert_eq!(kernel.choice(&f.key), f.backends);
+        f.down = vec!["10.0.0.2".parse().unwrap()];
+        let after = ruleset(std::slice::from_ref(&f));
+        let Change::Update(update) = after.diff_applied(&before) else {
+            panic!("expected an update")
+        };
+        assert_eq!(update.delete_picks.len(), BUCKETS / 3);
+        assert_eq!(update.add_picks, update.delete_picks);
+        assert_eq!(update.add_down, vec![(f.key, f.down[0])]);
+        assert!(update.add_ports.is_empty() && update.delete_ports.is_empty());
+        assert_eq!(
+            after.diff(Some(&before.as_kernel())),
+            Change::Update(update)
+        );
+        // From several backends to one: the buckets go, the address element comes.
+        f.backends.truncate(1);
+        f.down.clear();
+        let single = ruleset(std::slice::from_ref(&f));
+        let Change::Update(update) = single.diff_applied(&after) else {
+            panic!("expected an update")
+        };
+        assert_eq!(update.delete_picks.len(), BUCKETS);
+        assert_eq!(update.add_addrs, vec![f.key]);
+        assert_eq!(update.delete_down.len(), 1);
     }
 
     #[test]

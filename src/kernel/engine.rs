@@ -6,12 +6,12 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use super::firewall::{Firewall, KernelError};
-use super::layout::{FAMILIES, addr_map};
+use super::layout::{FAMILIES, addr_map, pick_map};
 use super::nfnl::NetlinkError;
 use super::read::set_names;
 use super::wire::{self, Elem};
 use super::{Change, KernelTable, Ruleset, TableConfig, Update, owner_comment};
-use crate::core::model::{Forward, ForwardKey};
+use crate::core::model::{BUCKETS, Forward, ForwardKey, targets_text};
 use crate::core::plan::Holders;
 
 /// A rebuild whose read-back differs waits this long before the next, doubling each time.
@@ -60,39 +60,71 @@ impl Previous<'_> {
         }
     }
 
-    fn target(&self, key: &ForwardKey) -> Option<(IpAddr, Option<u16>)> {
+    /// A forward's backends (in the choice or held down), where new flows went (the
+    /// choice) and its port, if it was in the table.
+    fn forward(&self, key: &ForwardKey) -> Option<Was> {
         match self {
             Previous::Nothing => None,
-            Previous::Applied(ruleset) => ruleset
-                .forwards
-                .get(key)
-                .map(|f| (f.target.addr, Some(f.target.port))),
-            Previous::Kernel(table) => table
-                .addrs
-                .get(key)
-                .map(|a| (a.value, table.ports.get(key).map(|p| p.value))),
+            Previous::Applied(ruleset) => ruleset.forwards.get(key).map(|f| Was {
+                backends: f.backends.clone(),
+                choice: f.choice(),
+                port: Some(f.port),
+            }),
+            Previous::Kernel(table) => {
+                let choice = table.choice(key);
+                let mut backends: Vec<IpAddr> = choice
+                    .iter()
+                    .copied()
+                    .chain(table.down.range((*key, UNSPECIFIED)..).take_while(|(k, _)| k == key).map(|(_, a)| *a))
+                    .collect();
+                backends.sort_unstable();
+                backends.dedup();
+                let port = table.ports.get(key).map(|p| p.value);
+                (!choice.is_empty() || port.is_some()).then_some(Was {
+                    backends,
+                    choice,
+                    port,
+                })
+            }
         }
     }
 
     fn describe(&self, key: &ForwardKey) -> String {
         let described = match self {
             Previous::Nothing => None,
-            Previous::Applied(ruleset) => ruleset
-                .forwards
-                .get(key)
-                .map(|f| format!("{} -> {}", owner_comment(f), f.target)),
-            Previous::Kernel(table) => table.addrs.get(key).map(|addr| {
-                let port = table.ports.get(key).map(|p| p.value.to_string());
+            Previous::Applied(ruleset) => ruleset.forwards.get(key).map(|f| {
+                format!("{} -> {}", owner_comment(f), targets_text(f.targets()))
+            }),
+            Previous::Kernel(table) => self.forward(key).map(|was| {
+                let port = was.port.map_or("?".to_owned(), |p| p.to_string());
+                let targets: Vec<String> = was
+                    .backends
+                    .iter()
+                    .map(|addr| match addr {
+                        IpAddr::V4(a) => format!("{a}:{port}"),
+                        IpAddr::V6(a) => format!("[{a}]:{port}"),
+                    })
+                    .collect();
+                let owner = table.ports.get(key).and_then(|p| p.comment.as_deref());
                 format!(
-                    "{} -> {}:{}",
-                    addr.comment.as_deref().unwrap_or("(no owner)"),
-                    addr.value,
-                    port.as_deref().unwrap_or("?")
+                    "{} -> {}",
+                    owner.unwrap_or("(no owner)"),
+                    targets.join(",")
                 )
             }),
         };
         described.unwrap_or_else(|| "(unknown)".to_owned())
     }
+}
+
+/// The smallest address, to start a range of the down set at a key.
+const UNSPECIFIED: IpAddr = IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED);
+
+/// What a forward was before an apply.
+struct Was {
+    backends: Vec<IpAddr>,
+    choice: Vec<IpAddr>,
+    port: Option<u16>,
 }
 
 /// Rebuilds that did not converge: how many in a row, and when the next may run.
@@ -415,25 +447,41 @@ impl<F: Firewall> Engine<F> {
         previous: &Previous<'_>,
         idle: &BTreeSet<ForwardKey>,
     ) -> Applied {
-        let removed: BTreeSet<&ForwardKey> = delta
-            .delete_addrs
-            .iter()
-            .chain(&delta.delete_ports)
+        let removed: BTreeSet<ForwardKey> = delta
+            .deleted_keys()
+            .into_iter()
             .filter(|key| !desired.forwards.contains_key(key))
             .collect();
-        let retargeted = delta.add.iter().filter(|key| {
-            previous.target(key).is_some_and(|(addr, port)| {
-                let now = &desired.forwards[key].target;
-                addr != now.addr || port.is_some_and(|p| p != now.port)
-            })
-        });
-        let closing: Vec<ForwardKey> = removed
-            .iter()
-            .copied()
-            .chain(retargeted)
-            .filter(|key| !idle.contains(key))
-            .copied()
-            .collect();
+        // Flows end where a forward's new flows can no longer go: all of a removed forward's,
+        // or of one whose port changed; else those of the backends that left its choice (a
+        // backend down, or gone from the Service), and no other: the clients of the
+        // backends that stay keep their sessions.
+        let mut closing: Vec<(ForwardKey, Option<IpAddr>)> =
+            removed.iter().map(|key| (*key, None)).collect();
+        let mut added = Vec::new();
+        for key in delta.added_keys().union(&delta.deleted_keys()) {
+            let (Some(now), Some(was)) = (desired.forwards.get(key), previous.forward(key)) else {
+                if let Some(now) = desired.forwards.get(key) {
+                    added.push(now.clone());
+                }
+                continue;
+            };
+            if was.backends != now.backends || was.port != Some(now.port) || previous.owner_uid(key) != now.owner.uid {
+                added.push(now.clone());
+            }
+            if was.port.is_some_and(|p| p != now.port) {
+                closing.push((*key, None));
+                continue;
+            }
+            let choice = now.choice();
+            closing.extend(
+                was.choice
+                    .iter()
+                    .filter(|addr| !choice.contains(addr))
+                    .map(|addr| (*key, Some(*addr))),
+            );
+        }
+        closing.retain(|(key, _)| !idle.contains(key));
         let flows_closed = match self.firewall.close_flows(&closing, desired.config.ct_mark) {
             Ok(closed) => closed,
             Err(error) => {
@@ -445,38 +493,44 @@ impl<F: Firewall> Engine<F> {
             sent: true,
             rebuilt,
             flows_closed,
-            added: delta
-                .add
-                .iter()
-                .map(|key| desired.forwards[key].clone())
-                .collect(),
+            added,
             removed: removed
                 .into_iter()
                 .map(|key| Removed {
-                    key: *key,
-                    uid: previous.owner_uid(key),
-                    was: previous.describe(key),
+                    key,
+                    uid: previous.owner_uid(&key),
+                    was: previous.describe(&key),
                 })
                 .collect(),
         }
     }
 }
 
-/// The forwards whose address element the kernel reported deleted with no packet counted.
+/// The forwards whose address or bucket elements the kernel reported deleted, every one
+/// with no packet counted.
 fn idle(deleted: &[(String, Elem)]) -> BTreeSet<ForwardKey> {
-    deleted
-        .iter()
-        .filter(|(_, elem)| elem.counter.is_some_and(|(packets, _)| packets == 0))
-        .filter_map(|(set, elem)| {
-            let family = FAMILIES.into_iter().find(|f| *set == addr_map(*f))?;
-            let (protocol, external_port) = wire::read_proto_port(&elem.key)?;
-            Some(ForwardKey {
-                family,
-                protocol,
-                external_port,
-            })
-        })
-        .collect()
+    let mut idle = BTreeSet::new();
+    let mut busy = BTreeSet::new();
+    for (set, elem) in deleted {
+        let Some(family) = FAMILIES.into_iter().find(|f| {
+            *set == addr_map(*f) || (0..BUCKETS).any(|bucket| *set == pick_map(*f, bucket))
+        }) else {
+            continue;
+        };
+        let Some((protocol, external_port)) = wire::read_proto_port(&elem.key) else {
+            continue;
+        };
+        let key = ForwardKey {
+            family,
+            protocol,
+            external_port,
+        };
+        match elem.counter {
+            Some((0, _)) => idle.insert(key),
+            _ => busy.insert(key),
+        };
+    }
+    idle.difference(&busy).copied().collect()
 }
 
 /// A difference left after a rebuild, in a line.

@@ -3,6 +3,8 @@
 //! changes, reads and conntrack over one netlink socket ([`super::nfnl`]), and `nft` for
 //! what is rare, building or rebuilding the table ([`super::nft`]).
 
+use std::net::IpAddr;
+
 use super::nfnl::{NetlinkError, Nfnl, TableDump};
 use super::nft::{NftCli, NftError};
 use super::wire::{self, Elem, SetChange};
@@ -51,8 +53,12 @@ pub trait Firewall {
     /// Runs an nft JSON transaction (a rebuild of the table).
     fn run(&mut self, transaction: &str) -> Result<(), KernelError>;
     /// Deletes the conntrack entries of these forwards (flows marked with `mark` to their
-    /// external port); returns how many went.
-    fn close_flows(&mut self, keys: &[ForwardKey], mark: u32) -> Result<usize, KernelError>;
+    /// external port), all of them or only those to one backend; returns how many went.
+    fn close_flows(
+        &mut self,
+        closing: &[(ForwardKey, Option<IpAddr>)],
+        mark: u32,
+    ) -> Result<usize, KernelError>;
 }
 
 /// The kernel: `nft` for rebuilds, one netlink socket for everything else, opened when first
@@ -108,20 +114,28 @@ impl Firewall for Kernel {
         Ok(self.nft.run_transaction(transaction)?)
     }
 
-    fn close_flows(&mut self, keys: &[ForwardKey], mark: u32) -> Result<usize, KernelError> {
-        if keys.is_empty() {
+    fn close_flows(
+        &mut self,
+        closing: &[(ForwardKey, Option<IpAddr>)],
+        mark: u32,
+    ) -> Result<usize, KernelError> {
+        if closing.is_empty() {
             return Ok(0);
         }
         self.with_netlink(|n| {
-            n.delete_flows(mark, |flow| keys.iter().any(|k| flow_matches(k, flow)))
+            n.delete_flows(mark, |flow| {
+                closing.iter().any(|(k, to)| flow_matches(k, *to, flow))
+            })
         })
     }
 }
 
-/// Whether a conntrack entry is a flow of the forward `key`: same family and protocol, to
-/// its external port (the entry already carries the daemon's mark).
-fn flow_matches(key: &ForwardKey, flow: &wire::Flow) -> bool {
+/// Whether a conntrack entry is a flow of the forward `key` (to backend `to`, if given):
+/// same family and protocol, to its external port (the entry already carries the
+/// daemon's mark).
+fn flow_matches(key: &ForwardKey, to: Option<IpAddr>, flow: &wire::Flow) -> bool {
     key.family == flow.family
         && flow.protocol == Some(key.protocol)
         && flow.port == Some(key.external_port)
+        && to.is_none_or(|to| flow.backend == Some(to))
 }

@@ -3,7 +3,7 @@
 use std::net::IpAddr;
 
 use super::{DEFAULT_TABLE, Ruleset, TableConfig};
-use crate::core::model::{Family, Forward, ForwardKey, Owner, Protocol, Target};
+use crate::core::model::{Family, Forward, ForwardKey, Owner, Protocol};
 
 pub fn forward(port: u16, addr: &str, name: &str) -> Forward {
     let addr: IpAddr = addr.parse().unwrap();
@@ -13,7 +13,9 @@ pub fn forward(port: u16, addr: &str, name: &str) -> Forward {
             protocol: Protocol::Tcp,
             external_port: port,
         },
-        target: Target { addr, port: 8080 },
+        backends: vec![addr],
+        port: 8080,
+        down: Vec::new(),
         owner: Owner {
             namespace: "ns".into(),
             name: name.into(),

@@ -18,7 +18,7 @@ use ipnet::IpNet;
 use nftables::schema::SetType;
 use serde::Serialize;
 
-use crate::core::model::{Family, Forward, ForwardKey};
+use crate::core::model::{BUCKETS, Family, Forward, ForwardKey};
 
 pub const DEFAULT_TABLE: &str = "kube_port_forward";
 pub(super) const CHAIN: &str = "prerouting";
@@ -121,10 +121,15 @@ impl TableConfig {
         let mut comments: Vec<String> = self
             .rules()
             .into_iter()
-            .map(|(f, w, side)| self.rule_comment(f, w, side))
+            .map(|(f, w, side, pick)| self.rule_comment(f, w, side, pick))
             .collect();
         if self.reflects() {
             comments.push(self.reflect_comment());
+        }
+        for family in FAMILIES {
+            for bucket in 0..BUCKETS {
+                comments.push(bucket_comment(family, bucket));
+            }
         }
         comments
     }
@@ -134,7 +139,7 @@ impl TableConfig {
     }
 
     /// The prerouting rules, in chain order.
-    pub(super) fn rules(&self) -> Vec<(Family, Who, Side)> {
+    pub(super) fn rules(&self) -> Vec<(Family, Who, Side, Pick)> {
         let sides: &[Side] = if self.reflects() {
             &[Side::Wan, Side::Lan]
         } else if self.match_interfaces() {
@@ -145,7 +150,9 @@ impl TableConfig {
         let mut rules = Vec::new();
         for side in sides {
             for (family, who) in RULES {
-                rules.push((family, who, *side));
+                for pick in [Pick::Single, Pick::Hash] {
+                    rules.push((family, who, *side, pick));
+                }
             }
         }
         rules
@@ -182,9 +189,9 @@ impl TableConfig {
 
     /// The comment that marks this daemon's rule for a family. It records the shape, so a
     /// table built for another configuration is recognised and rebuilt.
-    pub(super) fn rule_comment(&self, family: Family, who: Who, side: Side) -> String {
+    pub(super) fn rule_comment(&self, family: Family, who: Who, side: Side, pick: Pick) -> String {
         format!(
-            "kube-port-forward {} {} iif={} daddr={} mark=0x{:08x}",
+            "kube-port-forward {} {} iif={} daddr={} {} mark=0x{:08x}",
             family_word(family),
             who.word(),
             side.word(),
@@ -193,8 +200,35 @@ impl TableConfig {
             } else {
                 "local"
             },
+            pick.word(),
             self.mark_of(side)
         )
+    }
+}
+
+/// The comment of a bucket chain's rule.
+pub(super) fn bucket_comment(family: Family, bucket: usize) -> String {
+    format!(
+        "kube-port-forward {} bucket {bucket} of {BUCKETS}",
+        family_word(family)
+    )
+}
+
+/// How a rule chooses the backend: the forward's one backend from the address map, or by
+/// the client address's hash, for forwards with several (their keys are not in the address
+/// map, so the first rule's lookup fails and the second takes them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Pick {
+    Single,
+    Hash,
+}
+
+impl Pick {
+    pub(super) fn word(self) -> &'static str {
+        match self {
+            Pick::Single => "single",
+            Pick::Hash => "hash",
+        }
     }
 }
 
@@ -225,6 +259,62 @@ pub(super) fn port_map(family: Family) -> &'static str {
         Family::Ipv6 => "fwd_ipv6_port",
     }
 }
+
+/// The maps of the buckets of forwards with several backends, one per bucket: `proto . port`
+/// to the backend's address. A rule hashes the client address into a bucket and goes to
+/// that bucket's chain, which looks the forward up in that bucket's map: a constant number
+/// of lookups per new flow, whatever the number of forwards. (nft 1.0.6 can neither type a
+/// hash inside a concatenated key, nor list a `typeof jhash` map without crashing: hence
+/// a map per bucket instead of one map keyed by `proto . port . bucket`.)
+pub(super) fn pick_map(family: Family, bucket: usize) -> &'static str {
+    match family {
+        Family::Ipv4 => PICK_IPV4[bucket],
+        Family::Ipv6 => PICK_IPV6[bucket],
+    }
+}
+
+/// The chain of a bucket: one rule, DNAT by the bucket's map.
+pub(super) fn bucket_chain(family: Family, bucket: usize) -> &'static str {
+    match family {
+        Family::Ipv4 => BUCKET_IPV4[bucket],
+        Family::Ipv6 => BUCKET_IPV6[bucket],
+    }
+}
+
+const PICK_IPV4: [&str; BUCKETS] = [
+    "pick_ipv4_0", "pick_ipv4_1", "pick_ipv4_2", "pick_ipv4_3", "pick_ipv4_4", "pick_ipv4_5",
+    "pick_ipv4_6", "pick_ipv4_7", "pick_ipv4_8", "pick_ipv4_9", "pick_ipv4_10", "pick_ipv4_11",
+];
+const PICK_IPV6: [&str; BUCKETS] = [
+    "pick_ipv6_0", "pick_ipv6_1", "pick_ipv6_2", "pick_ipv6_3", "pick_ipv6_4", "pick_ipv6_5",
+    "pick_ipv6_6", "pick_ipv6_7", "pick_ipv6_8", "pick_ipv6_9", "pick_ipv6_10", "pick_ipv6_11",
+];
+const BUCKET_IPV4: [&str; BUCKETS] = [
+    "bucket_ipv4_0", "bucket_ipv4_1", "bucket_ipv4_2", "bucket_ipv4_3", "bucket_ipv4_4",
+    "bucket_ipv4_5", "bucket_ipv4_6", "bucket_ipv4_7", "bucket_ipv4_8", "bucket_ipv4_9",
+    "bucket_ipv4_10", "bucket_ipv4_11",
+];
+const BUCKET_IPV6: [&str; BUCKETS] = [
+    "bucket_ipv6_0", "bucket_ipv6_1", "bucket_ipv6_2", "bucket_ipv6_3", "bucket_ipv6_4",
+    "bucket_ipv6_5", "bucket_ipv6_6", "bucket_ipv6_7", "bucket_ipv6_8", "bucket_ipv6_9",
+    "bucket_ipv6_10", "bucket_ipv6_11",
+];
+
+/// The set of `proto . port . address` of backends a health check holds down. Not on the
+/// data path: it records in the kernel, beside the forwards, what `status` reports and
+/// what a restarted daemon starts from.
+pub(super) fn down_set(family: Family) -> &'static str {
+    match family {
+        Family::Ipv4 => "down_ipv4",
+        Family::Ipv6 => "down_ipv6",
+    }
+}
+
+/// One element of a pick map: bucket `bucket` of forward `key`.
+pub type PickElem = (ForwardKey, usize);
+
+/// One element of a down set: backend `addr` of forward `key` is down.
+pub type Down = (ForwardKey, IpAddr);
 
 /// Which forwards a rule serves: those open to every client, whose keys are in a hash set,
 /// or those limited by source ranges, in an interval set. Kept apart because nft reads an

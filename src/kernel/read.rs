@@ -9,7 +9,7 @@ use ipnet::IpNet;
 use super::layout::*;
 use super::nfnl::TableDump;
 use super::wire::{self, Elem, SetInfo};
-use crate::core::model::{Family, ForwardKey};
+use crate::core::model::{BUCKETS, Family, ForwardKey};
 use crate::core::plan::Holders;
 
 /// The table as read from the kernel.
@@ -21,13 +21,18 @@ pub struct KernelTable {
     pub wan_addresses: BTreeSet<IpAddr>,
     pub addrs: BTreeMap<ForwardKey, Element<IpAddr>>,
     pub ports: BTreeMap<ForwardKey, Element<u16>>,
+    /// The bucket maps: the backend of each bucket of forwards with several backends.
+    pub picks: BTreeMap<PickElem, IpAddr>,
+    /// Backends held down by health checks.
+    pub down: BTreeSet<Down>,
     pub sources: BTreeSet<Source>,
     pub open: BTreeSet<ForwardKey>,
-    /// `(packets, bytes)` counted per forward (address map counters).
+    /// `(packets, bytes)` counted per forward (address and bucket map counters, summed).
     pub counters: BTreeMap<ForwardKey, (u64, u64)>,
 }
 
 /// nf_tables set flags (linux/netfilter/nf_tables.h) that make up a set's kind.
+const NFT_SET_ANONYMOUS: u32 = 0x1;
 const NFT_SET_INTERVAL: u32 = 0x4;
 const NFT_SET_MAP: u32 = 0x8;
 /// nft's data type ids (nftables `enum datatypes`); a concatenation packs them 6 bits each.
@@ -80,8 +85,11 @@ fn expected_set(name: &str) -> Option<SetKind> {
         } else if name == src_set(family) {
             let key = concat(&[addr, TYPE_INET_PROTOCOL, TYPE_INET_SERVICE]);
             Some(kind(key, len + 8, NFT_SET_INTERVAL, None))
-        } else if name == addr_map(family) {
+        } else if name == addr_map(family) || bucket_of(family, name).is_some() {
             Some(kind(proto_port, 8, NFT_SET_MAP, Some((addr, len))))
+        } else if name == down_set(family) {
+            let key = concat(&[TYPE_INET_PROTOCOL, TYPE_INET_SERVICE, addr]);
+            Some(kind(key, 8 + len, 0, None))
         } else if name == port_map(family) {
             Some(kind(
                 proto_port,
@@ -115,21 +123,66 @@ pub fn set_names() -> Vec<&'static str> {
             src_set(family),
             addr_map(family),
             port_map(family),
+            down_set(family),
         ]);
+        names.extend((0..BUCKETS).map(|bucket| pick_map(family, bucket)));
     }
     names
 }
 
+/// The bucket whose pick map is `name`, if it is one of `family`'s.
+fn bucket_of(family: Family, name: &str) -> Option<usize> {
+    (0..BUCKETS).find(|bucket| pick_map(family, *bucket) == name)
+}
+
+/// Every chain of the table, in the order they are created.
+pub(super) fn chain_names(config: &TableConfig) -> Vec<&'static str> {
+    let mut chains = vec![CHAIN];
+    if config.reflects() {
+        chains.push(REFLECT_CHAIN);
+    }
+    for family in FAMILIES {
+        chains.extend((0..BUCKETS).map(|bucket| bucket_chain(family, bucket)));
+    }
+    chains
+}
+
 impl KernelTable {
-    /// The uid in the owner comment of a forward's address element, if any.
+    /// The uid in the owner comment of a forward's port element, if any.
     pub fn owner_uid(&self, key: &ForwardKey) -> Option<&str> {
-        let comment = self.addrs.get(key)?.comment.as_deref()?;
+        let comment = self.ports.get(key)?.comment.as_deref()?;
         Some(comment.rsplit_once(" uid=")?.1)
+    }
+
+    /// Where a forward's new flows go now: its address element's backend, or the backends
+    /// of its buckets.
+    pub fn choice(&self, key: &ForwardKey) -> Vec<IpAddr> {
+        if let Some(addr) = self.addrs.get(key) {
+            return vec![addr.value];
+        }
+        let mut choice: Vec<IpAddr> = self
+            .picks
+            .range((*key, 0)..=(*key, BUCKETS))
+            .map(|(_, addr)| *addr)
+            .collect();
+        choice.sort_unstable();
+        choice.dedup();
+        choice
+    }
+
+    /// Every key with a forward's elements in the table.
+    pub fn keys(&self) -> BTreeSet<ForwardKey> {
+        self.addrs
+            .keys()
+            .chain(self.ports.keys())
+            .copied()
+            .chain(self.picks.keys().map(|(k, _)| *k))
+            .collect()
     }
 
     /// Who holds each port, by the owner comments.
     pub fn holders(&self) -> Holders {
-        self.addrs
+        self.ports
             .keys()
             .filter_map(|key| Some((*key, self.owner_uid(key)?.to_owned())))
             .collect()
@@ -151,7 +204,13 @@ impl KernelTable {
     pub fn from_dump(config: Option<&TableConfig>, dump: &TableDump) -> KernelTable {
         let mut table = KernelTable::default();
         let mut problems = Vec::new();
-        let sets: BTreeSet<&str> = dump.sets.iter().map(|s| s.name.as_str()).collect();
+        // The hash rules' verdict maps are anonymous sets, part of their rules.
+        let sets: BTreeSet<&str> = dump
+            .sets
+            .iter()
+            .filter(|s| s.flags & NFT_SET_ANONYMOUS == 0)
+            .map(|s| s.name.as_str())
+            .collect();
         let expected_sets: BTreeSet<&str> = set_names().into_iter().collect();
         if sets != expected_sets {
             problems.push(format!(
@@ -162,16 +221,21 @@ impl KernelTable {
         let mut chains = Vec::new();
         for chain in &dump.chains {
             chains.push(chain.name.clone());
-            let expected = chain.kind.as_deref() == Some("nat")
-                && if chain.name == CHAIN {
-                    chain.hook == Some((NF_INET_PRE_ROUTING, DSTNAT_PRIORITY))
-                } else {
-                    chain.name == REFLECT_CHAIN
-                        && chain.hook == Some((NF_INET_POST_ROUTING, SRCNAT_PRIORITY))
-                };
+            let expected = if chain.name == CHAIN {
+                chain.kind.as_deref() == Some("nat")
+                    && chain.hook == Some((NF_INET_PRE_ROUTING, DSTNAT_PRIORITY))
+            } else if chain.name == REFLECT_CHAIN {
+                chain.kind.as_deref() == Some("nat")
+                    && chain.hook == Some((NF_INET_POST_ROUTING, SRCNAT_PRIORITY))
+            } else {
+                chain.hook.is_none()
+                    && FAMILIES.into_iter().any(|family| {
+                        (0..BUCKETS).any(|bucket| bucket_chain(family, bucket) == chain.name)
+                    })
+            };
             if !expected {
                 problems.push(format!(
-                    "chain {} is not one of the expected NAT chains",
+                    "chain {} is not one of the expected chains",
                     chain.name
                 ));
             }
@@ -183,10 +247,8 @@ impl KernelTable {
             .collect();
         let (rules_ok, chains_ok) = match config {
             Some(config) => {
-                let mut expected = vec![CHAIN.to_owned()];
-                if config.reflects() {
-                    expected.push(REFLECT_CHAIN.to_owned());
-                }
+                let expected: Vec<String> =
+                    chain_names(config).into_iter().map(str::to_owned).collect();
                 (rules == config.rule_comments(), chains == expected)
             }
             None => {
@@ -227,8 +289,10 @@ impl KernelTable {
                 src_set(*f),
                 addr_map(*f),
                 port_map(*f),
+                down_set(*f),
             ]
             .contains(&name)
+                || bucket_of(*f, name).is_some()
         }) else {
             return true;
         };
@@ -251,8 +315,29 @@ impl KernelTable {
         if name == src_set(family) {
             return took(source_of(family, elem), |s| self.sources.insert(s));
         }
+        if name == down_set(family) {
+            let down = elem.key.split_at_checked(8).and_then(|(key, addr)| {
+                let (protocol, external_port) = wire::read_proto_port(key)?;
+                let key = ForwardKey {
+                    family,
+                    protocol,
+                    external_port,
+                };
+                Some((key, wire::read_addr(family, addr)?))
+            });
+            return took(down, |d| self.down.insert(d));
+        }
         let Some(key) = key() else { return false };
         let data = elem.data.as_deref().unwrap_or_default();
+        if let Some((packets, bytes)) = elem.counter {
+            let sum = self.counters.entry(key).or_default();
+            *sum = (sum.0 + packets, sum.1 + bytes);
+        }
+        if let Some(bucket) = bucket_of(family, name) {
+            return took(wire::read_addr(family, data), |addr| {
+                self.picks.insert((key, bucket), addr).is_none()
+            });
+        }
         if name == addr_map(family) {
             let Some(addr) = wire::read_addr(family, data) else {
                 return false;
@@ -264,9 +349,6 @@ impl KernelTable {
                     comment: elem.comment.clone(),
                 },
             );
-            if let Some(counter) = elem.counter {
-                self.counters.insert(key, counter);
-            }
             return true;
         }
         let Ok(port) = <[u8; 2]>::try_from(data) else {
@@ -324,20 +406,12 @@ fn source_of(family: Family, elem: &Elem) -> Option<Source> {
 mod tests {
     use super::*;
     use crate::kernel::Change;
-    use crate::kernel::diff::Update;
     use crate::kernel::fixtures::{forward, ruleset};
     use crate::kernel::wire::{ChainInfo, Op};
 
     /// A dump of the table `r` would build: its elements as the netlink batch writes them.
     fn dump_of(r: &Ruleset) -> TableDump {
-        let all = Update {
-            add: r.forwards.keys().copied().collect(),
-            add_sources: r.forwards.values().flat_map(sources_of).collect(),
-            add_open: r.forwards.values().filter_map(open_of).collect(),
-            add_interfaces: r.config.wan_interfaces.iter().cloned().collect(),
-            add_addresses: r.config.wan_addresses.iter().copied().collect(),
-            ..Update::default()
-        };
+        let all = r.delta(&KernelTable::default());
         let mut elements: BTreeMap<String, Vec<Elem>> = set_names()
             .into_iter()
             .map(|n| (n.to_owned(), Vec::new()))
@@ -363,11 +437,14 @@ mod tests {
         TableDump {
             generation: 1,
             sets,
-            chains: vec![ChainInfo {
-                name: CHAIN.into(),
-                hook: Some((NF_INET_PRE_ROUTING, DSTNAT_PRIORITY)),
-                kind: Some("nat".into()),
-            }],
+            chains: chain_names(&r.config)
+                .into_iter()
+                .map(|name| ChainInfo {
+                    name: name.into(),
+                    hook: (name == CHAIN).then_some((NF_INET_PRE_ROUTING, DSTNAT_PRIORITY)),
+                    kind: (name == CHAIN).then(|| "nat".into()),
+                })
+                .collect(),
             rules: r
                 .config
                 .rule_comments()
@@ -386,10 +463,14 @@ mod tests {
             "10.0.0.0/8".parse().unwrap(),
             "203.0.113.2/32".parse().unwrap(),
         ];
+        let mut several = forward(8443, "fd00::5", "d");
+        several.backends.push("fd00::6".parse().unwrap());
+        several.down = vec!["fd00::6".parse().unwrap()];
         let r = ruleset(&[
             limited,
             forward(443, "fd00::5", "b"),
             forward(53, "10.0.0.2", "c"),
+            several,
         ]);
         let mut dump = dump_of(&r);
         dump.elements.get_mut("fwd_ipv4_addr").unwrap()[0].counter = Some((3, 180));

@@ -3,7 +3,9 @@
 use std::fmt::Write as _;
 
 use super::layout::*;
-use crate::core::model::{Family, Forward};
+use std::net::IpAddr;
+
+use crate::core::model::{BUCKETS, Family, Forward};
 
 impl Ruleset {
     /// The table as an nft script (`nft -f`), for people and golden files. It loads into the
@@ -89,11 +91,12 @@ impl Ruleset {
             };
             let addrs: Vec<String> = forwards
                 .iter()
-                .map(|f| format!("{} : {}", key(f), f.target.addr))
+                .filter(|f| f.buckets().is_none())
+                .map(|f| format!("{} : {}", key(f), f.backends[0]))
                 .collect();
             let ports: Vec<String> = forwards
                 .iter()
-                .map(|f| format!("{} : {}", key(f), f.target.port))
+                .map(|f| format!("{} : {}", key(f), f.port))
                 .collect();
             let map_type = |value: &str| format!("inet_proto . inet_service : {value}");
             render_set(
@@ -110,13 +113,51 @@ impl Ruleset {
                 &[],
                 &ports,
             );
+            let buckets: Vec<(&Forward, [IpAddr; BUCKETS])> = forwards
+                .iter()
+                .filter_map(|f| Some((*f, f.buckets()?)))
+                .collect();
+            for bucket in 0..BUCKETS {
+                let picks: Vec<String> = buckets
+                    .iter()
+                    .map(|(f, b)| {
+                        format!(
+                            "{} . {} : {}",
+                            f.key.protocol.nft_name(),
+                            f.key.external_port,
+                            b[bucket]
+                        )
+                    })
+                    .collect();
+                render_set(
+                    &mut out,
+                    pick_map(family, bucket),
+                    &map_type(addr_type_name(family)),
+                    &["counter"],
+                    &picks,
+                );
+            }
+            let down: Vec<String> = forwards
+                .iter()
+                .flat_map(|f| {
+                    f.down.iter().map(|addr| {
+                        format!(
+                            "{} . {} . {addr}",
+                            f.key.protocol.nft_name(),
+                            f.key.external_port
+                        )
+                    })
+                })
+                .collect();
+            let down_type = format!("inet_proto . inet_service . {}", addr_type_name(family));
+            render_set(&mut out, down_set(family), &down_type, &[], &down);
         }
         let _ = writeln!(out, "\tchain {CHAIN} {{");
         let _ = writeln!(
             out,
             "\t\ttype nat hook prerouting priority dstnat; policy accept;"
         );
-        for (family, who, side) in self.config.rules() {
+        for (family, who, side, pick) in self.config.rules() {
             let mut rule = Vec::new();
             match side {
                 Side::Wan => rule.push(format!("iifname @{WAN_IFACES}")),
@@ -143,14 +184,21 @@ impl Ruleset {
                 "ct mark set ct mark | 0x{:08x}",
                 self.config.mark_of(side)
             ));
-            rule.push(format!(
-                "dnat {nat} to meta l4proto . th dport map @{} : meta l4proto . th dport map @{}",
-                addr_map(family),
-                port_map(family)
-            ));
+            rule.push(match pick {
+                Pick::Single => dnat(family, addr_map(family)),
+                Pick::Hash => {
+                    let gotos: Vec<String> = (0..BUCKETS)
+                        .map(|b| format!("{b} : goto {}", bucket_chain(family, b)))
+                        .collect();
+                    format!(
+                        "jhash {nat} saddr mod {BUCKETS} vmap {{ {} }}",
+                        gotos.join(", ")
+                    )
+                }
+            });
             rule.push(format!(
                 "comment \"{}\"",
-                self.config.rule_comment(family, who, side)
+                self.config.rule_comment(family, who, side, pick)
             ));
             let _ = writeln!(out, "\t\t{}", rule.join(" "));
         }
@@ -169,9 +217,30 @@ impl Ruleset {
             );
             let _ = writeln!(out, "\t}}");
         }
+        for family in FAMILIES {
+            for bucket in 0..BUCKETS {
+                let _ = writeln!(out, "\tchain {} {{", bucket_chain(family, bucket));
+                let _ = writeln!(
+                    out,
+                    "\t\t{} comment \"{}\"",
+                    dnat(family, pick_map(family, bucket)),
+                    bucket_comment(family, bucket)
+                );
+                let _ = writeln!(out, "\t}}");
+            }
+        }
         let _ = writeln!(out, "}}");
         out
     }
+}
+
+/// `dnat ip to meta l4proto . th dport map @addresses : meta l4proto . th dport map @ports`
+fn dnat(family: Family, addresses: &str) -> String {
+    let nat = if family == Family::Ipv4 { "ip" } else { "ip6" };
+    format!(
+        "dnat {nat} to meta l4proto . th dport map @{addresses} : meta l4proto . th dport map @{}",
+        port_map(family)
+    )
 }
 
 pub(super) fn addr_type_name(family: Family) -> &'static str {

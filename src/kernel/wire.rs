@@ -96,6 +96,10 @@ const NFTA_GEN_ID: u16 = 1;
 const UDATA_COMMENT: u8 = 0;
 
 const CTA_TUPLE_ORIG: u16 = 1;
+const CTA_TUPLE_REPLY: u16 = 2;
+const CTA_TUPLE_IP: u16 = 1;
+const CTA_IP_V4_SRC: u16 = 1;
+const CTA_IP_V6_SRC: u16 = 3;
 const CTA_TUPLE_PROTO: u16 = 2;
 const CTA_PROTO_NUM: u16 = 1;
 const CTA_PROTO_DST_PORT: u16 = 3;
@@ -676,6 +680,8 @@ pub struct Flow {
     pub protocol: Option<Protocol>,
     /// The destination port the client used (before DNAT).
     pub port: Option<u16>,
+    /// Where the flow went: the reply direction's source, the backend after DNAT.
+    pub backend: Option<IpAddr>,
     /// `CTA_TUPLE_ORIG` as the kernel sent it, to name the entry when deleting it.
     tuple: Vec<u8>,
     zone: Option<Vec<u8>>,
@@ -701,6 +707,13 @@ pub fn read_flow(message: &Received<'_>) -> Option<Flow> {
         port: proto
             .get(CTA_PROTO_DST_PORT)
             .and_then(|b| Some(u16::from_be_bytes(b.get(..2)?.try_into().ok()?))),
+        backend: a.get(CTA_TUPLE_REPLY).and_then(|reply| {
+            let ip = Attrs(Attrs(reply).get(CTA_TUPLE_IP)?);
+            match family {
+                Family::Ipv4 => read_addr(family, ip.get(CTA_IP_V4_SRC)?),
+                Family::Ipv6 => read_addr(family, ip.get(CTA_IP_V6_SRC)?),
+            }
+        }),
         tuple: tuple.to_vec(),
         zone: a.get(CTA_ZONE).map(<[u8]>::to_vec),
     })
@@ -966,6 +979,7 @@ mod tests {
             family: Family::Ipv6,
             protocol: Some(Protocol::Udp),
             port: Some(53),
+            backend: None,
             tuple: tuple.to_vec(),
             zone: Some(vec![0, 5]),
         };
@@ -1009,6 +1023,13 @@ mod tests {
         m.put(CTA_PROTO_DST_PORT, &5353u16.to_be_bytes());
         m.end(proto);
         m.end(orig);
+        // The reply comes from the backend the flow was DNATed to.
+        let reply = m.begin(CTA_TUPLE_REPLY);
+        let ip = m.begin(CTA_TUPLE_IP);
+        m.put(CTA_IP_V4_SRC, &[10, 0, 0, 7]);
+        m.put(2, &[203, 0, 113, 2]);
+        m.end(ip);
+        m.end(reply);
         m.put_be32(CTA_MARK, 0x0020_0000);
         let whole = m.finish();
         let received: Vec<Received<'_>> = messages(&whole).collect();
@@ -1017,6 +1038,7 @@ mod tests {
         assert_eq!(flow.protocol, Some(Protocol::Udp));
         assert_eq!(flow.port, Some(5353));
         assert_eq!(flow.zone, None);
+        assert_eq!(flow.backend, Some("10.0.0.7".parse().unwrap()));
         // The delete names the entry by the tuple exactly as dumped.
         let delete = conntrack_delete(2, &flow);
         let tuple = &whole[20..20 + usize::from(u16::from_ne_bytes([whole[20], whole[21]]))];

@@ -1,6 +1,7 @@
 //! The audit trail: one structured log line per change to the router, so "who opened this
 //! port and when" is answered by `journalctl` or `logread`.
 
+use crate::core::model::targets_text;
 use crate::kernel::Applied;
 
 /// Logs every forward an apply added or removed, a rebuild with its reason, and the flows
@@ -19,7 +20,7 @@ pub fn record(table: &str, applied: &Applied) {
             family = %forward.key.family,
             protocol = %forward.key.protocol,
             external_port = forward.key.external_port,
-            forward_to = %forward.target,
+            forward_to = %targets_text(forward.targets()),
             "forward opened"
         );
     }

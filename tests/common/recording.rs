@@ -1,6 +1,7 @@
 //! The real kernel behind the engine's [`Firewall`] trait, recording and timing what is sent:
 //! the kernel tests check what went out, the kernel bench times each part.
 
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use kube_port_forward::core::model::ForwardKey;
@@ -15,7 +16,7 @@ pub struct Recording {
     pub commits: Vec<Vec<SetChange>>,
     pub commit_times: Vec<Duration>,
     /// The forwards whose flows were asked closed, call by call, and how long each took.
-    pub closings: Vec<Vec<ForwardKey>>,
+    pub closings: Vec<Vec<(ForwardKey, Option<IpAddr>)>>,
     pub closing_times: Vec<Duration>,
     /// Applied to every table read, to make the kernel seem to hold something else.
     pub tamper: Option<fn(&mut TableDump)>,
@@ -73,7 +74,11 @@ impl Firewall for Recording {
         result
     }
 
-    fn close_flows(&mut self, keys: &[ForwardKey], mark: u32) -> Result<usize, KernelError> {
+    fn close_flows(
+        &mut self,
+        keys: &[(ForwardKey, Option<IpAddr>)],
+        mark: u32,
+    ) -> Result<usize, KernelError> {
         self.closings.push(keys.to_vec());
         let start = Instant::now();
         let result = self.inner.close_flows(keys, mark);
