@@ -53,6 +53,7 @@ fn map_ruleset(n: usize) -> Ruleset {
             backends: vec![addr.parse().unwrap()],
             port: port_to,
             down: Vec::new(),
+            probe: None,
             owner: Owner {
                 namespace: "bench".into(),
                 name,

@@ -37,6 +37,7 @@ fn ruleset(n: usize) -> Ruleset {
                 ],
                 port: 8080,
                 down: Vec::new(),
+                probe: None,
                 owner: Owner {
                     namespace: format!("ns-{}", i % 50),
                     name: format!("svc-{}", i / 2),
@@ -104,7 +105,10 @@ fn one_change(n: usize, rounds: usize) -> [(f64, f64, f64); 4] {
         let mut flows = Vec::new();
         for _ in 0..rounds {
             let start = Instant::now();
-            timed.inner.close_flows(&[(key, None)], 0x0020_0000).unwrap();
+            timed
+                .inner
+                .close_flows(&[(key, None)], 0x0020_0000)
+                .unwrap();
             flows.push(start.elapsed());
         }
         assert_eq!(commits.len(), 2 * rounds);

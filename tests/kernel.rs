@@ -38,6 +38,7 @@ fn forward(port: u16, target: &str) -> Forward {
         },
         port: 8000 + port % 1000,
         down: Vec::new(),
+        probe: None,
         owner: Owner {
             namespace: "ns".into(),
             name: format!("svc-{port}"),

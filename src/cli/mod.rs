@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::cluster::client::{self, ClientError};
 use crate::cluster::finalizer;
+use crate::core::health::Thresholds;
 use crate::core::plan::{self, Plan, State};
 use crate::core::policy::{Policy, PolicyError, PolicyParts};
 use crate::daemon::{self, DaemonError};
@@ -16,6 +17,7 @@ use crate::kernel::{
     ConfigError, DEFAULT_TABLE, Engine, Kernel, KernelError, NftCli, Ruleset, TableConfig,
 };
 use crate::router::links::Addresses;
+use crate::router::probe::ProbeSettings;
 use crate::router::{audit, policy_file, sockets};
 use manifest::{ManifestError, Manifests};
 
@@ -104,6 +106,8 @@ pub enum Command {
         #[arg(long, value_name = "ADDRESS:PORT")]
         health: Option<std::net::SocketAddr>,
         #[command(flatten)]
+        checks: CheckArgs,
+        #[command(flatten)]
         table: TableArgs,
         #[command(flatten)]
         policy: PolicyArgs,
@@ -145,6 +149,58 @@ pub struct ClusterArgs {
 pub enum Format {
     Text,
     Json,
+}
+
+/// Health checks of the backends of forwards with several (a Service can turn its own off
+/// with the annotation `kube-port-forward-controller/health-check: "off"`).
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Seconds between two probes of a backend.
+    #[arg(long, default_value_t = 2.0, value_name = "SECONDS")]
+    check_interval: f64,
+    /// Seconds a probe may take.
+    #[arg(long, default_value_t = 1.0, value_name = "SECONDS")]
+    check_timeout: f64,
+    /// Failed probes in a row that take a backend out of its forwards.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=100))]
+    check_fall: u32,
+    /// Passed probes in a row that bring it back.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=100))]
+    check_rise: u32,
+    /// Probes running at once, at most.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    check_concurrency: u32,
+}
+
+impl CheckArgs {
+    fn settings(&self) -> Result<ProbeSettings, CommandError> {
+        let seconds = |flag: &'static str, value: f64, min: f64| {
+            if value.is_finite() && (min..=3600.0).contains(&value) {
+                Ok(Duration::from_secs_f64(value))
+            } else {
+                Err(CommandError::Checks(format!(
+                    "--{flag} {value}: give seconds from {min} to 3600"
+                )))
+            }
+        };
+        let interval = seconds("check-interval", self.check_interval, 0.1)?;
+        let timeout = seconds("check-timeout", self.check_timeout, 0.01)?;
+        if timeout >= interval {
+            return Err(CommandError::Checks(format!(
+                "--check-timeout {} is not shorter than --check-interval {}",
+                self.check_timeout, self.check_interval
+            )));
+        }
+        Ok(ProbeSettings {
+            interval,
+            timeout,
+            thresholds: Thresholds {
+                fall: self.check_fall,
+                rise: self.check_rise,
+            },
+            concurrency: self.check_concurrency as usize,
+        })
+    }
 }
 
 #[derive(Debug, Args)]
@@ -279,6 +335,8 @@ pub enum CommandError {
     Client(#[from] ClientError),
     #[error("cannot start the async runtime")]
     Runtime(#[source] std::io::Error),
+    #[error("health checks: {0}")]
+    Checks(String),
     #[error("cannot read the ports the router serves (/proc/net)")]
     Sockets(#[source] std::io::Error),
     #[error("listing Services failed")]
@@ -408,6 +466,7 @@ pub fn run(command: Command, nft: NftCli) -> Result<u8, CommandError> {
             cleanup_deadline,
             resync,
             health,
+            checks,
             table,
             policy,
         } => {
@@ -426,6 +485,7 @@ pub fn run(command: Command, nft: NftCli) -> Result<u8, CommandError> {
                 instance: instance.unwrap_or_else(host_name),
                 table: config,
                 health,
+                probes: checks.settings()?,
                 cleanup_deadline: Duration::from_secs(cleanup_deadline),
                 resync: Duration::from_secs(resync.max(1)),
                 nft,

@@ -4,7 +4,9 @@
 use serde::Serialize;
 
 use crate::cli::manifest::Manifests;
-use crate::core::model::{ForwardKey, targets_text};
+use std::net::IpAddr;
+
+use crate::core::model::{ForwardKey, Target, targets_text};
 use crate::core::plan::{Outcome, Plan, State};
 use crate::kernel::{KernelTable, Ruleset};
 
@@ -14,6 +16,7 @@ pub fn plan_text(plan: &Plan, manifests: &Manifests, ruleset: &Ruleset) -> Strin
         "STATE".to_owned(),
         "EXTERNAL".to_owned(),
         "TARGET".to_owned(),
+        "CHECK".to_owned(),
         "OWNER".to_owned(),
         "REASON".to_owned(),
     ]];
@@ -29,6 +32,9 @@ pub fn plan_text(plan: &Plan, manifests: &Manifests, ruleset: &Ruleset) -> Strin
             } else {
                 targets_text(outcome.backends.iter().copied())
             },
+            outcome
+                .probe
+                .map_or_else(|| "-".to_owned(), |p| p.to_string()),
             owner_text(outcome),
             outcome.reason.clone().unwrap_or_default(),
         ]);
@@ -149,41 +155,87 @@ pub fn plan_json(plan: &Plan, manifests: &Manifests, ruleset: &Ruleset) -> Strin
 struct StatusForward {
     #[serde(flatten)]
     key: ForwardKey,
-    target: Option<String>,
+    /// Every backend, `None` when the table lacks the forward's port or address.
+    backends: Option<Vec<StatusBackend>>,
     owner: Option<String>,
     packets: Option<u64>,
     bytes: Option<u64>,
 }
 
+#[derive(Serialize)]
+struct StatusBackend {
+    target: Target,
+    /// `down` when a health check took it out of the choice; else `serving`.
+    health: &'static str,
+    /// Of the forward's buckets, how many send new flows here (forwards with several).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    buckets: Option<usize>,
+}
+
 fn status_forwards(table: &KernelTable) -> Vec<StatusForward> {
-    let keys: std::collections::BTreeSet<&ForwardKey> =
-        table.addrs.keys().chain(table.ports.keys()).collect();
-    keys.into_iter()
+    table
+        .keys()
+        .into_iter()
         .map(|key| {
-            let addr = table.addrs.get(key);
-            let port = table.ports.get(key);
-            let target = match (addr, port) {
-                (Some(a), Some(p)) => Some(
-                    crate::core::model::Target {
-                        addr: a.value,
-                        port: p.value,
-                    }
-                    .to_string(),
-                ),
-                _ => None,
-            };
-            let counter = table.counters.get(key);
+            let port = table.ports.get(&key);
+            let choice = table.choice(&key);
+            let down: Vec<IpAddr> = table
+                .down
+                .iter()
+                .filter(|(k, _)| *k == key)
+                .map(|(_, addr)| *addr)
+                .collect();
+            let several = !table.addrs.contains_key(&key);
+            let mut addrs: Vec<IpAddr> = choice.iter().chain(&down).copied().collect();
+            addrs.sort_unstable();
+            addrs.dedup();
+            let backends = port.filter(|_| !addrs.is_empty()).map(|port| {
+                addrs
+                    .iter()
+                    .map(|&addr| StatusBackend {
+                        target: Target {
+                            addr,
+                            port: port.value,
+                        },
+                        health: if down.contains(&addr) && !choice.contains(&addr) {
+                            "down"
+                        } else if down.contains(&addr) {
+                            "down, kept: all are down"
+                        } else {
+                            "serving"
+                        },
+                        buckets: several.then(|| {
+                            table
+                                .picks
+                                .iter()
+                                .filter(|((k, _), a)| *k == key && **a == addr)
+                                .count()
+                        }),
+                    })
+                    .collect()
+            });
+            let counter = table.counters.get(&key);
             StatusForward {
-                key: *key,
-                target,
-                owner: addr
-                    .and_then(|a| a.comment.clone())
-                    .or_else(|| port.and_then(|p| p.comment.clone())),
+                key,
+                backends,
+                owner: port.and_then(|p| p.comment.clone()),
                 packets: counter.map(|c| c.0),
                 bytes: counter.map(|c| c.1),
             }
         })
         .collect()
+}
+
+/// A forward's backends in a column: `10.0.0.1:80,10.0.0.2:80(down)`.
+fn backends_text(backends: &[StatusBackend]) -> String {
+    backends
+        .iter()
+        .map(|b| match b.health {
+            "serving" => b.target.to_string(),
+            _ => format!("{}(down)", b.target),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// `status` as text.
@@ -193,7 +245,7 @@ pub fn status_text(name: &str, table: Option<&KernelTable>) -> String {
     };
     let mut out = format!(
         "table inet {name}: {} forwards; WAN interfaces: {}; WAN addresses: {}\n",
-        table.addrs.len(),
+        table.keys().len(),
         list_or_any(table.wan_interfaces.iter().map(ToString::to_string)),
         list_or_any(table.wan_addresses.iter().map(ToString::to_string)),
     );
@@ -212,7 +264,10 @@ pub fn status_text(name: &str, table: Option<&KernelTable>) -> String {
     for forward in status_forwards(table) {
         rows.push([
             forward.key.to_string(),
-            forward.target.unwrap_or_else(|| "(incomplete)".into()),
+            forward
+                .backends
+                .as_deref()
+                .map_or_else(|| "(incomplete)".into(), backends_text),
             forward.packets.map(|p| p.to_string()).unwrap_or_default(),
             forward.bytes.map(|b| b.to_string()).unwrap_or_default(),
             forward.owner.unwrap_or_default(),

@@ -92,15 +92,11 @@ pub fn changes_by_service(
     let mut notes: BTreeMap<Key, (Vec<String>, Vec<String>)> = BTreeMap::new();
     for forward in &applied.added {
         if let Some(key) = forward.owner.uid.as_deref().and_then(|u| by_uid.get(u)) {
-            notes
-                .entry((*key).clone())
-                .or_default()
-                .0
-                .push(format!(
-                    "{} -> {}",
-                    forward.key,
-                    targets_text(forward.targets())
-                ));
+            notes.entry((*key).clone()).or_default().0.push(format!(
+                "{} -> {}",
+                forward.key,
+                targets_text(forward.targets())
+            ));
         }
     }
     for removed in &applied.removed {

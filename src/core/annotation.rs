@@ -14,6 +14,11 @@ use serde::Serialize;
 pub const PREFIX: &str = "kube-port-forward-controller/";
 /// The annotation that asks for forwards.
 pub const MAPPING: &str = "kube-port-forward-controller/mapping";
+/// `off` turns the health checks of a Service's backends off (default: `on`).
+pub const HEALTH_CHECK: &str = "kube-port-forward-controller/health-check";
+/// `nodeports`: forward to the Service's nodePorts on the cluster's nodes while it has no
+/// LoadBalancer address (default: `loadbalancer`, or as the router's `--target` says).
+pub const TARGET: &str = "kube-port-forward-controller/target";
 /// At most this many entries are read from one annotation; the rest are refused. A Service
 /// has at most a few dozen ports, and the bound keeps a hostile annotation cheap.
 pub const MAX_ENTRIES: usize = 256;

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::core::model::targets_text;
+use crate::core::model::{Check, Target, targets_text};
 use crate::core::plan::{self, Holders, Plan, State};
 use crate::core::policy::Policy;
 use crate::core::tracked::Tracked;
@@ -36,14 +36,25 @@ pub struct Decision {
     pub summaries: BTreeMap<(String, String), Summary>,
 }
 
+/// The health checks that found their backend down.
+pub type Down = BTreeSet<Check>;
+
 /// Plans the Services that may forward: decoded, annotated, not being deleted, still
-/// watched; the ports in `holders` stay with the Services that hold them.
-pub fn decide(store: &Store, finalizer: &str, policy: &Policy, holders: &Holders) -> Decision {
+/// watched; the ports in `holders` stay with the Services that hold them; the backends
+/// whose checks are in `down` are marked down.
+pub fn decide(
+    store: &Store,
+    finalizer: &str,
+    policy: &Policy,
+    holders: &Holders,
+    down: &Down,
+) -> Decision {
     let eligible = store
         .values()
         .filter(|w| !w.terminating && !w.out_of_scope)
         .filter_map(|w| w.service.as_ref().ok());
-    let plan = plan::plan_held(eligible, policy, holders);
+    let mut plan = plan::plan_held(eligible, policy, holders);
+    mark_down(&mut plan, down);
     let owners: BTreeSet<&str> = plan
         .forwards
         .values()
@@ -89,6 +100,25 @@ pub fn decide(store: &Store, finalizer: &str, policy: &Policy, holders: &Holders
     decision
 }
 
+/// Marks the backends whose checks are down, in the forwards and their outcomes.
+pub fn mark_down(plan: &mut Plan, down: &Down) {
+    for forward in plan.forwards.values_mut() {
+        forward.down = forward
+            .checks()
+            .filter(|check| down.contains(check))
+            .map(|(addr, _)| addr)
+            .collect();
+    }
+    for outcome in &mut plan.outcomes {
+        if outcome.state != State::Forwarding {
+            continue;
+        }
+        if let Some(forward) = outcome.key.and_then(|key| plan.forwards.get(&key)) {
+            outcome.down = forward.down.clone();
+        }
+    }
+}
+
 fn summarize(outcomes: &[&plan::Outcome]) -> Summary {
     let count = |state| outcomes.iter().filter(|o| o.state == state).count();
     let (forwarding, conflict, invalid, waiting, refused) = (
@@ -101,8 +131,22 @@ fn summarize(outcomes: &[&plan::Outcome]) -> Summary {
     let lines: Vec<String> = outcomes
         .iter()
         .map(|o| match (o.state, o.key) {
-            (State::Forwarding, Some(key)) => {
+            (State::Forwarding, Some(key)) if o.down.is_empty() => {
                 format!("{key} -> {}", targets_text(o.backends.iter().copied()))
+            }
+            (State::Forwarding, Some(key)) => {
+                let port = o.backends.first().map_or(0, |t| t.port);
+                let down = o.down.iter().map(|&addr| Target { addr, port });
+                let all = if o.down.len() == o.backends.len() {
+                    ", all down: forwarding to all"
+                } else {
+                    ""
+                };
+                format!(
+                    "{key} -> {} (down: {}{all})",
+                    targets_text(o.backends.iter().copied()),
+                    targets_text(down)
+                )
             }
             _ => format!(
                 "\"{}\": {}",
@@ -117,13 +161,14 @@ fn summarize(outcomes: &[&plan::Outcome]) -> Summary {
         _ if conflict > 0 && forwarding == 0 => ("False", "Conflict"),
         _ if waiting > 0 && forwarding == 0 => ("False", "Waiting"),
         _ if invalid + conflict + waiting + refused > 0 => ("False", "PartlyForwarded"),
+        _ if outcomes.iter().any(|o| !o.down.is_empty()) => ("True", "BackendsDown"),
         _ => ("True", "Forwarded"),
     };
     Summary {
         status,
         reason,
         message: lines.join("; "),
-        warning: invalid + conflict + refused > 0,
+        warning: invalid + conflict + refused > 0 || reason == "BackendsDown",
     }
 }
 
@@ -179,7 +224,7 @@ mod tests {
             watched("unannotated", "u4", None, &[F], false),
             watched("plain", "u5", None, &[], false),
         ]);
-        let d = decide(&s, F, &Policy::default(), &Holders::new());
+        let d = decide(&s, F, &Policy::default(), &Holders::new(), &Down::new());
         assert_eq!(d.plan.forwards.len(), 2);
         assert_eq!(d.add_finalizer, vec![("ns".into(), "new".into())]);
         assert_eq!(
@@ -197,7 +242,7 @@ mod tests {
             watched("a", "u1", Some("http"), &[F], false),
             watched("b", "u2", Some("http"), &[F], false),
         ]);
-        let d = decide(&s, F, &Policy::default(), &Holders::new());
+        let d = decide(&s, F, &Policy::default(), &Holders::new(), &Down::new());
         assert_eq!(d.release, vec![("ns".into(), "b".into())]);
         let summary = &d.summaries[&("ns".into(), "b".into())];
         assert_eq!(
@@ -221,7 +266,7 @@ mod tests {
             &["other/router-b"],
             false,
         )]);
-        let d = decide(&s, F, &Policy::default(), &Holders::new());
+        let d = decide(&s, F, &Policy::default(), &Holders::new(), &Down::new());
         assert_eq!(d.add_finalizer.len(), 1);
         assert!(d.release.is_empty());
     }
@@ -239,9 +284,38 @@ mod tests {
             F,
             &Policy::default(),
             &Holders::new(),
+            &Down::new(),
         );
         assert_eq!(d.plan.forwards.len(), 1);
         assert_eq!(d.release, vec![("ns".into(), "bad".into())]);
         assert!(d.summaries[&("ns".into(), "bad".into())].warning);
+    }
+
+    #[test]
+    fn down_backends_are_marked_and_told_and_all_down_keeps_them_all() {
+        let mut w = watched("web", "u1", Some("http"), &[], false);
+        if let Ok(service) = &mut w.2.service {
+            service.ingress_ips = vec!["10.0.0.1".into(), "10.0.0.2".into()];
+        }
+        let s = store(vec![w]);
+        let key = ("ns".to_owned(), "web".to_owned());
+        let healthy = decide(&s, F, &Policy::default(), &Holders::new(), &Down::new());
+        assert_eq!(healthy.summaries[&key].reason, "Forwarded");
+        let forward = healthy.plan.forwards.values().next().unwrap();
+        let checks: Vec<Check> = forward.checks().collect();
+        assert_eq!(checks.len(), 2);
+        let one: Down = checks[..1].iter().copied().collect();
+        let d = decide(&s, F, &Policy::default(), &Holders::new(), &one);
+        let summary = &d.summaries[&key];
+        assert_eq!((summary.status, summary.reason), ("True", "BackendsDown"));
+        assert!(summary.warning);
+        assert!(summary.message.contains("(down: 10.0.0.1:80)"), "{}", summary.message);
+        let forward = d.plan.forwards.values().next().unwrap();
+        assert_eq!(forward.down, vec![checks[0].0]);
+        assert_eq!(forward.choice(), vec![checks[1].0]);
+        let all: Down = checks.iter().copied().collect();
+        let d = decide(&s, F, &Policy::default(), &Holders::new(), &all);
+        assert!(d.summaries[&key].message.contains("all down: forwarding to all"));
+        assert_eq!(d.plan.forwards.values().next().unwrap().choice().len(), 2);
     }
 }

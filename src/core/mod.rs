@@ -5,6 +5,7 @@
 
 pub mod annotation;
 pub mod decide;
+pub mod health;
 pub mod model;
 pub mod names;
 pub mod plan;

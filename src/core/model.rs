@@ -118,10 +118,7 @@ impl fmt::Display for Target {
 
 /// Targets as one word: `10.0.0.1:80,10.0.0.2:80` (no spaces, for log fields and columns).
 pub fn targets_text(targets: impl Iterator<Item = Target>) -> String {
-    targets
-        .map(|t| t.to_string())
-        .collect::<Vec<_>>()
-        .join(",")
+    targets.map(|t| t.to_string()).collect::<Vec<_>>().join(",")
 }
 
 /// The Service (and which of its ports) a forward belongs to.
@@ -153,6 +150,31 @@ impl fmt::Display for Owner {
 /// case); 5 backends get 3, 3, 2, 2, 2. Fixed, because the hash's modulus is in the rule.
 pub const BUCKETS: usize = 12;
 
+/// How the router checks a forward's backends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(tag = "kind", content = "port", rename_all = "lowercase")]
+pub enum Probe {
+    /// A TCP connection to this port of the backend is accepted.
+    Tcp(u16),
+    /// `GET /` on this port of the backend answers 200: kube-proxy's health check of a
+    /// Service with `externalTrafficPolicy: Local` (`spec.healthCheckNodePort`), 200 when
+    /// the node has a ready endpoint.
+    Http(u16),
+}
+
+impl fmt::Display for Probe {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Probe::Tcp(port) => write!(f, "tcp:{port}"),
+            Probe::Http(port) => write!(f, "http:{port}"),
+        }
+    }
+}
+
+/// One health check: a backend's address and how it is probed. Forwards to the same
+/// backend the same way share it.
+pub type Check = (IpAddr, Probe);
+
 /// One forward the router should carry.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct Forward {
@@ -164,6 +186,9 @@ pub struct Forward {
     /// Backends a health check holds down, sorted: left out of the choice, unless every
     /// backend is down (a probe's word never blackholes a forward).
     pub down: Vec<IpAddr>,
+    /// How its backends are checked; `None`: they are not (one backend, checks turned off,
+    /// or nothing to probe: UDP without a `healthCheckNodePort`).
+    pub probe: Option<Probe>,
     pub owner: Owner,
     /// Clients allowed to use it (`spec.loadBalancerSourceRanges` of its family), sorted,
     /// canonical; empty: every client.
@@ -184,6 +209,13 @@ impl Forward {
         } else {
             up
         }
+    }
+
+    /// The health checks of its backends.
+    pub fn checks(&self) -> impl Iterator<Item = Check> + '_ {
+        self.probe
+            .into_iter()
+            .flat_map(|probe| self.backends.iter().map(move |addr| (*addr, probe)))
     }
 
     /// The backends as `address:port`.
@@ -230,6 +262,7 @@ mod tests {
             backends: backends.iter().map(|b| b.parse().unwrap()).collect(),
             port: 80,
             down: down.iter().map(|b| b.parse().unwrap()).collect(),
+            probe: None,
             owner: Owner {
                 namespace: "ns".into(),
                 name: "web".into(),

@@ -13,7 +13,7 @@ use crate::core::annotation::{self, PortRef};
 use crate::core::names::{is_dns_label, is_kubernetes_time};
 use ipnet::IpNet;
 
-use crate::core::model::{Family, Forward, ForwardKey, Owner, Protocol, Target};
+use crate::core::model::{Family, Forward, ForwardKey, Owner, Probe, Protocol, Target};
 use crate::core::policy::Policy;
 use crate::core::service::{Service, ServicePort};
 
@@ -43,6 +43,12 @@ pub struct Outcome {
     pub key: Option<ForwardKey>,
     /// Where the forward goes: every backend of its family, each as `address:port`.
     pub backends: Vec<Target>,
+    /// How the backends are checked, for a forward with several.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probe: Option<Probe>,
+    /// The backends a health check found down.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub down: Vec<IpAddr>,
     pub service_port: Option<String>,
     pub state: State,
     pub reason: Option<String>,
@@ -80,6 +86,7 @@ struct Candidate<'a> {
     key: ForwardKey,
     backends: Vec<IpAddr>,
     port: u16,
+    probe: Option<Probe>,
     service: &'a Service,
     port_ref: &'a ServicePort,
     sources: Vec<IpNet>,
@@ -142,11 +149,13 @@ pub fn plan_held<'a>(
                 if !candidate.rank.0 {
                     held.insert(candidate.key);
                 }
+                outcomes[candidate.outcome].probe = candidate.probe;
                 let forward = Forward {
                     key: candidate.key,
                     backends: candidate.backends,
                     port: candidate.port,
                     down: Vec::new(),
+                    probe: candidate.probe,
                     owner: owner(candidate.service, candidate.port_ref),
                     sources: candidate.sources,
                 };
@@ -186,6 +195,8 @@ fn resolve_service<'a>(
         entry: entry.to_owned(),
         key: None,
         backends: Vec::new(),
+        probe: None,
+        down: Vec::new(),
         service_port: None,
         state,
         reason,
@@ -226,6 +237,17 @@ fn resolve_service<'a>(
             // Fail closed: forwarding to every client is not what the Service asked for.
             outcomes.push(outcome(&field, State::Invalid, Some(reason)));
             return;
+        }
+    };
+    let checks = match health_checks(service) {
+        Ok(checks) => checks,
+        Err((field, reason)) => {
+            // The checks stay on: the forwards are as asked, the annotation is reported.
+            outcomes.push(outcome(&field, State::Invalid, Some(reason)));
+            Checks {
+                on: true,
+                node_port: None,
+            }
         }
     };
     // Whether it holds the port is known per forward key, below.
@@ -330,6 +352,9 @@ fn resolve_service<'a>(
                     rank,
                     outcome: outcomes.len(),
                     key,
+                    probe: (backends.len() > 1)
+                        .then(|| probe_of(protocol, number, &checks))
+                        .flatten(),
                     backends,
                     port: number,
                     service,
@@ -342,6 +367,54 @@ fn resolve_service<'a>(
                 });
             }
         }
+    }
+}
+
+/// How a Service's backends may be checked.
+struct Checks {
+    on: bool,
+    /// `spec.healthCheckNodePort`, valid.
+    node_port: Option<u16>,
+}
+
+fn health_checks(service: &Service) -> Result<Checks, (String, String)> {
+    let field = || format!("metadata.annotations[\"{}\"]", annotation::HEALTH_CHECK);
+    let on = match service.health_check.as_deref().map(str::trim) {
+        None | Some("on") => true,
+        Some("off") => false,
+        Some(other) => {
+            return Err((
+                field(),
+                format!("\"{}\" is not on or off; checking", printable(other)),
+            ));
+        }
+    };
+    let node_port = match service.health_check_node_port {
+        None => None,
+        Some(port) => Some(
+            u16::try_from(port)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| {
+                    (
+                        "spec.healthCheckNodePort".to_owned(),
+                        format!("{port} is not a valid port"),
+                    )
+                })?,
+        ),
+    };
+    Ok(Checks { on, node_port })
+}
+
+/// How the backends of a forward of `protocol` to `port` are checked: TCP by a connection,
+/// UDP and SCTP by kube-proxy's health check of the node when the Service has one.
+fn probe_of(protocol: Protocol, port: u16, checks: &Checks) -> Option<Probe> {
+    if !checks.on {
+        return None;
+    }
+    match protocol {
+        Protocol::Tcp => Some(Probe::Tcp(port)),
+        Protocol::Udp | Protocol::Sctp => checks.node_port.map(Probe::Http),
     }
 }
 
@@ -531,6 +604,7 @@ mod tests {
             name: name.map(Into::into),
             port,
             protocol: protocol.into(),
+            node_port: None,
         }
     }
 
@@ -697,7 +771,8 @@ mod tests {
             family: Family::Ipv6,
             ..key(80, Protocol::Tcp)
         };
-        let text = |f: &Forward| -> Vec<String> { f.backends.iter().map(|a| a.to_string()).collect() };
+        let text =
+            |f: &Forward| -> Vec<String> { f.backends.iter().map(|a| a.to_string()).collect() };
         assert_eq!(text(&plan.forwards[&v6]), ["fd00::1"]);
         assert_eq!(
             text(&plan.forwards[&key(80, Protocol::Tcp)]),
@@ -712,7 +787,11 @@ mod tests {
         s.ingress_ips.push("10.0.0.2".into());
         let plan = plan([&s], &Policy::default());
         assert_eq!(plan.count(State::Refused), 1);
-        let refused = plan.outcomes.iter().find(|o| o.state == State::Refused).unwrap();
+        let refused = plan
+            .outcomes
+            .iter()
+            .find(|o| o.state == State::Refused)
+            .unwrap();
         assert_eq!(refused.entry, "status.loadBalancer.ingress[1].ip");
         let forward = &plan.forwards[&key(80, Protocol::Tcp)];
         assert_eq!(forward.backends.len(), 2);

@@ -28,6 +28,12 @@ pub struct Service {
     pub external_ips: Vec<String>,
     /// `spec.loadBalancerSourceRanges`: the clients allowed; empty: all.
     pub source_ranges: Vec<String>,
+    /// `spec.healthCheckNodePort` (externalTrafficPolicy Local).
+    pub health_check_node_port: Option<i64>,
+    /// The health-check annotation's value, if any.
+    pub health_check: Option<String>,
+    /// The target annotation's value, if any.
+    pub target: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -36,6 +42,8 @@ pub struct ServicePort {
     pub port: i64,
     /// `TCP` when the object leaves it out, as the API server defaults it.
     pub protocol: String,
+    /// `spec.ports[].nodePort`, for NodePort and LoadBalancer Services.
+    pub node_port: Option<i64>,
 }
 
 /// Why an object could not be read as a Service.
@@ -80,13 +88,16 @@ struct Spec {
     external_ips: Option<Vec<String>>,
     #[serde(default)]
     load_balancer_source_ranges: Option<Vec<String>>,
+    health_check_node_port: Option<i64>,
 }
 
 #[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct Port {
     name: Option<String>,
     port: i64,
     protocol: Option<String>,
+    node_port: Option<i64>,
 }
 
 #[derive(Default, Deserialize)]
@@ -138,9 +149,8 @@ impl Service {
             field: "metadata.name".into(),
             message: "missing".into(),
         })?;
-        let mapping = metadata
-            .annotations
-            .and_then(|mut annotations| annotations.remove(annotation::MAPPING));
+        let mut annotations = metadata.annotations.unwrap_or_default();
+        let mapping = annotations.remove(annotation::MAPPING);
         Ok(Service {
             namespace: metadata.namespace.unwrap_or_else(|| "default".into()),
             name,
@@ -156,6 +166,7 @@ impl Service {
                     name: port.name.filter(|name| !name.is_empty()),
                     port: port.port,
                     protocol: port.protocol.unwrap_or_else(|| "TCP".into()),
+                    node_port: port.node_port,
                 })
                 .collect(),
             ingress_ips: status
@@ -167,6 +178,9 @@ impl Service {
                 .collect(),
             external_ips: spec.external_ips.unwrap_or_default(),
             source_ranges: spec.load_balancer_source_ranges.unwrap_or_default(),
+            health_check_node_port: spec.health_check_node_port,
+            health_check: annotations.remove(annotation::HEALTH_CHECK),
+            target: annotations.remove(annotation::TARGET),
         })
     }
 

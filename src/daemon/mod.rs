@@ -6,6 +6,7 @@
 //! outage or a restart never removes a rule; only a complete list or a watch event that says
 //! a Service changed or went does.
 
+mod backends;
 mod inputs;
 mod reconcile;
 
@@ -20,13 +21,15 @@ use tokio::time::Instant;
 use crate::cluster::client::{self, ClientError};
 use crate::cluster::lane::{Kind, Lane};
 use crate::cluster::{Cluster, Key, watch};
-use crate::core::decide::{Store, Summary};
+use crate::core::decide::{Down, Store, Summary};
+use crate::core::model::ForwardKey;
 use crate::core::names::valid_finalizer;
 use crate::core::policy::Policy;
 use crate::kernel::monitor::{TableEvents, Touched};
 use crate::kernel::{Engine, Kernel, NftCli, TableConfig};
 use crate::router::health::{self, Metrics};
 use crate::router::links::LinkEvents;
+use crate::router::probe::{ProbeSettings, Prober};
 
 pub const DEFAULT_FINALIZER: &str = "kube-port-forward-controller/finalizer";
 pub const DEFAULT_CONDITION: &str = "kube-port-forward-controller/Forwarded";
@@ -60,6 +63,8 @@ pub struct Settings {
     pub policy_file: Option<PathBuf>,
     /// Serve `/healthz`, `/readyz` and `/metrics` here.
     pub health: Option<SocketAddr>,
+    /// How the backends of forwards with several are checked.
+    pub probes: ProbeSettings,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +120,14 @@ struct Daemon {
     fixed_router: BTreeSet<IpAddr>,
     /// The next apply follows a change to the table nf_tables announced from outside.
     verify_outside_change: bool,
+    /// The health checks of the backends, and those that found theirs down.
+    prober: Prober,
+    down: Down,
+    /// The backends the table recorded as down when the daemon started, until the first
+    /// round takes them.
+    kernel_down: Option<BTreeSet<(ForwardKey, IpAddr)>>,
+    /// When each Service was last told about its backends' health (events are rate-limited).
+    health_published: HashMap<Key, Instant>,
 }
 
 /// Runs until `shutdown` completes; a reconcile in progress finishes first.
@@ -193,11 +206,15 @@ pub async fn run(
         cleanup_since: HashMap::new(),
         ready: false,
         failures: 0,
-        metrics,
         fixed_wan: settings.table.wan_addresses.clone(),
         // The WAN flags; the interfaces' addresses are read again at every change.
         fixed_router: settings.table.wan_addresses.clone(),
         verify_outside_change: false,
+        prober: Prober::new(settings.probes, metrics.clone()),
+        down: Down::new(),
+        kernel_down: None,
+        health_published: HashMap::new(),
+        metrics,
         settings,
     };
     if links.is_some() {
@@ -276,6 +293,12 @@ pub async fn run(
                 dirty |= daemon.lane_done(done);
                 while let Ok(done) = lane_done.try_recv() {
                     dirty |= daemon.lane_done(done);
+                }
+            }
+            Some(transition) = daemon.prober.next() => {
+                dirty |= daemon.health_changed(transition.check, transition.up, &transition.detail);
+                while let Some(Some(t)) = daemon.prober.next().now_or_never() {
+                    dirty |= daemon.health_changed(t.check, t.up, &t.detail);
                 }
             }
             _ = heartbeat.tick() => daemon.progress(),

@@ -16,6 +16,9 @@ use crate::core::decide::{self, Summary};
 use crate::kernel::{Applied, Engine, Kernel, Ruleset};
 use crate::router::audit;
 
+/// A Service is told of its backends' health at most this often.
+const HEALTH_EVENTS: Duration = Duration::from_secs(30);
+
 impl Daemon {
     /// One round: apply, then hand finalizers, events and conditions to the cluster lane.
     /// Returns when to try again if something is left to do. Unless `force`d, forwards equal
@@ -30,12 +33,32 @@ impl Daemon {
             .as_ref()
             .map(|e| e.holders().clone())
             .unwrap_or_default();
+        if let Some(recorded) = self.kernel_down.take() {
+            // The backends the table recorded as down before a restart stay down until their
+            // checks pass, so a restart does not send clients to a dead backend.
+            let first = decide::decide(
+                &self.store,
+                &self.settings.finalizer,
+                &self.settings.policy,
+                &holders,
+                &self.down,
+            );
+            for forward in first.plan.forwards.values() {
+                self.down.extend(
+                    forward
+                        .checks()
+                        .filter(|(addr, _)| recorded.contains(&(forward.key, *addr))),
+                );
+            }
+        }
         let decision = decide::decide(
             &self.store,
             &self.settings.finalizer,
             &self.settings.policy,
             &holders,
+            &self.down,
         );
+        self.follow_checks(&decision.plan);
         // A cleanup deadline runs only while the Service waits for its release: one that is
         // asked for again, or was released, starts afresh next time.
         let releasing: BTreeSet<&str> = decision
@@ -156,12 +179,34 @@ impl Daemon {
             .filter_map(|f| f.owner.uid.clone())
             .collect();
         self.report_changes(&applied, &mut round);
+        let now = Instant::now();
         for (key, summary) in decision.summaries {
-            if self.published.get(&key) != Some(&summary) {
+            let Some(previous) = self.published.get(&key) else {
                 self.publish(&key, &summary, &mut round);
                 self.published.insert(key, summary);
+                continue;
+            };
+            if *previous == summary {
+                continue;
             }
+            // A backend going down or coming back is told at most every HEALTH_EVENTS per
+            // Service: a flapping backend changes the forwards at once, the condition and
+            // its event once the interval has passed, with the state of that moment.
+            if summary.reason == "BackendsDown" || previous.reason == "BackendsDown" {
+                if let Some(at) = self.health_published.get(&key)
+                    && now < *at + HEALTH_EVENTS
+                {
+                    let wait = *at + HEALTH_EVENTS - now;
+                    retry = Some(retry.map_or(wait, |r: Duration| r.min(wait)));
+                    continue;
+                }
+                self.health_published.insert(key.clone(), now);
+            }
+            self.publish(&key, &summary, &mut round);
+            self.published.insert(key, summary);
         }
+        self.health_published
+            .retain(|key, at| self.store.contains_key(key) && now < *at + HEALTH_EVENTS);
         self.published.retain(|key, _| self.store.contains_key(key));
         self.send(round);
         Ok(retry)
@@ -234,7 +279,10 @@ impl Daemon {
             .with_engine(move |engine| engine.learn_holders(&config))
             .await?
         {
-            Ok(()) => self.holders_known = true,
+            Ok(down) => {
+                self.holders_known = true;
+                self.kernel_down = Some(down);
+            }
             Err(error) => {
                 tracing::warn!(%error, "cannot read who holds which port; the apply will say more")
             }

@@ -15,8 +15,8 @@ use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 
 use super::diff::{Change, Update};
 use super::layout::*;
-use super::wire::{self, Op, SetChange};
 use super::read::KernelTable;
+use super::wire::{self, Op, SetChange};
 use crate::core::model::{BUCKETS, Family, ForwardKey};
 
 impl Ruleset {
@@ -109,7 +109,13 @@ impl Ruleset {
         }))
     }
 
-    pub(super) fn rule(&self, family: Family, who: Who, side: Side, pick: Pick) -> NfListObject<'_> {
+    pub(super) fn rule(
+        &self,
+        family: Family,
+        who: Who,
+        side: Side,
+        pick: Pick,
+    ) -> NfListObject<'_> {
         let mut expr = Vec::new();
         let iifname = || {
             Expression::Named(NamedExpression::Meta(Meta {
@@ -217,7 +223,9 @@ impl Ruleset {
             expr: Cow::Owned(expr),
             handle: None,
             index: None,
-            comment: Some(Cow::Owned(self.config.rule_comment(family, who, side, pick))),
+            comment: Some(Cow::Owned(
+                self.config.rule_comment(family, who, side, pick),
+            )),
         })
     }
 

@@ -7,9 +7,9 @@ use std::net::IpAddr;
 
 use super::layout::*;
 use super::read::KernelTable;
-use crate::core::model::{Forward, ForwardKey};
 #[cfg(test)]
 use crate::core::model::BUCKETS;
+use crate::core::model::{Forward, ForwardKey};
 
 /// What the next transaction must do.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -176,7 +176,8 @@ impl KernelTable {
                 comment,
             },
         );
-        self.down.extend(forward.down.iter().map(|addr| (key, *addr)));
+        self.down
+            .extend(forward.down.iter().map(|addr| (key, *addr)));
         self.sources.extend(sources_of(forward));
         self.open.extend(open_of(forward));
     }
@@ -380,7 +381,10 @@ mod tests {
             .to_vec();
         let before = ruleset(std::slice::from_ref(&f));
         let kernel = before.as_kernel();
-        assert!(kernel.addrs.is_empty(), "no address element: the hash rule takes it");
+        assert!(
+            kernel.addrs.is_empty(),
+            "no address element: the hash rule takes it"
+        );
         assert_eq!(kernel.picks.len(), BUCKETS);
         assert_eq!(kernel.choice(&f.key), f.backends);
         f.down = vec!["10.0.0.2".parse().unwrap()];

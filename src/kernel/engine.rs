@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use super::firewall::{Firewall, KernelError};
-use super::layout::{FAMILIES, addr_map, pick_map};
+use super::layout::{Down, FAMILIES, addr_map, pick_map};
 use super::nfnl::NetlinkError;
 use super::read::set_names;
 use super::wire::{self, Elem};
@@ -75,7 +75,13 @@ impl Previous<'_> {
                 let mut backends: Vec<IpAddr> = choice
                     .iter()
                     .copied()
-                    .chain(table.down.range((*key, UNSPECIFIED)..).take_while(|(k, _)| k == key).map(|(_, a)| *a))
+                    .chain(
+                        table
+                            .down
+                            .range((*key, UNSPECIFIED)..)
+                            .take_while(|(k, _)| k == key)
+                            .map(|(_, a)| *a),
+                    )
                     .collect();
                 backends.sort_unstable();
                 backends.dedup();
@@ -92,9 +98,10 @@ impl Previous<'_> {
     fn describe(&self, key: &ForwardKey) -> String {
         let described = match self {
             Previous::Nothing => None,
-            Previous::Applied(ruleset) => ruleset.forwards.get(key).map(|f| {
-                format!("{} -> {}", owner_comment(f), targets_text(f.targets()))
-            }),
+            Previous::Applied(ruleset) => ruleset
+                .forwards
+                .get(key)
+                .map(|f| format!("{} -> {}", owner_comment(f), targets_text(f.targets()))),
             Previous::Kernel(table) => self.forward(key).map(|was| {
                 let port = was.port.map_or("?".to_owned(), |p| p.to_string());
                 let targets: Vec<String> = was
@@ -106,11 +113,7 @@ impl Previous<'_> {
                     })
                     .collect();
                 let owner = table.ports.get(key).and_then(|p| p.comment.as_deref());
-                format!(
-                    "{} -> {}",
-                    owner.unwrap_or("(no owner)"),
-                    targets.join(",")
-                )
+                format!("{} -> {}", owner.unwrap_or("(no owner)"), targets.join(","))
             }),
         };
         described.unwrap_or_else(|| "(unknown)".to_owned())
@@ -238,15 +241,18 @@ impl<F: Firewall> Engine<F> {
 
     /// Reads the kernel table to learn who holds which port (after a restart, from the owner
     /// comments); the next apply starts from this read.
-    pub fn learn_holders(&mut self, config: &TableConfig) -> Result<(), KernelError> {
+    /// Also returns the backends the table records as down, for the health checks to
+    /// start from.
+    pub fn learn_holders(&mut self, config: &TableConfig) -> Result<BTreeSet<Down>, KernelError> {
         let read = self.read_at(config)?;
         self.holders = read
             .0
             .as_ref()
             .map(KernelTable::holders)
             .unwrap_or_default();
+        let down = read.0.as_ref().map(|t| t.down.clone()).unwrap_or_default();
         self.read_ahead = Some(read);
-        Ok(())
+        Ok(down)
     }
 
     /// Reads the kernel table, checking its shape against `config` (`None`: any
@@ -466,7 +472,10 @@ impl<F: Firewall> Engine<F> {
                 }
                 continue;
             };
-            if was.backends != now.backends || was.port != Some(now.port) || previous.owner_uid(key) != now.owner.uid {
+            if was.backends != now.backends
+                || was.port != Some(now.port)
+                || previous.owner_uid(key) != now.owner.uid
+            {
                 added.push(now.clone());
             }
             if was.port.is_some_and(|p| p != now.port) {

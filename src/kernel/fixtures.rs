@@ -16,6 +16,7 @@ pub fn forward(port: u16, addr: &str, name: &str) -> Forward {
         backends: vec![addr],
         port: 8080,
         down: Vec::new(),
+        probe: None,
         owner: Owner {
             namespace: "ns".into(),
             name: name.into(),

@@ -3,6 +3,7 @@
 //! The daemon's loop writes [`Metrics`]; the server only reads them. Rendering is pure, so
 //! the text format is unit-tested without a socket.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -11,6 +12,7 @@ use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Request, Response, StatusCode};
 
+use crate::core::model::Check;
 use crate::core::plan::{Plan, State};
 
 /// Upper bounds of the apply-latency histogram buckets, in seconds.
@@ -49,9 +51,22 @@ pub struct Metrics {
     pub bookkeeping_queued: usize,
     /// The cluster lane has nothing pending or in flight.
     pub bookkeeping_idle: bool,
+    /// The health checks of backends, by check.
+    pub backends: BTreeMap<Check, BackendStats>,
     apply_buckets: [u64; BUCKETS.len()],
     apply_count: u64,
     apply_sum: f64,
+}
+
+/// What the probes of one backend found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BackendStats {
+    pub up: bool,
+    pub probes: u64,
+    pub failures: u64,
+    pub transitions: u64,
+    /// How long the last probe that passed took.
+    pub latency: Option<Duration>,
 }
 
 pub type Shared = Arc<Mutex<Metrics>>;
@@ -82,6 +97,7 @@ impl Default for Metrics {
             flows_closed: 0,
             bookkeeping_queued: 0,
             bookkeeping_idle: true,
+            backends: BTreeMap::new(),
             apply_buckets: [0; BUCKETS.len()],
             apply_count: 0,
             apply_sum: 0.0,
@@ -223,7 +239,69 @@ impl Metrics {
         let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.apply_count);
         let _ = writeln!(out, "{name}_sum {}", self.apply_sum);
         let _ = writeln!(out, "{name}_count {}", self.apply_count);
+        self.render_backends(&mut out);
         out
+    }
+
+    fn render_backends(&self, out: &mut String) {
+        if self.backends.is_empty() {
+            return;
+        }
+        let label = |(addr, probe): &Check| format!("backend=\"{addr}\",probe=\"{probe}\"");
+        header(
+            out,
+            "backend_up",
+            "gauge",
+            "Whether a backend's health check passes (1) or found it down (0).",
+        );
+        for (check, stats) in &self.backends {
+            let _ = writeln!(
+                out,
+                "kube_port_forward_backend_up{{{}}} {}",
+                label(check),
+                u8::from(stats.up)
+            );
+        }
+        header(
+            out,
+            "backend_probe_seconds",
+            "gauge",
+            "How long the last passing probe of a backend took.",
+        );
+        for (check, stats) in &self.backends {
+            if let Some(latency) = stats.latency {
+                let _ = writeln!(
+                    out,
+                    "kube_port_forward_backend_probe_seconds{{{}}} {}",
+                    label(check),
+                    latency.as_secs_f64()
+                );
+            }
+        }
+        let counters: [(&str, &str, fn(&BackendStats) -> u64); 3] = [
+            ("backend_probes_total", "Probes of a backend.", |s| s.probes),
+            (
+                "backend_probe_failures_total",
+                "Probes of a backend that failed.",
+                |s| s.failures,
+            ),
+            (
+                "backend_transitions_total",
+                "Times a backend went down or came back up.",
+                |s| s.transitions,
+            ),
+        ];
+        for (name, help, value) in counters {
+            header(out, name, "counter", help);
+            for (check, stats) in &self.backends {
+                let _ = writeln!(
+                    out,
+                    "kube_port_forward_{name}{{{}}} {}",
+                    label(check),
+                    value(stats)
+                );
+            }
+        }
     }
 }
 

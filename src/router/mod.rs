@@ -5,4 +5,5 @@ pub mod audit;
 pub mod health;
 pub mod links;
 pub mod policy_file;
+pub mod probe;
 pub mod sockets;

@@ -1,0 +1,62 @@
+//! The daemon's side of the health checks: which checks run (those of the forwards in the
+//! plan), which backends are down, and what a change of state does: the next round takes
+//! the backend out of (or back into) its forwards' choice, and the audit trail says so.
+
+use std::collections::BTreeMap;
+
+use super::Daemon;
+use crate::core::model::Check;
+use crate::core::plan::Plan;
+
+impl Daemon {
+    /// Runs the checks of the forwards in `plan`, each new one starting in the state the
+    /// daemon knows (down if recorded so), and forgets the state of checks no longer run.
+    pub(super) fn follow_checks(&mut self, plan: &Plan) {
+        let wanted: BTreeMap<Check, bool> = plan
+            .forwards
+            .values()
+            .flat_map(|f| f.checks())
+            .map(|check| (check, !self.down.contains(&check)))
+            .collect();
+        self.down.retain(|check| wanted.contains_key(check));
+        self.prober.set(wanted);
+    }
+
+    /// A backend changed state: recorded, logged for the audit trail; `true` when a forward
+    /// uses it, so the caller reconciles.
+    pub(super) fn health_changed(&mut self, check: Check, up: bool, detail: &str) -> bool {
+        let changed = if up {
+            self.down.remove(&check)
+        } else {
+            self.down.insert(check)
+        };
+        if !changed {
+            return false;
+        }
+        let (addr, probe) = check;
+        let forwards: Vec<String> = self
+            .engine
+            .as_ref()
+            .and_then(|e| e.applied())
+            .map(|applied| {
+                applied
+                    .forwards
+                    .values()
+                    .filter(|f| f.checks().any(|c| c == check))
+                    .map(|f| format!("{} of {}", f.key, f.owner))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let state = if up { "up" } else { "down" };
+        tracing::warn!(
+            action = "backend",
+            state,
+            backend = %addr,
+            probe = %probe,
+            detail,
+            forwards = %forwards.join(", "),
+            "backend {state}"
+        );
+        true
+    }
+}
