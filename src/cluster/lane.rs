@@ -371,6 +371,7 @@ mod tests {
             reason,
             message: String::new(),
             warning: false,
+            down: 0,
         }
     }
 

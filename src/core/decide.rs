@@ -22,6 +22,9 @@ pub struct Summary {
     pub message: String,
     /// Whether the event is a Warning.
     pub warning: bool,
+    /// How many backends of its forwards health checks hold down: a change of this alone
+    /// is told at a limited rate.
+    pub down: usize,
 }
 
 /// The decision for one round.
@@ -82,6 +85,7 @@ pub fn decide(
                     reason: "Invalid",
                     message: format!("field {}: {}", error.field, error.message),
                     warning: true,
+                    down: 0,
                 },
             );
         }
@@ -169,6 +173,7 @@ fn summarize(outcomes: &[&plan::Outcome]) -> Summary {
         reason,
         message: lines.join("; "),
         warning: invalid + conflict + refused > 0 || reason == "BackendsDown",
+        down: outcomes.iter().map(|o| o.down.len()).sum(),
     }
 }
 

@@ -4,7 +4,13 @@
 
 use std::collections::BTreeMap;
 
+use kube::runtime::events::EventType;
+use tokio::time::Instant;
+
 use super::Daemon;
+use super::reconcile::HEALTH_EVENTS;
+use crate::cluster::Key;
+use crate::cluster::lane::Round;
 use crate::core::model::Check;
 use crate::core::plan::Plan;
 
@@ -34,7 +40,7 @@ impl Daemon {
             return false;
         }
         let (addr, probe) = check;
-        let forwards: Vec<String> = self
+        let users: Vec<(Key, String)> = self
             .engine
             .as_ref()
             .and_then(|e| e.applied())
@@ -43,10 +49,14 @@ impl Daemon {
                     .forwards
                     .values()
                     .filter(|f| f.checks().any(|c| c == check))
-                    .map(|f| format!("{} of {}", f.key, f.owner))
+                    .map(|f| {
+                        let service = (f.owner.namespace.clone(), f.owner.name.clone());
+                        (service, format!("{} of {}", f.key, f.owner))
+                    })
                     .collect()
             })
             .unwrap_or_default();
+        let forwards: Vec<&str> = users.iter().map(|(_, f)| f.as_str()).collect();
         let state = if up { "up" } else { "down" };
         tracing::warn!(
             action = "backend",
@@ -57,6 +67,38 @@ impl Daemon {
             forwards = %forwards.join(", "),
             "backend {state}"
         );
+        // One event per Service, at most every HEALTH_EVENTS; repeats of one reason become
+        // a series of one event.
+        let now = Instant::now();
+        let mut told: BTreeMap<Key, Vec<&str>> = BTreeMap::new();
+        for (service, forward) in &users {
+            told.entry(service.clone()).or_default().push(forward);
+        }
+        let mut round = Round::default();
+        for (service, forwards) in told {
+            if self
+                .health_events
+                .get(&service)
+                .is_some_and(|at| now < *at + HEALTH_EVENTS)
+            {
+                continue;
+            }
+            self.health_events.insert(service.clone(), now);
+            let (type_, reason) = if up {
+                (EventType::Normal, "BackendUp")
+            } else {
+                (EventType::Warning, "BackendDown")
+            };
+            let note = format!(
+                "backend {addr} ({probe}) of {} is {state} on router {}: {detail}",
+                forwards.join(", "),
+                self.settings.instance
+            );
+            self.event(&service, type_, reason, "Check", note, &mut round);
+        }
+        self.health_events
+            .retain(|_, at| now < *at + HEALTH_EVENTS);
+        self.send(round);
         true
     }
 }

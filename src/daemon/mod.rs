@@ -126,8 +126,9 @@ struct Daemon {
     /// The backends the table recorded as down when the daemon started, until the first
     /// round takes them.
     kernel_down: Option<BTreeSet<(ForwardKey, IpAddr)>>,
-    /// When each Service was last told about its backends' health (events are rate-limited).
-    health_published: HashMap<Key, Instant>,
+    /// When each Service's condition, and its events, last told of its backends' health.
+    health_told: HashMap<Key, Instant>,
+    health_events: HashMap<Key, Instant>,
 }
 
 /// Runs until `shutdown` completes; a reconcile in progress finishes first.
@@ -213,7 +214,8 @@ pub async fn run(
         prober: Prober::new(settings.probes, metrics.clone()),
         down: Down::new(),
         kernel_down: None,
-        health_published: HashMap::new(),
+        health_told: HashMap::new(),
+        health_events: HashMap::new(),
         metrics,
         settings,
     };

@@ -16,8 +16,9 @@ use crate::core::decide::{self, Summary};
 use crate::kernel::{Applied, Engine, Kernel, Ruleset};
 use crate::router::audit;
 
-/// A Service is told of its backends' health at most this often.
-const HEALTH_EVENTS: Duration = Duration::from_secs(30);
+/// A Service is told of its backends' health at most this often, in its condition and in
+/// events each.
+pub(super) const HEALTH_EVENTS: Duration = Duration::from_secs(30);
 
 impl Daemon {
     /// One round: apply, then hand finalizers, events and conditions to the cluster lane.
@@ -182,30 +183,32 @@ impl Daemon {
         let now = Instant::now();
         for (key, summary) in decision.summaries {
             let Some(previous) = self.published.get(&key) else {
-                self.publish(&key, &summary, &mut round);
+                self.publish(&key, &summary, true, &mut round);
                 self.published.insert(key, summary);
                 continue;
             };
             if *previous == summary {
                 continue;
             }
-            // A backend going down or coming back is told at most every HEALTH_EVENTS per
-            // Service: a flapping backend changes the forwards at once, the condition and
-            // its event once the interval has passed, with the state of that moment.
-            if summary.reason == "BackendsDown" || previous.reason == "BackendsDown" {
-                if let Some(at) = self.health_published.get(&key)
+            // A backend going down or coming back changes the forwards at once, and the
+            // condition at most every HEALTH_EVENTS per Service, with the state of that
+            // moment: a flapping backend does not patch the Service at every probe. Its
+            // events are the health checks' own (`BackendDown`, `BackendUp`).
+            let health_only = summary.down != previous.down;
+            if health_only {
+                if let Some(at) = self.health_told.get(&key)
                     && now < *at + HEALTH_EVENTS
                 {
                     let wait = *at + HEALTH_EVENTS - now;
                     retry = Some(retry.map_or(wait, |r: Duration| r.min(wait)));
                     continue;
                 }
-                self.health_published.insert(key.clone(), now);
+                self.health_told.insert(key.clone(), now);
             }
-            self.publish(&key, &summary, &mut round);
+            self.publish(&key, &summary, !health_only, &mut round);
             self.published.insert(key, summary);
         }
-        self.health_published
+        self.health_told
             .retain(|key, at| self.store.contains_key(key) && now < *at + HEALTH_EVENTS);
         self.published.retain(|key, _| self.store.contains_key(key));
         self.send(round);
@@ -442,7 +445,7 @@ impl Daemon {
         self.event(key, EventType::Warning, reason, "Forward", note, round);
     }
 
-    fn event(
+    pub(super) fn event(
         &self,
         key: &Key,
         type_: EventType,
@@ -467,7 +470,8 @@ impl Daemon {
     /// The event and this router's condition for a Service whose summary changed. Nothing
     /// when the Service already carries that condition (after a restart, say): events say
     /// what changed, not that nothing did.
-    fn publish(&self, key: &Key, summary: &Summary, round: &mut Round) {
+    /// `event`: false for a change of backends' health alone, told by its own events.
+    fn publish(&self, key: &Key, summary: &Summary, event: bool, round: &mut Round) {
         let Some(tracked) = self.store.get(key) else {
             return;
         };
@@ -477,6 +481,12 @@ impl Daemon {
             summary,
         );
         if tracked.condition(&wanted.type_) == Some(&wanted) {
+            return;
+        }
+        if !event {
+            round
+                .reports
+                .push((key.clone(), Work::Condition(summary.clone())));
             return;
         }
         let type_ = if summary.warning {

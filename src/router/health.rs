@@ -403,6 +403,34 @@ mod tests {
     }
 
     #[test]
+    fn backends_have_their_state_latency_and_counts() {
+        let mut m = Metrics::default();
+        assert!(!m.render(Instant::now()).contains("backend"));
+        let check = ("10.0.0.2".parse().unwrap(), crate::core::model::Probe::Tcp(80));
+        m.backends.insert(
+            check,
+            BackendStats {
+                up: false,
+                probes: 7,
+                failures: 2,
+                transitions: 1,
+                latency: Some(Duration::from_millis(3)),
+            },
+        );
+        let text = m.render(Instant::now());
+        let labels = "{backend=\"10.0.0.2\",probe=\"tcp:80\"}";
+        for line in [
+            format!("kube_port_forward_backend_up{labels} 0"),
+            format!("kube_port_forward_backend_probe_seconds{labels} 0.003"),
+            format!("kube_port_forward_backend_probes_total{labels} 7"),
+            format!("kube_port_forward_backend_probe_failures_total{labels} 2"),
+            format!("kube_port_forward_backend_transitions_total{labels} 1"),
+        ] {
+            assert!(text.contains(&line), "{line} in {text}");
+        }
+    }
+
+    #[test]
     fn a_loop_that_stopped_turning_is_not_alive() {
         let m = Metrics::default();
         let later = m.loop_turned + Duration::from_secs(61);

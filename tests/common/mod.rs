@@ -470,3 +470,127 @@ pub fn assert_rbac_covers(requests: &[String]) {
         }
     }
 }
+
+/// One backend of a forward with several: on `addr`, a TCP server greeting
+/// `hello <addr>`, a UDP server echoing `echo <addr> <payload>`, both on `port`, and, when
+/// `health_port` is given, an HTTP health endpoint answering 200 (kube-proxy's
+/// healthCheckNodePort). All stop when dropped.
+pub struct Backend {
+    stop: Arc<AtomicBool>,
+}
+
+impl Backend {
+    pub fn start(ns: &Netns, addr: &str, port: u16, health_port: Option<u16>) -> Backend {
+        let ip: std::net::IpAddr = addr.parse().unwrap();
+        let (tcp, udp, health) = ns.enter(move || {
+            let tcp = TcpListener::bind((ip, port)).expect("backend TCP binds");
+            let udp = UdpSocket::bind((ip, port)).expect("backend UDP binds");
+            let health =
+                health_port.map(|p| TcpListener::bind((ip, p)).expect("health port binds"));
+            (tcp, udp, health)
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let serve = |listener: TcpListener, answer: String, stop: Arc<AtomicBool>| {
+            listener.set_nonblocking(true).unwrap();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    match listener.accept() {
+                        Ok((mut stream, _)) => {
+                            use std::io::{Read, Write};
+                            let _ = stream.set_nonblocking(false);
+                            if answer.starts_with("HTTP") {
+                                let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+                                let _ = stream.read(&mut [0u8; 512]);
+                            }
+                            let _ = stream.write_all(answer.as_bytes());
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                    }
+                }
+            });
+        };
+        serve(tcp, format!("hello {addr}\n"), stop.clone());
+        if let Some(health) = health {
+            let ok = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}".to_owned();
+            serve(health, ok, stop.clone());
+        }
+        udp.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let (udp_stop, addr) = (stop.clone(), addr.to_owned());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 1500];
+            while !udp_stop.load(Ordering::SeqCst) {
+                if let Ok((n, peer)) = udp.recv_from(&mut buf) {
+                    let mut reply = format!("echo {addr} ").into_bytes();
+                    reply.extend_from_slice(&buf[..n]);
+                    let _ = udp.send_to(&reply, peer);
+                }
+            }
+        });
+        Backend { stop }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // The listeners close when their threads see the flag: wait until they have.
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Connects over TCP from `source` (an address of `ns`) and returns the greeting.
+pub fn tcp_greeting_from(ns: &Netns, source: &str, addr: SocketAddr) -> std::io::Result<String> {
+    use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, SockaddrStorage, sockopt};
+    let source: std::net::IpAddr = source.parse().unwrap();
+    ns.enter(move || {
+        use std::io::Read;
+        let family = if source.is_ipv4() {
+            AddressFamily::Inet
+        } else {
+            AddressFamily::Inet6
+        };
+        let fd = socket::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+        // connect(2) gives up after the send timeout.
+        let ten = nix::sys::time::TimeVal::new(10, 0);
+        socket::setsockopt(&fd, sockopt::SendTimeout, &ten)?;
+        socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+        socket::bind(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            &SockaddrStorage::from(SocketAddr::new(source, 0)),
+        )?;
+        socket::connect(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            &SockaddrStorage::from(addr),
+        )?;
+        let mut stream = TcpStream::from(fd);
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text)?;
+        Ok(text.trim().to_owned())
+    })
+}
+
+/// A UDP socket of `ns` bound to `source` (address and port), kept open: datagrams it sends
+/// to a forward belong to one conntrack entry until that entry is deleted.
+pub struct UdpClient {
+    socket: UdpSocket,
+}
+
+impl UdpClient {
+    pub fn bind(ns: &Netns, source: SocketAddr) -> UdpClient {
+        let socket = ns.enter(move || UdpSocket::bind(source).expect("UDP client binds"));
+        socket
+            .set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        UdpClient { socket }
+    }
+
+    /// Sends `payload` to `addr` and returns the reply, if one comes within half a second.
+    pub fn echo(&self, addr: SocketAddr, payload: &str) -> Option<String> {
+        self.socket.send_to(payload.as_bytes(), addr).ok()?;
+        let mut buf = [0u8; 1500];
+        let (n, _) = self.socket.recv_from(&mut buf).ok()?;
+        Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+    }
+}

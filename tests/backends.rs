@@ -1,0 +1,233 @@
+//! Forwards with several backends, end to end: the daemon runs in the router namespace
+//! against the test API server, three backends listen on three LAN addresses of the server
+//! namespace, and clients from many WAN source addresses connect through the router. The
+//! health checks run for real (short intervals; every wait is for a condition). Needs root.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+
+use common::apiserver::ApiServer;
+use common::scenario::*;
+use common::*;
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_kube-port-forward");
+const BACKENDS4: [&str; 3] = ["192.168.50.11", "192.168.50.12", "192.168.50.13"];
+const BACKENDS6: [&str; 3] = ["fd00:50::11", "fd00:50::12", "fd00:50::13"];
+const HEALTH_PORT: u16 = 10256;
+/// WAN clients: 203.0.113.100 and up.
+const SOURCES: u8 = 24;
+
+fn source(i: u8) -> String {
+    format!("203.0.113.{}", 100 + i)
+}
+
+/// `apps/web`: TCP 8080 as external 80, UDP 8080 as external 5353, kube-proxy's health
+/// check on `HEALTH_PORT`, every backend address (and a public one the policy refuses).
+fn create_web(api: &ApiServer) {
+    let metadata = json!({"name": "web", "namespace": "apps",
+        "annotations": {"kube-port-forward-controller/mapping": "80:http, 5353:echo"}});
+    api.create(json!({"apiVersion": "v1", "kind": "Service", "metadata": metadata,
+        "spec": {"type": "LoadBalancer", "externalTrafficPolicy": "Local",
+            "healthCheckNodePort": HEALTH_PORT,
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"},
+                      {"name": "echo", "port": 8080, "protocol": "UDP"}]}}));
+    let mut ips: Vec<&str> = BACKENDS4.to_vec();
+    ips.insert(1, "198.51.100.7");
+    ips.extend(BACKENDS6);
+    api.set_lb_ips("apps", "web", &ips);
+}
+
+fn status(topology: &Topology) -> Value {
+    serde_json::from_str(&topology.router.exec(BIN, &["status", "--output", "json"])).unwrap()
+}
+
+/// The health of each backend of the forward on `port`/`protocol` (IPv4), from `status`.
+fn health(topology: &Topology, port: u16, protocol: &str) -> BTreeMap<String, String> {
+    let status = status(topology);
+    let forward = status["forwards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["external_port"] == port && f["protocol"] == protocol && f["family"] == "ipv4")
+        .cloned()
+        .unwrap_or_default();
+    forward["backends"]
+        .as_array()
+        .map(|backends| {
+            backends
+                .iter()
+                .map(|b| {
+                    (
+                        b["target"]["addr"].as_str().unwrap_or_default().to_owned(),
+                        b["health"].as_str().unwrap_or_default().to_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Which backend each WAN source reaches on port 80, for the sources that get an answer.
+fn greetings(topology: &Topology) -> BTreeMap<u8, String> {
+    (0..SOURCES)
+        .filter_map(|i| {
+            tcp_greeting_from(&topology.client, &source(i), wan(80))
+                .ok()
+                .map(|g| (i, g.trim_start_matches("hello ").to_owned()))
+        })
+        .collect()
+}
+
+fn udp_target() -> SocketAddr {
+    format!("{ROUTER_WAN4}:5353").parse().unwrap()
+}
+
+#[test]
+fn three_backends_share_clients_fail_over_come_back_and_all_down_keeps_them_all() {
+    let Setup {
+        topology,
+        api,
+        addr,
+        dir,
+        _servers,
+    } = setup(&[]);
+    for backend in BACKENDS4 {
+        topology.server.ip(&["addr", "add", &format!("{backend}/24"), "dev", "eth0"]);
+    }
+    for backend in BACKENDS6 {
+        topology
+            .server
+            .ip(&["addr", "add", &format!("{backend}/64"), "dev", "eth0", "nodad"]);
+    }
+    for i in 0..SOURCES {
+        topology
+            .client
+            .ip(&["addr", "add", &format!("{}/24", source(i)), "dev", "eth0"]);
+    }
+    let start = |addr: &str| Backend::start(&topology.server, addr, 8080, Some(HEALTH_PORT));
+    let mut backends: Vec<Option<Backend>> = BACKENDS4.iter().map(|a| Some(start(a))).collect();
+    let _backends6: Vec<Backend> = BACKENDS6.iter().map(|a| start(a)).collect();
+    create_web(&api);
+    let checks = [
+        "--check-interval",
+        "0.2",
+        "--check-timeout",
+        "0.1",
+        "--cleanup-deadline",
+        "60",
+    ];
+    let daemon = start_daemon(&topology.router, &dir, addr, "router-a", FINALIZER, &checks);
+    daemon.wait_log("ready");
+    wait_for("every source to be forwarded", || {
+        greetings(&topology).len() == usize::from(SOURCES)
+    });
+
+    // Spread over the three, and each client sticks to its backend.
+    let first = greetings(&topology);
+    let used: BTreeSet<&String> = first.values().collect();
+    assert_eq!(used.len(), 3, "{first:?}");
+    assert_eq!(greetings(&topology), first, "a client moved while all were up");
+    // IPv6 clients reach one of the IPv6 backends.
+    let six: SocketAddr = format!("[{ROUTER_WAN6}]:80").parse().unwrap();
+    let greeting = tcp_greeting(&topology.client, six).unwrap();
+    assert!(BACKENDS6.iter().any(|b| greeting == format!("hello {b}")), "{greeting}");
+    // The public address is refused, the others serve.
+    wait_for("the refused backend to be reported", || {
+        let c = &api.get("apps", "web").unwrap()["status"]["conditions"][0];
+        c["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("198.51.100.7"))
+    });
+
+    // A UDP client of the backend about to stop, on one conntrack entry.
+    let (victim_source, victim) = first
+        .iter()
+        .find(|(_, b)| b.as_str() == BACKENDS4[1])
+        .map(|(i, b)| (*i, b.clone()))
+        .unwrap();
+    let udp = UdpClient::bind(
+        &topology.client,
+        format!("{}:40000", source(victim_source)).parse().unwrap(),
+    );
+    assert_eq!(
+        udp.echo(udp_target(), "a").as_deref(),
+        Some(format!("echo {victim} a").as_str())
+    );
+
+    // The middle backend stops: its clients move to the others, the others stay.
+    backends[1] = None;
+    wait_for("the stopped backend's clients to be served by the others", || {
+        let now = greetings(&topology);
+        now.len() == usize::from(SOURCES) && now.values().all(|b| b != &victim)
+    });
+    let moved = greetings(&topology);
+    for (i, backend) in &first {
+        if backend != &victim {
+            assert_eq!(&moved[i], backend, "source {i} moved though its backend is up");
+        }
+    }
+    assert_eq!(health(&topology, 80, "TCP")[BACKENDS4[1]], "down");
+    // Its conntrack entry was deleted, so the same UDP flow moves too.
+    wait_for("the UDP flow to move to a running backend", || {
+        udp.echo(udp_target(), "b")
+            .is_some_and(|reply| !reply.contains(&victim))
+    });
+    assert!(daemon.log().contains("action=\"backend\" state=\"down\""), "no audit line");
+    // The Service is told, in its condition (the first change of health is told at once,
+    // later ones at a limited rate) and by an event.
+    let down = format!("(down: {victim}:8080)");
+    wait_for("the condition to name the backend down", || {
+        api.get("apps", "web").unwrap()["status"]["conditions"][0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(&down))
+    });
+    let told = format!("backend {victim} (");
+    wait_for("a BackendDown warning", || {
+        api.events().iter().any(|e| {
+            e["type"] == "Warning"
+                && e["reason"] == "BackendDown"
+                && e["note"].as_str().is_some_and(|n| n.contains(&told))
+        })
+    });
+
+    // It comes back: its buckets return to it.
+    backends[1] = Some(start(BACKENDS4[1]));
+    wait_for("the backend's clients to return", || {
+        greetings(&topology).get(&victim_source) == Some(&victim)
+    });
+    wait_for("the status to say it serves", || {
+        health(&topology, 80, "TCP")[BACKENDS4[1]] == "serving"
+    });
+
+    // Every backend down: every one is kept, never a blackhole.
+    backends.iter_mut().for_each(|b| *b = None);
+    wait_for("every backend of the UDP forward to be down and kept", || {
+        let h = health(&topology, 5353, "UDP");
+        h.len() == 3 && h.values().all(|s| s.starts_with("down, kept"))
+    });
+    // One backend serves again, but its health check still fails: the forward still sends
+    // its share of clients there.
+    let (kept_source, kept) = first
+        .iter()
+        .find(|(_, b)| b.as_str() == BACKENDS4[0])
+        .map(|(i, b)| (*i, b.clone()))
+        .unwrap();
+    let _back = Backend::start(&topology.server, &kept, 8080, None);
+    let probe = UdpClient::bind(
+        &topology.client,
+        format!("{}:40001", source(kept_source)).parse().unwrap(),
+    );
+    wait_for("a client of the serving backend to be answered while all are down", || {
+        probe
+            .echo(udp_target(), "c")
+            .is_some_and(|reply| reply == format!("echo {kept} c"))
+    });
+    assert!(
+        health(&topology, 5353, "UDP")
+            .values()
+            .all(|s| s.starts_with("down, kept"))
+    );
+}
