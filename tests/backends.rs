@@ -29,11 +29,13 @@ fn source(i: u8) -> String {
 fn create_web(api: &ApiServer) {
     let metadata = json!({"name": "web", "namespace": "apps",
         "annotations": {"kube-port-forward-controller/mapping": "80:http, 5353:echo"}});
-    api.create(json!({"apiVersion": "v1", "kind": "Service", "metadata": metadata,
+    api.create(
+        json!({"apiVersion": "v1", "kind": "Service", "metadata": metadata,
         "spec": {"type": "LoadBalancer", "externalTrafficPolicy": "Local",
             "healthCheckNodePort": HEALTH_PORT,
             "ports": [{"name": "http", "port": 8080, "protocol": "TCP"},
-                      {"name": "echo", "port": 8080, "protocol": "UDP"}]}}));
+                      {"name": "echo", "port": 8080, "protocol": "UDP"}]}}),
+    );
     let mut ips: Vec<&str> = BACKENDS4.to_vec();
     ips.insert(1, "198.51.100.7");
     ips.extend(BACKENDS6);
@@ -95,12 +97,19 @@ fn three_backends_share_clients_fail_over_come_back_and_all_down_keeps_them_all(
         _servers,
     } = setup(&[]);
     for backend in BACKENDS4 {
-        topology.server.ip(&["addr", "add", &format!("{backend}/24"), "dev", "eth0"]);
-    }
-    for backend in BACKENDS6 {
         topology
             .server
-            .ip(&["addr", "add", &format!("{backend}/64"), "dev", "eth0", "nodad"]);
+            .ip(&["addr", "add", &format!("{backend}/24"), "dev", "eth0"]);
+    }
+    for backend in BACKENDS6 {
+        topology.server.ip(&[
+            "addr",
+            "add",
+            &format!("{backend}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
     }
     for i in 0..SOURCES {
         topology
@@ -129,11 +138,18 @@ fn three_backends_share_clients_fail_over_come_back_and_all_down_keeps_them_all(
     let first = greetings(&topology);
     let used: BTreeSet<&String> = first.values().collect();
     assert_eq!(used.len(), 3, "{first:?}");
-    assert_eq!(greetings(&topology), first, "a client moved while all were up");
+    assert_eq!(
+        greetings(&topology),
+        first,
+        "a client moved while all were up"
+    );
     // IPv6 clients reach one of the IPv6 backends.
     let six: SocketAddr = format!("[{ROUTER_WAN6}]:80").parse().unwrap();
     let greeting = tcp_greeting(&topology.client, six).unwrap();
-    assert!(BACKENDS6.iter().any(|b| greeting == format!("hello {b}")), "{greeting}");
+    assert!(
+        BACKENDS6.iter().any(|b| greeting == format!("hello {b}")),
+        "{greeting}"
+    );
     // The public address is refused, the others serve.
     wait_for("the refused backend to be reported", || {
         let c = &api.get("apps", "web").unwrap()["status"]["conditions"][0];
@@ -159,14 +175,20 @@ fn three_backends_share_clients_fail_over_come_back_and_all_down_keeps_them_all(
 
     // The middle backend stops: its clients move to the others, the others stay.
     backends[1] = None;
-    wait_for("the stopped backend's clients to be served by the others", || {
-        let now = greetings(&topology);
-        now.len() == usize::from(SOURCES) && now.values().all(|b| b != &victim)
-    });
+    wait_for(
+        "the stopped backend's clients to be served by the others",
+        || {
+            let now = greetings(&topology);
+            now.len() == usize::from(SOURCES) && now.values().all(|b| b != &victim)
+        },
+    );
     let moved = greetings(&topology);
     for (i, backend) in &first {
         if backend != &victim {
-            assert_eq!(&moved[i], backend, "source {i} moved though its backend is up");
+            assert_eq!(
+                &moved[i], backend,
+                "source {i} moved though its backend is up"
+            );
         }
     }
     assert_eq!(health(&topology, 80, "TCP")[BACKENDS4[1]], "down");
@@ -175,7 +197,10 @@ fn three_backends_share_clients_fail_over_come_back_and_all_down_keeps_them_all(
         udp.echo(udp_target(), "b")
             .is_some_and(|reply| !reply.contains(&victim))
     });
-    assert!(daemon.log().contains("action=\"backend\" state=\"down\""), "no audit line");
+    assert!(
+        daemon.log().contains("action=\"backend\" state=\"down\""),
+        "no audit line"
+    );
     // The Service is told, in its condition (the first change of health is told at once,
     // later ones at a limited rate) and by an event.
     let down = format!("(down: {victim}:8080)");
@@ -204,10 +229,13 @@ fn three_backends_share_clients_fail_over_come_back_and_all_down_keeps_them_all(
 
     // Every backend down: every one is kept, never a blackhole.
     backends.iter_mut().for_each(|b| *b = None);
-    wait_for("every backend of the UDP forward to be down and kept", || {
-        let h = health(&topology, 5353, "UDP");
-        h.len() == 3 && h.values().all(|s| s.starts_with("down, kept"))
-    });
+    wait_for(
+        "every backend of the UDP forward to be down and kept",
+        || {
+            let h = health(&topology, 5353, "UDP");
+            h.len() == 3 && h.values().all(|s| s.starts_with("down, kept"))
+        },
+    );
     // One backend serves again, but its health check still fails: the forward still sends
     // its share of clients there.
     let (kept_source, kept) = first
@@ -220,14 +248,98 @@ fn three_backends_share_clients_fail_over_come_back_and_all_down_keeps_them_all(
         &topology.client,
         format!("{}:40001", source(kept_source)).parse().unwrap(),
     );
-    wait_for("a client of the serving backend to be answered while all are down", || {
-        probe
-            .echo(udp_target(), "c")
-            .is_some_and(|reply| reply == format!("echo {kept} c"))
-    });
+    wait_for(
+        "a client of the serving backend to be answered while all are down",
+        || {
+            probe
+                .echo(udp_target(), "c")
+                .is_some_and(|reply| reply == format!("echo {kept} c"))
+        },
+    );
     assert!(
         health(&topology, 5353, "UDP")
             .values()
             .all(|s| s.starts_with("down, kept"))
     );
+}
+
+#[test]
+fn a_thousand_backends_are_probed_within_the_concurrency_bound() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use kube_port_forward::core::model::Probe;
+    use kube_port_forward::router::health::{self, Shared};
+    use kube_port_forward::router::probe::{ProbeSettings, Prober};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const CHECKS: u32 = 1000;
+    const BOUND: usize = 16;
+    let ns = Netns::new("p");
+    ns.ip(&["link", "set", "lo", "up"]);
+    let (most, probed) = ns.enter(|| {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            // Every check's backend is this one health endpoint (on 1,000 loopback
+            // addresses), which answers after 20 ms and counts the probes open at once.
+            let listener = tokio::net::TcpListener::bind("0.0.0.0:18080")
+                .await
+                .unwrap();
+            let open = Arc::new(AtomicUsize::new(0));
+            let most = Arc::new(AtomicUsize::new(0));
+            let (o, m) = (open.clone(), most.clone());
+            tokio::spawn(async move {
+                loop {
+                    let Ok((mut stream, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    let now = o.fetch_add(1, Ordering::SeqCst) + 1;
+                    m.fetch_max(now, Ordering::SeqCst);
+                    let o = o.clone();
+                    tokio::spawn(async move {
+                        let _ = stream.read(&mut [0u8; 512]).await;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        let _ = stream.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await;
+                        o.fetch_sub(1, Ordering::SeqCst);
+                    });
+                }
+            });
+            let metrics = Shared::default();
+            let settings = ProbeSettings {
+                interval: Duration::from_secs(1),
+                timeout: Duration::from_millis(500),
+                concurrency: BOUND,
+                ..ProbeSettings::default()
+            };
+            let mut prober = Prober::new(settings, metrics.clone());
+            prober.set((0..CHECKS).map(|i| {
+                let addr = std::net::Ipv4Addr::new(127, 1, (i / 250) as u8, (i % 250 + 1) as u8);
+                ((addr.into(), Probe::Http(18080)), true)
+            }));
+            assert_eq!(prober.len(), CHECKS as usize);
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                let probed = {
+                    let m = health::lock(&metrics);
+                    m.backends.values().filter(|b| b.probes >= 2).count()
+                };
+                if probed == CHECKS as usize {
+                    break (most.load(Ordering::SeqCst), probed);
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{probed} of {CHECKS} probed twice"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    });
+    assert_eq!(probed, CHECKS as usize);
+    assert!(most <= BOUND, "{most} probes at once, bound {BOUND}");
+    assert!(most > 1, "the probes ran one at a time");
 }

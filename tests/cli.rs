@@ -101,6 +101,17 @@ fn bad_flags_exit_2_with_the_reason() {
     let output = run(&["apply", "-f", "examples/"]);
     assert_eq!(output.status.code(), Some(2));
     assert!(stderr(&output).contains("--wan-interface or --wan-address"));
+    // Health check flags are checked before anything connects anywhere.
+    for (flags, said) in [
+        (["--check-interval", "1", "--check-timeout", "2"], "--check-timeout 2 is not shorter"),
+        (["--check-interval", "0", "--check-timeout", "2"], "--check-interval 0"),
+        (["--check-fall", "0", "--check-rise", "2"], "--check-fall"),
+    ] {
+        let args = [&["run", "--wan-interface", "wan"], &flags[..]].concat();
+        let output = run(&args);
+        assert_eq!(output.status.code(), Some(2));
+        assert!(stderr(&output).contains(said), "{}", stderr(&output));
+    }
 }
 
 #[test]

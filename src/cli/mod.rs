@@ -106,7 +106,7 @@ pub enum Command {
         #[arg(long, value_name = "ADDRESS:PORT")]
         health: Option<std::net::SocketAddr>,
         #[command(flatten)]
-        checks: CheckArgs,
+        checks: Box<CheckArgs>,
         #[command(flatten)]
         table: TableArgs,
         #[command(flatten)]

@@ -314,13 +314,21 @@ mod tests {
         let summary = &d.summaries[&key];
         assert_eq!((summary.status, summary.reason), ("True", "BackendsDown"));
         assert!(summary.warning);
-        assert!(summary.message.contains("(down: 10.0.0.1:80)"), "{}", summary.message);
+        assert!(
+            summary.message.contains("(down: 10.0.0.1:80)"),
+            "{}",
+            summary.message
+        );
         let forward = d.plan.forwards.values().next().unwrap();
         assert_eq!(forward.down, vec![checks[0].0]);
         assert_eq!(forward.choice(), vec![checks[1].0]);
         let all: Down = checks.iter().copied().collect();
         let d = decide(&s, F, &Policy::default(), &Holders::new(), &all);
-        assert!(d.summaries[&key].message.contains("all down: forwarding to all"));
+        assert!(
+            d.summaries[&key]
+                .message
+                .contains("all down: forwarding to all")
+        );
         assert_eq!(d.plan.forwards.values().next().unwrap().choice().len(), 2);
     }
 }

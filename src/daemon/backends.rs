@@ -96,8 +96,7 @@ impl Daemon {
             );
             self.event(&service, type_, reason, "Check", note, &mut round);
         }
-        self.health_events
-            .retain(|_, at| now < *at + HEALTH_EVENTS);
+        self.health_events.retain(|_, at| now < *at + HEALTH_EVENTS);
         self.send(round);
         true
     }

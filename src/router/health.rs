@@ -278,7 +278,8 @@ impl Metrics {
                 );
             }
         }
-        let counters: [(&str, &str, fn(&BackendStats) -> u64); 3] = [
+        type Counter = (&'static str, &'static str, fn(&BackendStats) -> u64);
+        let counters: [Counter; 3] = [
             ("backend_probes_total", "Probes of a backend.", |s| s.probes),
             (
                 "backend_probe_failures_total",
@@ -406,7 +407,10 @@ mod tests {
     fn backends_have_their_state_latency_and_counts() {
         let mut m = Metrics::default();
         assert!(!m.render(Instant::now()).contains("backend"));
-        let check = ("10.0.0.2".parse().unwrap(), crate::core::model::Probe::Tcp(80));
+        let check = (
+            "10.0.0.2".parse().unwrap(),
+            crate::core::model::Probe::Tcp(80),
+        );
         m.backends.insert(
             check,
             BackendStats {
