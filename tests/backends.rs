@@ -343,3 +343,105 @@ fn a_thousand_backends_are_probed_within_the_concurrency_bound() {
     assert!(most <= BOUND, "{most} probes at once, bound {BOUND}");
     assert!(most > 1, "the probes ran one at a time");
 }
+
+const NODES: [(&str, &str); 3] = [
+    ("n1", "192.168.50.21"),
+    ("n2", "192.168.50.22"),
+    ("n3", "192.168.50.23"),
+];
+
+/// The node addresses clients reach on port 80, from every source.
+fn reached(topology: &Topology) -> BTreeSet<String> {
+    greetings(topology).into_values().collect()
+}
+
+#[test]
+fn node_port_fallback_follows_ready_excluded_and_deleted_nodes() {
+    let Setup {
+        topology,
+        api,
+        addr,
+        dir,
+        _servers,
+    } = setup(&[]);
+    for (_, ip) in NODES {
+        topology
+            .server
+            .ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+    }
+    for i in 0..SOURCES {
+        topology
+            .client
+            .ip(&["addr", "add", &format!("{}/24", source(i)), "dev", "eth0"]);
+    }
+    let _nodes: Vec<Backend> = NODES
+        .iter()
+        .map(|(_, ip)| Backend::start(&topology.server, ip, 30080, None))
+        .collect();
+    for (name, ip) in NODES {
+        api.put_node(name, ip, true, json!({}));
+    }
+    // No LoadBalancer address: asks for its node ports instead.
+    let metadata = json!({"name": "web", "namespace": "apps", "annotations": {
+        "kube-port-forward-controller/mapping": "80:http",
+        "kube-port-forward-controller/target": "nodeports"}});
+    api.create(
+        json!({"apiVersion": "v1", "kind": "Service", "metadata": metadata,
+        "spec": {"type": "LoadBalancer", "ports": [
+            {"name": "http", "port": 8080, "protocol": "TCP", "nodePort": 30080}]}}),
+    );
+    let flags = [
+        "--node-ports",
+        "annotated",
+        "--check-interval",
+        "0.2",
+        "--check-timeout",
+        "0.1",
+        "--cleanup-deadline",
+        "60",
+    ];
+    let daemon = start_daemon(&topology.router, &dir, addr, "router-a", FINALIZER, &flags);
+    daemon.wait_log("ready");
+    let all: BTreeSet<String> = NODES.iter().map(|(_, ip)| ip.to_string()).collect();
+    wait_for("every node to take clients", || reached(&topology) == all);
+    wait_for("the finalizer", || finalizers(&api, "web") == [FINALIZER]);
+
+    // n2 NotReady: out; n3 excluded from external load balancers: out.
+    api.put_node("n2", NODES[1].1, false, json!({}));
+    let two: BTreeSet<String> = [NODES[0].1, NODES[2].1].map(String::from).into();
+    wait_for("the NotReady node to leave", || reached(&topology) == two);
+    api.put_node(
+        "n3",
+        NODES[2].1,
+        true,
+        json!({"node.kubernetes.io/exclude-from-external-load-balancers": "true"}),
+    );
+    let one: BTreeSet<String> = [NODES[0].1.to_owned()].into();
+    wait_for("the excluded node to leave", || reached(&topology) == one);
+    // n2 Ready again: back.
+    api.put_node("n2", NODES[1].1, true, json!({}));
+    let back: BTreeSet<String> = [NODES[0].1, NODES[1].1].map(String::from).into();
+    wait_for("the Ready node to come back", || reached(&topology) == back);
+
+    // n1 being deleted (a finalizer holds it), n2 deleted: only the excluded n3 is left, and
+    // excluded it takes no traffic: the forward waits, closes, and the Service is released.
+    api.delete_node("n1", true);
+    let only_n2: BTreeSet<String> = [NODES[1].1.to_owned()].into();
+    wait_for("the node being deleted to leave", || {
+        reached(&topology) == only_n2
+    });
+    api.delete_node("n2", false);
+    wait_for("the forward to close", || refused(&topology, 80));
+    wait_for("the finalizer to be released", || {
+        finalizers(&api, "web").is_empty()
+    });
+    wait_for("the Waiting condition", || {
+        api.get("apps", "web").unwrap()["status"]["conditions"][0]["reason"] == "Waiting"
+    });
+    assert!(
+        daemon.log().contains("complete list of Nodes"),
+        "{}",
+        daemon.log()
+    );
+    assert_rbac_covers(&api.requests());
+}

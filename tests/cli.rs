@@ -103,8 +103,14 @@ fn bad_flags_exit_2_with_the_reason() {
     assert!(stderr(&output).contains("--wan-interface or --wan-address"));
     // Health check flags are checked before anything connects anywhere.
     for (flags, said) in [
-        (["--check-interval", "1", "--check-timeout", "2"], "--check-timeout 2 is not shorter"),
-        (["--check-interval", "0", "--check-timeout", "2"], "--check-interval 0"),
+        (
+            ["--check-interval", "1", "--check-timeout", "2"],
+            "--check-timeout 2 is not shorter",
+        ),
+        (
+            ["--check-interval", "0", "--check-timeout", "2"],
+            "--check-interval 0",
+        ),
         (["--check-fall", "0", "--check-rise", "2"], "--check-fall"),
     ] {
         let args = [&["run", "--wan-interface", "wan"], &flags[..]].concat();

@@ -1,10 +1,12 @@
 //! Service manifests from files, a folder or standard input: YAML or JSON, several documents
-//! per file, `List` and `ServiceList` objects. Objects of other kinds are passed over.
+//! per file, `List` and `ServiceList` objects; Namespace and Node objects for the policy's
+//! namespace selector and for node ports. Objects of other kinds are passed over.
 
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use crate::core::node::{Node, Nodes};
 use crate::core::service::{DecodeError, Service};
 
 /// A manifest that could not be read at all.
@@ -39,6 +41,8 @@ pub struct Manifests {
     pub refused: Vec<Refused>,
     /// Namespace objects, with their labels (for a policy's namespace selector).
     pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    /// Node objects (for forwards to node ports); those that cannot be read take no traffic.
+    pub nodes: Nodes,
     /// Objects of other kinds, passed over.
     pub skipped: usize,
 }
@@ -165,6 +169,11 @@ fn collect(out: &mut Manifests, file: &str, document: serde_json::Value, item_ki
                     })
                     .unwrap_or_default();
                 out.namespaces.insert(name.to_owned(), labels);
+            }
+        }
+        "Node" => {
+            if let Some(node) = Node::decode(document) {
+                out.nodes.insert(node.name.clone(), node);
             }
         }
         "Service" => match Service::decode(document) {

@@ -11,7 +11,7 @@ use crate::cluster::client::{self, ClientError};
 use crate::cluster::finalizer;
 use crate::core::health::Thresholds;
 use crate::core::plan::{self, Plan, State};
-use crate::core::policy::{Policy, PolicyError, PolicyParts};
+use crate::core::policy::{NodePorts, Policy, PolicyError, PolicyParts};
 use crate::daemon::{self, DaemonError};
 use crate::kernel::{
     ConfigError, DEFAULT_TABLE, Engine, Kernel, KernelError, NftCli, Ruleset, TableConfig,
@@ -234,8 +234,14 @@ pub struct PolicyArgs {
     /// (CVE-2020-8554).
     #[arg(long = "allow-external-ips", conflicts_with = "policy")]
     pub external_ips: bool,
-    /// A YAML file with `namespaces`, `namespace_selector`, `ports`, `targets` and
-    /// `external_ips` instead of the flags; `run` re-reads it on SIGHUP.
+    /// Forward Services without a LoadBalancer address to their node ports on the Ready
+    /// nodes: `off`, `annotated` (those annotated
+    /// `kube-port-forward-controller/target: nodeports`) or `all`. The daemon then watches
+    /// Nodes (RBAC: nodes list and watch).
+    #[arg(long = "node-ports", value_parser = ["off", "annotated", "all"], default_value = "off", conflicts_with = "policy")]
+    pub node_ports: String,
+    /// A YAML file with `namespaces`, `namespace_selector`, `ports`, `targets`,
+    /// `external_ips` and `node_ports` instead of the flags; `run` re-reads it on SIGHUP.
     #[arg(long, value_name = "FILE")]
     pub policy: Option<PathBuf>,
 }
@@ -251,6 +257,7 @@ impl PolicyArgs {
                 ports: self.allowed_ports.clone(),
                 targets: Some(self.allowed_targets.clone()),
                 external_ips: Some(self.external_ips),
+                node_ports: NodePorts::parse(&self.node_ports),
             })?,
         };
         policy.router_addresses.extend(router);
@@ -366,6 +373,7 @@ fn read_all(files: &[PathBuf]) -> Result<Manifests, ManifestError> {
         all.services.extend(m.services);
         all.refused.extend(m.refused);
         all.namespaces.extend(m.namespaces);
+        all.nodes.extend(m.nodes);
         all.skipped += m.skipped;
     }
     Ok(all)
@@ -388,6 +396,8 @@ fn planned(
             .map(|(name, _)| name.clone())
             .collect();
     }
+    // Offline, the nodes are the Node manifests given.
+    policy.nodes = manifests.nodes.clone();
     let plan = plan::plan(&manifests.services, &policy);
     let ruleset = Ruleset::new(config, plan.forwards.clone());
     Ok((manifests, plan, ruleset))

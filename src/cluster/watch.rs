@@ -8,7 +8,7 @@ use kube::api::{Api, PartialObjectMeta};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 
-use super::watched::WatchedService;
+use super::watched::{WatchedNode, WatchedService};
 use crate::core::policy::LabelSelector;
 
 /// What the watches deliver.
@@ -16,15 +16,18 @@ pub enum Input {
     /// An event of the Service watch of scope `.0`.
     Services(usize, Box<Result<Event<WatchedService>, watcher::Error>>),
     Namespaces(Box<Result<Event<PartialObjectMeta<Namespace>>, watcher::Error>>),
+    Nodes(Box<Result<Event<WatchedNode>, watcher::Error>>),
 }
 
 /// One Service watch per scope (`None`: every namespace), each retried with backoff; with a
-/// namespace selector, a metadata-only watch of the Namespaces it selects.
+/// namespace selector, a metadata-only watch of the Namespaces it selects; with node ports
+/// on, a watch of the Nodes.
 pub fn streams(
     client: &kube::Client,
     scopes: &[Option<String>],
     selector: Option<&str>,
     namespace_selector: Option<&LabelSelector>,
+    nodes: bool,
 ) -> BoxStream<'static, Input> {
     let mut streams: Vec<BoxStream<'static, Input>> = scopes
         .iter()
@@ -52,6 +55,15 @@ pub fn streams(
             watcher::watcher(api, config)
                 .default_backoff()
                 .map(|event| Input::Namespaces(Box::new(event)))
+                .boxed(),
+        );
+    }
+    if nodes {
+        let api: Api<WatchedNode> = Api::all(client.clone());
+        streams.push(
+            watcher::watcher(api, watcher::Config::default())
+                .default_backoff()
+                .map(|event| Input::Nodes(Box::new(event)))
                 .boxed(),
         );
     }

@@ -12,6 +12,7 @@ use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{Deserialize, Deserializer};
 
+use crate::core::node::Node;
 use crate::core::tracked::Tracked;
 
 /// A Service as the watch delivers it.
@@ -83,6 +84,60 @@ impl kube::Resource for WatchedService {
 
     fn plural(_: &()) -> Cow<'_, str> {
         Cow::Borrowed("services")
+    }
+
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+/// A Node as the watch delivers it: what node-port forwarding needs, `None` when it cannot
+/// be read (it then takes no traffic; the watch goes on).
+#[derive(Clone, Debug)]
+pub struct WatchedNode {
+    pub metadata: ObjectMeta,
+    pub node: Option<Node>,
+}
+
+impl<'de> Deserialize<'de> for WatchedNode {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = serde_json::Value::deserialize(deserializer)?;
+        let text = |field: &str| value["metadata"][field].as_str().map(str::to_owned);
+        let metadata = ObjectMeta {
+            name: text("name"),
+            uid: text("uid"),
+            resource_version: text("resourceVersion"),
+            ..ObjectMeta::default()
+        };
+        Ok(WatchedNode {
+            metadata,
+            node: Node::decode(value),
+        })
+    }
+}
+
+impl kube::Resource for WatchedNode {
+    type DynamicType = ();
+    type Scope = k8s_openapi::ClusterResourceScope;
+
+    fn kind(_: &()) -> Cow<'_, str> {
+        Cow::Borrowed("Node")
+    }
+
+    fn group(_: &()) -> Cow<'_, str> {
+        Cow::Borrowed("")
+    }
+
+    fn version(_: &()) -> Cow<'_, str> {
+        Cow::Borrowed("v1")
+    }
+
+    fn plural(_: &()) -> Cow<'_, str> {
+        Cow::Borrowed("nodes")
     }
 
     fn meta(&self) -> &ObjectMeta {

@@ -8,6 +8,7 @@ pub mod decide;
 pub mod health;
 pub mod model;
 pub mod names;
+pub mod node;
 pub mod plan;
 pub mod policy;
 pub mod service;

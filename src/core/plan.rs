@@ -14,7 +14,8 @@ use crate::core::names::{is_dns_label, is_kubernetes_time};
 use ipnet::IpNet;
 
 use crate::core::model::{Family, Forward, ForwardKey, Owner, Probe, Protocol, Target};
-use crate::core::policy::Policy;
+use crate::core::node::Node;
+use crate::core::policy::{NodePorts, Policy};
 use crate::core::service::{Service, ServicePort};
 
 /// What happens to one annotation entry (for one Service port and family).
@@ -215,8 +216,8 @@ fn resolve_service<'a>(
         outcomes.push(outcome("metadata.namespace", State::Refused, Some(reason)));
         return;
     }
-    let targets = match targets(service, policy) {
-        Ok((allowed, refused)) => {
+    let (targets, node_ports) = match targets(service, policy) {
+        Ok((allowed, refused, node_ports)) => {
             let all_refused = allowed.is_empty() && !refused.is_empty();
             for (field, reason) in refused {
                 outcomes.push(outcome(&field, State::Refused, Some(reason)));
@@ -224,7 +225,7 @@ fn resolve_service<'a>(
             if all_refused {
                 return;
             }
-            allowed
+            (allowed, node_ports)
         }
         Err((field, reason)) => {
             outcomes.push(outcome(&field, State::Invalid, Some(reason)));
@@ -305,10 +306,40 @@ fn resolve_service<'a>(
                 continue;
             }
             if targets.is_empty() {
-                let reason = "waiting for a LoadBalancer address";
+                let reason = if node_ports {
+                    "waiting for a Ready node to forward to its node port"
+                } else {
+                    "waiting for a LoadBalancer address"
+                };
                 outcomes.push(described(State::Waiting, Some(reason.into())));
                 continue;
             }
+            // To node ports: the port is the Service port's nodePort on every node.
+            let number = if node_ports {
+                match port
+                    .node_port
+                    .and_then(|p| u16::try_from(p).ok())
+                    .filter(|p| *p != 0)
+                {
+                    Some(node_port) => node_port,
+                    None => {
+                        let index = service
+                            .ports
+                            .iter()
+                            .position(|p| std::ptr::eq(p, port))
+                            .unwrap_or_default();
+                        outcomes.push(described(
+                            State::Waiting,
+                            Some(format!(
+                                "spec.ports[{index}].nodePort: none allocated yet (not a NodePort or LoadBalancer Service?)"
+                            )),
+                        ));
+                        continue;
+                    }
+                }
+            } else {
+                number
+            };
             for family in [Family::Ipv4, Family::Ipv6] {
                 let backends: Vec<IpAddr> = targets
                     .iter()
@@ -475,9 +506,9 @@ fn source_ranges(service: &Service) -> Result<Vec<IpNet>, (String, String)> {
     Ok(IpNet::aggregate(&nets))
 }
 
-/// Addresses chosen as targets: those the policy allows, and those it refuses with the
-/// field and the reason.
-type Targets = (Vec<IpAddr>, Vec<(String, String)>);
+/// Addresses chosen as targets: those the policy allows, those it refuses with the field
+/// and the reason, and whether they are nodes (forwards go to the node ports).
+type Targets = (Vec<IpAddr>, Vec<(String, String)>, bool);
 
 /// The addresses to forward to: every address of the LoadBalancer ingress, else, where the
 /// policy allows it, of `spec.externalIPs`; each checked against the policy on its own, so
@@ -486,8 +517,24 @@ fn targets(service: &Service, policy: &Policy) -> Result<Targets, (String, Strin
     if service.ingress_ips.is_empty() && !service.external_ips.is_empty() && !policy.external_ips {
         // Anyone who may create a Service may write any address here (CVE-2020-8554): no
         // LoadBalancer controller vouches for it.
-        let reason = "spec.externalIPs is not used as a target unless the router's owner allows it (--allow-external-ips); waiting for a LoadBalancer address";
-        return Ok((Vec::new(), vec![("spec.externalIPs".into(), reason.into())]));
+        if !wants_node_ports(service, policy)? {
+            let reason = "spec.externalIPs is not used as a target unless the router's owner allows it (--allow-external-ips); waiting for a LoadBalancer address";
+            return Ok((
+                Vec::new(),
+                vec![("spec.externalIPs".into(), reason.into())],
+                false,
+            ));
+        }
+    }
+    if service.ingress_ips.is_empty() && (service.external_ips.is_empty() || !policy.external_ips) {
+        if wants_node_ports(service, policy)? {
+            return Ok(node_targets(policy));
+        }
+        if policy.node_ports == NodePorts::Off && service.target.as_deref() == Some("nodeports") {
+            let field = format!("metadata.annotations[\"{}\"]", annotation::TARGET);
+            let reason = "this router does not forward to node ports (--node-ports off); waiting for a LoadBalancer address";
+            return Ok((Vec::new(), vec![(field, reason.into())], false));
+        }
     }
     let (field, list) = if service.ingress_ips.is_empty() {
         ("spec.externalIPs", &service.external_ips)
@@ -515,7 +562,58 @@ fn targets(service: &Service, policy: &Policy) -> Result<Targets, (String, Strin
     }
     allowed.sort_unstable();
     allowed.dedup();
-    Ok((allowed, refused))
+    Ok((allowed, refused, false))
+}
+
+/// Whether a Service without a LoadBalancer address goes to its node ports: as the router's
+/// owner allows (`--node-ports`) and the Service's target annotation asks.
+fn wants_node_ports(service: &Service, policy: &Policy) -> Result<bool, (String, String)> {
+    let asked = match service.target.as_deref().map(str::trim) {
+        None => None,
+        Some("nodeports") => Some(true),
+        Some("loadbalancer") => Some(false),
+        Some(other) => {
+            return Err((
+                format!("metadata.annotations[\"{}\"]", annotation::TARGET),
+                format!("\"{}\" is not nodeports or loadbalancer", printable(other)),
+            ));
+        }
+    };
+    Ok(match policy.node_ports {
+        NodePorts::Off => false,
+        NodePorts::Annotated => asked == Some(true),
+        NodePorts::All => asked != Some(false),
+    })
+}
+
+/// The InternalIP addresses of the nodes that may take traffic (Ready, not excluded from
+/// external load balancers, not being deleted), each checked against the policy. When no
+/// node is Ready, those not excluded nor being deleted: readiness alone, which a partition
+/// between the nodes and the control plane takes from all of them at once, never leaves a
+/// forward with nowhere to go (as health checks never do).
+fn node_targets(policy: &Policy) -> Targets {
+    let ready = policy.nodes.values().any(|n| n.eligible());
+    let mut allowed = Vec::new();
+    let mut refused = Vec::new();
+    let usable = |n: &&Node| n.eligible() || (!ready && !n.excluded && !n.deleting);
+    for node in policy.nodes.values().filter(usable) {
+        for text in &node.internal_ips {
+            let field = format!("node {} InternalIP", printable(&node.name));
+            match text.parse::<IpAddr>() {
+                Ok(addr) => match policy.check_target(addr) {
+                    Ok(()) => allowed.push(addr),
+                    Err(reason) => refused.push((field, reason)),
+                },
+                Err(_) => refused.push((
+                    field,
+                    format!("\"{}\" is not an IP address", printable(text)),
+                )),
+            }
+        }
+    }
+    allowed.sort_unstable();
+    allowed.dedup();
+    (allowed, refused, true)
 }
 
 /// Namespace, name, uid, port names and creationTimestamp reach the kernel (in element comments) and
@@ -796,6 +894,82 @@ mod tests {
         let forward = &plan.forwards[&key(80, Protocol::Tcp)];
         assert_eq!(forward.backends.len(), 2);
         assert!(!forward.backends.contains(&"8.8.8.8".parse().unwrap()));
+    }
+
+    #[test]
+    fn node_ports_of_ready_nodes_when_asked_and_allowed() {
+        let mut s = svc("a", "web", "80:http", "");
+        s.ports[0].node_port = Some(30080);
+        s.target = Some("nodeports".into());
+        let node = |name: &str, ip: &str, ready: bool, excluded: bool| Node {
+            name: name.into(),
+            internal_ips: vec![ip.into()],
+            ready,
+            excluded,
+            deleting: false,
+        };
+        let mut policy = Policy {
+            node_ports: NodePorts::Annotated,
+            ..Policy::default()
+        };
+        for n in [
+            node("n1", "192.168.1.21", true, false),
+            node("n2", "192.168.1.22", true, false),
+            node("n3", "192.168.1.23", false, false),
+            node("n4", "192.168.1.24", true, true),
+            node("n5", "8.8.4.4", true, false),
+        ] {
+            policy.nodes.insert(n.name.clone(), n);
+        }
+        let p = plan([&s], &policy);
+        let forward = &p.forwards[&key(80, Protocol::Tcp)];
+        assert_eq!(forward.port, 30080);
+        let backends: Vec<String> = forward.backends.iter().map(|b| b.to_string()).collect();
+        assert_eq!(backends, ["192.168.1.21", "192.168.1.22"]);
+        assert_eq!(forward.probe, Some(Probe::Tcp(30080)));
+        assert_eq!(p.count(State::Refused), 1, "the public node address");
+        // Not annotated: waits for its LoadBalancer address, unless every Service goes.
+        s.target = None;
+        assert_eq!(plan([&s], &policy).count(State::Waiting), 1);
+        policy.node_ports = NodePorts::All;
+        assert_eq!(plan([&s], &policy).count(State::Forwarding), 1);
+        // No Ready node: those not excluded stay; no node at all: waiting; the router not
+        // allowing node ports: refused, said why.
+        for n in policy.nodes.values_mut() {
+            n.ready = false;
+        }
+        let not_ready = plan([&s], &policy);
+        let kept: Vec<String> = not_ready.forwards[&key(80, Protocol::Tcp)]
+            .backends
+            .iter()
+            .map(|b| b.to_string())
+            .collect();
+        assert_eq!(kept, ["192.168.1.21", "192.168.1.22", "192.168.1.23"]);
+        policy.nodes.clear();
+        let waiting = plan([&s], &policy);
+        assert!(
+            waiting.outcomes[0]
+                .reason
+                .as_deref()
+                .unwrap()
+                .contains("Ready node")
+        );
+        policy.node_ports = NodePorts::Off;
+        s.target = Some("nodeports".into());
+        let refused = plan([&s], &policy);
+        assert_eq!(refused.count(State::Refused), 1);
+        assert!(
+            refused.outcomes[0]
+                .reason
+                .as_deref()
+                .unwrap()
+                .contains("--node-ports off")
+        );
+        s.target = Some("nodes".into());
+        policy.node_ports = NodePorts::All;
+        let invalid = plan([&s], &policy);
+        assert_eq!(invalid.count(State::Invalid), 1);
+        assert!(invalid.outcomes[0].entry.contains("target"));
     }
 
     #[test]

@@ -13,6 +13,7 @@ use std::ops::RangeInclusive;
 use ipnet::IpNet;
 
 use crate::core::model::Protocol;
+use crate::core::node::Nodes;
 use serde::Deserialize;
 
 /// The private ranges allowed as targets by default.
@@ -46,6 +47,36 @@ pub struct Policy {
     /// Ports the router itself serves on its WAN side (listening on any address or a WAN
     /// one), read from the kernel by the daemon and `apply`.
     pub router_ports: BTreeSet<(Protocol, u16)>,
+    /// Which Services without a LoadBalancer address go to their node ports.
+    pub node_ports: NodePorts,
+    /// The cluster's Nodes: kept current by the daemon's watch of Nodes (when node ports
+    /// are on), or read from Node manifests by `plan` and `apply`.
+    pub nodes: Nodes,
+}
+
+/// Which Services without a LoadBalancer address are forwarded to their node ports on the
+/// cluster's Ready nodes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodePorts {
+    /// None: the Nodes are not watched.
+    #[default]
+    Off,
+    /// Those annotated `kube-port-forward-controller/target: nodeports`.
+    Annotated,
+    /// Every one (a Service annotated `target: loadbalancer` still waits for its address).
+    All,
+}
+
+impl NodePorts {
+    pub fn parse(text: &str) -> Option<NodePorts> {
+        match text {
+            "off" => Some(NodePorts::Off),
+            "annotated" => Some(NodePorts::Annotated),
+            "all" => Some(NodePorts::All),
+            _ => None,
+        }
+    }
 }
 
 impl Default for Policy {
@@ -63,6 +94,8 @@ impl Default for Policy {
             external_ips: false,
             explicit_ports: false,
             router_ports: BTreeSet::new(),
+            node_ports: NodePorts::Off,
+            nodes: Nodes::new(),
         }
     }
 }
@@ -100,6 +133,7 @@ pub struct PolicyParts {
     pub ports: Option<String>,
     pub targets: Option<Vec<String>>,
     pub external_ips: Option<bool>,
+    pub node_ports: Option<NodePorts>,
 }
 
 impl Policy {
@@ -112,6 +146,7 @@ impl Policy {
                 .map(LabelSelector::parse)
                 .transpose()?,
             external_ips: parts.external_ips.unwrap_or(false),
+            node_ports: parts.node_ports.unwrap_or_default(),
             ..Policy::default()
         };
         if let Some(namespaces) = parts.namespaces.as_ref().filter(|n| !n.is_empty()) {

@@ -12,8 +12,10 @@ use kube::runtime::watcher::{self, Event};
 use super::Daemon;
 use crate::cluster::lane::Done;
 use crate::cluster::watch::Input;
-use crate::cluster::watched::WatchedService;
+use crate::cluster::watched::{WatchedNode, WatchedService};
 use crate::core::decide::Store;
+use crate::core::node::Nodes;
+use crate::core::policy::NodePorts;
 use crate::core::tracked::Tracked;
 use crate::router::health;
 use crate::router::links::Addresses;
@@ -96,6 +98,14 @@ impl Daemon {
                     policy.namespace_selector = current.namespace_selector.clone();
                 }
                 policy.selected_namespaces = current.selected_namespaces.clone();
+                let watching = current.node_ports != NodePorts::Off;
+                if (policy.node_ports != NodePorts::Off) != watching {
+                    tracing::error!(
+                        "node ports cannot be turned on or off on reload (the Node watch is set up at start); keeping them as they are: restart to change it"
+                    );
+                    policy.node_ports = current.node_ports;
+                }
+                policy.nodes = current.nodes.clone();
                 self.settings.policy = policy;
                 tracing::info!(action = "policy", file = %file.display(), "policy reloaded");
             }
@@ -221,6 +231,48 @@ impl Daemon {
         match input {
             Input::Services(index, event) => self.handle(index, *event),
             Input::Namespaces(event) => self.handle_namespace(*event),
+            Input::Nodes(event) => self.handle_node(*event),
+        }
+    }
+
+    /// The cluster's Nodes, for forwards to node ports.
+    fn handle_node(&mut self, event: Result<Event<WatchedNode>, watcher::Error>) -> bool {
+        let nodes = &mut self.settings.policy.nodes;
+        let name = |watched: &WatchedNode| watched.metadata.name.clone().unwrap_or_default();
+        match event {
+            Ok(Event::Init) => {
+                self.node_buffer = Some(Nodes::new());
+                false
+            }
+            Ok(Event::InitApply(watched)) => {
+                if let (Some(buffer), Some(node)) = (self.node_buffer.as_mut(), watched.node) {
+                    buffer.insert(node.name.clone(), node);
+                }
+                false
+            }
+            Ok(Event::InitDone) => {
+                *nodes = self.node_buffer.take().unwrap_or_default();
+                let eligible = nodes.values().filter(|n| n.eligible()).count();
+                tracing::info!(nodes = nodes.len(), eligible, "complete list of Nodes");
+                self.nodes_synced = true;
+                true
+            }
+            Ok(Event::Apply(watched)) => {
+                let key = name(&watched);
+                let node = watched.node;
+                let changed = nodes.get(&key) != node.as_ref();
+                match node {
+                    Some(node) => nodes.insert(key, node),
+                    None => nodes.remove(&key),
+                };
+                changed
+            }
+            Ok(Event::Delete(watched)) => nodes.remove(&name(&watched)).is_some(),
+            Err(error) => {
+                health::lock(&self.metrics).watch_errors += 1;
+                tracing::warn!(%error, "watching Nodes failed; rules stay, retrying (RBAC: nodes list and watch, see deploy/rbac.yaml)");
+                false
+            }
         }
     }
 

@@ -24,7 +24,8 @@ use crate::cluster::{Cluster, Key, watch};
 use crate::core::decide::{Down, Store, Summary};
 use crate::core::model::ForwardKey;
 use crate::core::names::valid_finalizer;
-use crate::core::policy::Policy;
+use crate::core::node::Nodes;
+use crate::core::policy::{NodePorts, Policy};
 use crate::kernel::monitor::{TableEvents, Touched};
 use crate::kernel::{Engine, Kernel, NftCli, TableConfig};
 use crate::router::health::{self, Metrics};
@@ -108,6 +109,10 @@ struct Daemon {
     namespace_buffer: Option<BTreeSet<String>>,
     /// The Namespace watch has listed once (or there is none).
     namespaces_synced: bool,
+    /// The Node watch has listed once (or there is none): until then no round runs, so a
+    /// forward to node ports is never closed for want of the list.
+    nodes_synced: bool,
+    node_buffer: Option<Nodes>,
     engine: Option<Engine<Kernel>>,
     published: HashMap<Key, Summary>,
     /// Since when a Service's forwards have refused to leave the kernel.
@@ -151,8 +156,10 @@ pub async fn run(
         &scopes,
         settings.selector.as_deref(),
         settings.policy.namespace_selector.as_ref(),
+        settings.policy.node_ports != NodePorts::Off,
     );
     let watch_namespaces = settings.policy.namespace_selector.is_some();
+    let watch_nodes = settings.policy.node_ports != NodePorts::Off;
     // The interfaces' addresses now, then every change the kernel announces: the WAN sets
     // follow the WAN interfaces, and the policy the router's own addresses. Following WAN
     // interfaces is a promise the daemon cannot keep without the subscription, so failing
@@ -200,6 +207,8 @@ pub async fn run(
         synced: vec![false; scopes.len()],
         namespace_buffer: None,
         namespaces_synced: !watch_namespaces,
+        nodes_synced: !watch_nodes,
+        node_buffer: None,
         scopes,
         store: Store::new(),
         engine: Some(Engine::new(Kernel::new(settings.nft.clone()))),
@@ -305,7 +314,8 @@ pub async fn run(
             }
             _ = heartbeat.tick() => daemon.progress(),
         }
-        let synced = daemon.namespaces_synced && daemon.synced.iter().all(|s| *s);
+        let synced =
+            daemon.namespaces_synced && daemon.nodes_synced && daemon.synced.iter().all(|s| *s);
         if dirty && synced {
             // Watching every Service of every namespace, nothing can be outside the scope.
             let scoped =

@@ -11,7 +11,7 @@ use super::rules::*;
 use super::{ApiServer, Body, Change, State};
 
 impl ApiServer {
-    /// Lists or watches objects of `kind` (`Service` or `Namespace`).
+    /// Lists or watches objects of `kind` (`Service`, `Namespace` or `Node`).
     pub(super) fn list_or_watch(
         &self,
         kind: &'static str,
@@ -35,7 +35,7 @@ impl ApiServer {
             .filter(|v| !v.is_empty())
             .map(|v| v.parse().unwrap_or(0));
         if query.get("watch").is_some_and(|w| w == "true" || w == "1") {
-            return self.watch(rv.unwrap_or(0), query, matches, partial);
+            return self.watch(kind, rv.unwrap_or(0), query, matches, partial);
         }
         let state = self.state.lock().unwrap();
         // A list at a specific, compacted version is 410 (transcript 16); "0" means any.
@@ -73,10 +73,10 @@ impl ApiServer {
         };
         let mut items = Vec::new();
         let mut next = None;
-        let objects = if kind == "Namespace" {
-            &state.namespaces
-        } else {
-            &state.services
+        let objects = match kind {
+            "Namespace" => &state.namespaces,
+            "Node" => &state.nodes,
+            _ => &state.services,
         };
         let range = objects
             .iter()
@@ -122,6 +122,7 @@ impl ApiServer {
 
     pub(super) fn watch(
         &self,
+        kind: &'static str,
         from: u64,
         query: &BTreeMap<String, String>,
         matches: impl Fn(&Value) -> bool + Send + 'static,
@@ -157,6 +158,7 @@ impl ApiServer {
                     .services
                     .values()
                     .chain(state.namespaces.values())
+                    .chain(state.nodes.values())
                     .map(|object| Change {
                         rv: state.rv,
                         kind: "ADDED",
@@ -180,6 +182,7 @@ impl ApiServer {
                     .services
                     .values()
                     .chain(state.namespaces.values())
+                    .chain(state.nodes.values())
                     .filter(|o| matches(o))
                     .map(object_key)
                     .collect()
@@ -236,7 +239,8 @@ impl ApiServer {
                     },
                     _ = tick.tick(), if bookmarks => {
                         let rv = state.lock().unwrap().rv.max(last);
-                        let bookmark = json!({"kind": "Service", "apiVersion": "v1", "metadata": {"resourceVersion": rv.to_string()}});
+                        // A bookmark carries the watched kind and only a resourceVersion.
+                        let bookmark = json!({"kind": kind, "apiVersion": "v1", "metadata": {"resourceVersion": rv.to_string()}});
                         if tx.send(line("BOOKMARK", &bookmark)).await.is_err() {
                             return;
                         }

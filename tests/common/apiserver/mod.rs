@@ -49,8 +49,9 @@ struct State {
     rv: u64,
     uid: u64,
     services: BTreeMap<(String, String), Value>,
-    /// Namespaces, keyed ("", name) like cluster-scoped objects.
+    /// Namespaces and Nodes, keyed ("", name) like cluster-scoped objects.
     namespaces: BTreeMap<(String, String), Value>,
+    nodes: BTreeMap<(String, String), Value>,
     history: Vec<Change>,
     /// Versions at or below this are compacted: too old to list or watch from.
     compacted: u64,
@@ -186,6 +187,61 @@ impl ApiServer {
         self.record(&mut state, kind, &object);
     }
 
+    /// Creates or replaces a Node, as the kubelet registers and updates it: its InternalIP,
+    /// whether it is Ready, and its labels.
+    pub fn put_node(&self, name: &str, internal_ip: &str, ready: bool, labels: Value) {
+        let mut state = self.state.lock().unwrap();
+        state.rv += 1;
+        let key = (String::new(), name.to_owned());
+        let (kind, uid, created) = match state.nodes.get(&key) {
+            Some(old) => (
+                "MODIFIED",
+                old["metadata"]["uid"].clone(),
+                old["metadata"]["creationTimestamp"].clone(),
+            ),
+            None => {
+                state.uid += 1;
+                let uid = format!("00000000-0000-4000-b000-{:012x}", state.uid);
+                ("ADDED", json!(uid), json!(now()))
+            }
+        };
+        let ready = if ready { "True" } else { "Unknown" };
+        let object = json!({"kind": "Node", "apiVersion": "v1",
+            "metadata": {"name": name, "uid": uid, "creationTimestamp": created,
+                "resourceVersion": state.rv.to_string(), "labels": labels},
+            "spec": {"podCIDR": "10.42.0.0/24", "podCIDRs": ["10.42.0.0/24"]},
+            "status": {
+                "addresses": [{"type": "InternalIP", "address": internal_ip},
+                              {"type": "Hostname", "address": name}],
+                "conditions": [
+                    {"type": "MemoryPressure", "status": "False", "reason": "KubeletHasSufficientMemory"},
+                    {"type": "Ready", "status": ready, "reason": "KubeletReady"}],
+                "nodeInfo": {"kubeletVersion": "v1.36.0", "architecture": "arm64"}}});
+        state.nodes.insert(key, object.clone());
+        self.record(&mut state, kind, &object);
+    }
+
+    /// Deletes a Node: gone at once, or, holding a finalizer (`hold`), marked with a
+    /// deletionTimestamp until released, as the API server does.
+    pub fn delete_node(&self, name: &str, hold: bool) {
+        let mut state = self.state.lock().unwrap();
+        state.rv += 1;
+        let key = (String::new(), name.to_owned());
+        let Some(mut object) = state.nodes.remove(&key) else {
+            return;
+        };
+        object["metadata"]["resourceVersion"] = json!(state.rv.to_string());
+        if hold {
+            object["metadata"]["finalizers"] = json!(["example.com/hold"]);
+            object["metadata"]["deletionTimestamp"] = json!(now());
+            object["metadata"]["deletionGracePeriodSeconds"] = json!(0);
+            state.nodes.insert(key, object.clone());
+            self.record(&mut state, "MODIFIED", &object);
+        } else {
+            self.record(&mut state, "DELETED", &object);
+        }
+    }
+
     pub fn get(&self, ns: &str, name: &str) -> Option<Value> {
         let state = self.state.lock().unwrap();
         state
@@ -308,6 +364,9 @@ impl ApiServer {
             }
             (Method::GET, ["api", "v1", "namespaces"]) => {
                 return self.list_or_watch("Namespace", None, &query, partial);
+            }
+            (Method::GET, ["api", "v1", "nodes"]) => {
+                return self.list_or_watch("Node", None, &query, partial);
             }
             (Method::POST, ["api", "v1", "namespaces", ns, "services"]) => {
                 match serde_json::from_str(&body) {
