@@ -1,5 +1,6 @@
 //! New TCP connections per second through the router to the most recently added forward:
-//! the daemon's map lookup with 1 and with 10,000 forwards, against one nft rule per
+//! the daemon's map lookup with 1 and with 10,000 forwards, the same with three backends
+//! per forward (the client-address hash and the bucket maps), against one nft rule per
 //! forward (how OpenWrt's fw4 redirects and miniupnpd do it) with 1 and 10,000 rules.
 //! Client, router and server are network namespaces on this machine: needs root.
 //! `cargo bench --bench datapath [-- SECONDS]`
@@ -23,6 +24,8 @@ const MEASURED_PORT: u16 = 80;
 #[derive(Clone, Copy, Debug)]
 enum Variant {
     Map(usize),
+    /// Every forward with three backends.
+    Hash(usize),
     Rules(usize),
 }
 
@@ -30,6 +33,7 @@ impl Variant {
     fn label(self) -> String {
         match self {
             Variant::Map(n) => format!("map lookup, {n:>5} forwards"),
+            Variant::Hash(n) => format!("3 backends each, {n:>5} forwards"),
             Variant::Rules(n) => format!("one rule per forward, {n:>5} rules"),
         }
     }
@@ -40,9 +44,28 @@ fn other_target(i: usize) -> String {
     format!("192.168.50.{}", 100 + i % 100)
 }
 
-fn map_ruleset(n: usize) -> Ruleset {
+/// The measured forward's backends when it has three: the server's three addresses.
+const SERVER_ADDRESSES: [&str; 3] = [common::SERVER4, "192.168.50.11", "192.168.50.12"];
+
+/// `n` forwards with `backends` backends each (the others: the next addresses up).
+fn map_ruleset(n: usize, backends: u8) -> Ruleset {
     let mut forwards = BTreeMap::new();
     let mut add = |port: u16, addr: String, port_to: u16, name: String| {
+        let first: std::net::Ipv4Addr = addr.parse().unwrap();
+        let backends = (0..backends)
+            .map(|k| {
+                let mut o = first.octets();
+                o[3] = if port == MEASURED_PORT {
+                    SERVER_ADDRESSES[usize::from(k)]
+                        .parse::<std::net::Ipv4Addr>()
+                        .unwrap()
+                        .octets()[3]
+                } else {
+                    o[3].wrapping_add(k)
+                };
+                std::net::IpAddr::from(o)
+            })
+            .collect();
         let key = ForwardKey {
             family: Family::Ipv4,
             protocol: Protocol::Tcp,
@@ -50,7 +73,7 @@ fn map_ruleset(n: usize) -> Ruleset {
         };
         let forward = Forward {
             key,
-            backends: vec![addr.parse().unwrap()],
+            backends,
             port: port_to,
             down: Vec::new(),
             probe: None,
@@ -103,8 +126,13 @@ fn rules_script(n: usize) -> String {
 fn configure(router: &Netns, variant: Variant, dir: &TempDir) {
     router.nft(&["flush", "ruleset"]);
     match variant {
-        Variant::Map(n) => {
-            let desired = map_ruleset(n);
+        Variant::Map(n) | Variant::Hash(n) => {
+            let backends = if matches!(variant, Variant::Hash(_)) {
+                3
+            } else {
+                1
+            };
+            let desired = map_ruleset(n, backends);
             router.enter(move || {
                 Engine::new(Kernel::new(NftCli::default()))
                     .apply(desired)
@@ -118,7 +146,41 @@ fn configure(router: &Netns, variant: Variant, dir: &TempDir) {
     }
 }
 
-/// Opens and resets connections for `seconds`; returns connections per second.
+/// The client's source addresses, used in turn: at 30,000 connections a second one address
+/// runs through its ephemeral ports in a second, and a new SYN on the tuple of a flow whose
+/// conntrack entry is still closing waits for a retransmission (a 1 s stall that made
+/// single-address rounds swing between 1,000 and 30,000 a second).
+const SOURCES: u8 = 32;
+
+fn source(i: u8) -> std::net::IpAddr {
+    format!("203.0.113.{}", 100 + i).parse().unwrap()
+}
+
+/// Connects from `source` to `target` (blocking, 5 s at most).
+fn connect_from(source: std::net::IpAddr, target: SocketAddr) -> TcpStream {
+    use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, SockaddrStorage, sockopt};
+    let fd = socket::socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    socket::setsockopt(
+        &fd,
+        sockopt::SendTimeout,
+        &nix::sys::time::TimeVal::new(5, 0),
+    )
+    .unwrap();
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+    socket::bind(raw, &SockaddrStorage::from(SocketAddr::new(source, 0))).unwrap();
+    socket::connect(raw, &SockaddrStorage::from(target))
+        .expect("the connection reaches the server");
+    TcpStream::from(fd)
+}
+
+/// Opens and resets connections for `seconds`, from each source address in turn; returns
+/// connections per second.
 fn connection_rate(client: &Netns, seconds: f64) -> f64 {
     let target: SocketAddr = format!("{}:{MEASURED_PORT}", common::ROUTER_WAN4)
         .parse()
@@ -128,8 +190,7 @@ fn connection_rate(client: &Netns, seconds: f64) -> f64 {
         let start = Instant::now();
         let mut count = 0u64;
         while Instant::now() < deadline {
-            let stream = TcpStream::connect_timeout(&target, Duration::from_secs(5))
-                .expect("the connection reaches the server");
+            let stream = connect_from(source((count % u64::from(SOURCES)) as u8), target);
             // Reset rather than close, so no TIME_WAIT state piles up.
             let linger = nix::libc::linger {
                 l_onoff: 1,
@@ -151,9 +212,34 @@ fn main() {
         .and_then(|a| a.parse().ok())
         .unwrap_or(2.0);
     let topology = Topology::new();
-    let listener: TcpListener = topology
-        .server
-        .enter(|| TcpListener::bind(("0.0.0.0", SERVER_PORT)).unwrap());
+    for i in 0..SOURCES {
+        topology
+            .client
+            .ip(&["addr", "add", &format!("{}/24", source(i)), "dev", "eth0"]);
+    }
+    for addr in &SERVER_ADDRESSES[1..] {
+        topology
+            .server
+            .ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
+    }
+    // A deep accept queue: with std's 128, a server thread descheduled for a moment (client,
+    // router and server share the cores) drops handshakes, and each drop costs the client
+    // a 1 s retransmission.
+    let listener: TcpListener = topology.server.enter(|| {
+        use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, SockaddrIn};
+        let fd = socket::socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        socket::setsockopt(&fd, socket::sockopt::ReuseAddr, &true).unwrap();
+        let any = SockaddrIn::new(0, 0, 0, 0, SERVER_PORT);
+        socket::bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &any).unwrap();
+        socket::listen(&fd, Backlog::new(4096).unwrap()).unwrap();
+        TcpListener::from(fd)
+    });
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             drop(stream);
@@ -165,6 +251,8 @@ fn main() {
         Variant::Map(10_000),
         Variant::Rules(1),
         Variant::Rules(10_000),
+        Variant::Hash(1),
+        Variant::Hash(10_000),
     ];
     let rounds = 9;
     let mut results: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
@@ -176,6 +264,27 @@ fn main() {
             results[index].push(connection_rate(&topology.client, seconds));
         }
     }
+    let counters = |ns: &Netns| {
+        ns.exec(
+            "nstat",
+            &[
+                "-az",
+                "TcpExtListenOverflows",
+                "TcpRetransSegs",
+                "TcpExtTCPSynRetrans",
+            ],
+        )
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().take(2).collect::<Vec<_>>().join("="))
+        .collect::<Vec<_>>()
+        .join(" ")
+    };
+    println!(
+        "client: {}; server: {}",
+        counters(&topology.client),
+        counters(&topology.server)
+    );
     println!("new TCP connections per second, {rounds} rounds of {seconds} s, median (min..max)");
     let median = |mut values: Vec<f64>| {
         values.sort_by(f64::total_cmp);
@@ -205,5 +314,10 @@ fn main() {
         "median ratio within a round: map with 10,000 forwards {:.1}% of 1 forward; 10,000 rules {:.1}% of 1 rule",
         ratio(0, 1),
         ratio(2, 3)
+    );
+    println!(
+        "median ratio within a round: 10,000 forwards of 3 backends {:.1}% of 1 forward of 1 backend; 1 forward of 3 backends {:.1}%",
+        ratio(0, 5),
+        ratio(0, 4)
     );
 }

@@ -318,6 +318,12 @@ fn every_uci_option_becomes_a_flag_the_daemon_accepts() {
         ("instance", "gateway"),
         ("cleanup_deadline", "120"),
         ("resync", "600"),
+        ("node_ports", "annotated"),
+        ("check_interval", "5"),
+        ("check_timeout", "0.5"),
+        ("check_fall", "3"),
+        ("check_rise", "1"),
+        ("check_concurrency", "16"),
         ("verbose", "1"),
     ];
     let command = init_command(&uci, &dir);
@@ -329,6 +335,9 @@ fn every_uci_option_becomes_a_flag_the_daemon_accepts() {
         "--allow-ports 443,8000-8999",
         "--reflection 0",
         "--ct-mark 0x00100000",
+        "--node-ports annotated",
+        "--check-interval 5 --check-timeout 0.5 --check-fall 3 --check-rise 1",
+        "--check-concurrency 16",
         "--table kube_port_forward",
     ] {
         assert!(line.contains(expected), "{expected:?} not in {line}");
