@@ -286,7 +286,10 @@ fn a_thousand_backends_are_probed_within_the_concurrency_bound() {
             .unwrap();
         runtime.block_on(async {
             // Every check's backend is this one health endpoint (on 1,000 loopback
-            // addresses), which answers after 20 ms and counts the probes open at once.
+            // addresses), which answers after 20 ms and counts the probes open at once: from
+            // accepting a connection to just before answering it, a span within which its
+            // probe surely holds a permit (it connected with one, and cannot finish before
+            // the answer).
             let listener = tokio::net::TcpListener::bind("0.0.0.0:18080")
                 .await
                 .unwrap();
@@ -304,8 +307,8 @@ fn a_thousand_backends_are_probed_within_the_concurrency_bound() {
                     tokio::spawn(async move {
                         let _ = stream.read(&mut [0u8; 512]).await;
                         tokio::time::sleep(Duration::from_millis(20)).await;
-                        let _ = stream.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await;
                         o.fetch_sub(1, Ordering::SeqCst);
+                        let _ = stream.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await;
                     });
                 }
             });
