@@ -477,6 +477,7 @@ pub fn assert_rbac_covers(requests: &[String]) {
 /// healthCheckNodePort). All stop when dropped.
 pub struct Backend {
     stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Backend {
@@ -507,17 +508,17 @@ impl Backend {
                         Err(_) => std::thread::sleep(Duration::from_millis(5)),
                     }
                 }
-            });
+            })
         };
-        serve(tcp, format!("hello {addr}\n"), stop.clone());
+        let mut threads = vec![serve(tcp, format!("hello {addr}\n"), stop.clone())];
         if let Some(health) = health {
             let ok = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}".to_owned();
-            serve(health, ok, stop.clone());
+            threads.push(serve(health, ok, stop.clone()));
         }
         udp.set_read_timeout(Some(Duration::from_millis(50)))
             .unwrap();
         let (udp_stop, addr) = (stop.clone(), addr.to_owned());
-        std::thread::spawn(move || {
+        threads.push(std::thread::spawn(move || {
             let mut buf = [0u8; 1500];
             while !udp_stop.load(Ordering::SeqCst) {
                 if let Ok((n, peer)) = udp.recv_from(&mut buf) {
@@ -526,16 +527,19 @@ impl Backend {
                     let _ = udp.send_to(&reply, peer);
                 }
             }
-        });
-        Backend { stop }
+        }));
+        Backend { stop, threads }
     }
 }
 
 impl Drop for Backend {
+    /// Returns once every socket is closed: each thread owns its socket and ends when it
+    /// sees the flag.
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        // The listeners close when their threads see the flag: wait until they have.
-        std::thread::sleep(Duration::from_millis(100));
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
     }
 }
 
