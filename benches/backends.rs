@@ -15,15 +15,11 @@ use std::time::{Duration, Instant};
 
 use common::apiserver::ApiServer;
 use common::daemon::Daemon;
-use common::{Backend, TempDir, Topology, tcp_greeting_from, wait_for};
+use common::{Backend, TempDir, Topology, tcp_greeting_from, wait_for, wan_client};
 use serde_json::json;
 
 const BACKENDS: [&str; 3] = ["192.168.50.11", "192.168.50.12", "192.168.50.13"];
 const SOURCES: u8 = 24;
-
-fn source(i: u8) -> String {
-    format!("203.0.113.{}", 100 + i)
-}
 
 fn wan() -> SocketAddr {
     format!("{}:80", common::ROUTER_WAN4).parse().unwrap()
@@ -44,16 +40,10 @@ fn percentiles(mut values: Vec<Duration>) -> String {
 
 fn failover() {
     let topology = Topology::new();
-    for addr in BACKENDS {
-        topology
-            .server
-            .ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
-    }
-    for i in 0..SOURCES {
-        topology
-            .client
-            .ip(&["addr", "add", &format!("{}/24", source(i)), "dev", "eth0"]);
-    }
+    topology
+        .server
+        .add_addresses("eth0", BACKENDS.map(|b| format!("{b}/24")));
+    topology.add_wan_clients(SOURCES);
     let start = |addr: &str| Backend::start(&topology.server, addr, 8080, None);
     let mut backends: Vec<Option<Backend>> = BACKENDS.iter().map(|a| Some(start(a))).collect();
     let api = ApiServer::new();
@@ -68,7 +58,7 @@ fn failover() {
     let daemon = Daemon::spawn(&topology.router, &dir, addr, "bench", &[]);
     daemon.wait_log("ready");
     let greets = |i: u8| {
-        tcp_greeting_from(&topology.client, &source(i), wan())
+        tcp_greeting_from(&topology.client, &wan_client(i), wan())
             .ok()
             .map(|g| g.trim_start_matches("hello ").to_owned())
     };

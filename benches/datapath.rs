@@ -9,7 +9,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
 use common::{Netns, TempDir, Topology};
@@ -152,33 +152,6 @@ fn configure(router: &Netns, variant: Variant, dir: &TempDir) {
 /// single-address rounds swing between 1,000 and 30,000 a second).
 const SOURCES: u8 = 32;
 
-fn source(i: u8) -> std::net::IpAddr {
-    format!("203.0.113.{}", 100 + i).parse().unwrap()
-}
-
-/// Connects from `source` to `target` (blocking, 5 s at most).
-fn connect_from(source: std::net::IpAddr, target: SocketAddr) -> TcpStream {
-    use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, SockaddrStorage, sockopt};
-    let fd = socket::socket(
-        AddressFamily::Inet,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .unwrap();
-    socket::setsockopt(
-        &fd,
-        sockopt::SendTimeout,
-        &nix::sys::time::TimeVal::new(5, 0),
-    )
-    .unwrap();
-    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
-    socket::bind(raw, &SockaddrStorage::from(SocketAddr::new(source, 0))).unwrap();
-    socket::connect(raw, &SockaddrStorage::from(target))
-        .expect("the connection reaches the server");
-    TcpStream::from(fd)
-}
-
 /// Opens and resets connections for `seconds`, from each source address in turn; returns
 /// connections per second.
 fn connection_rate(client: &Netns, seconds: f64) -> f64 {
@@ -190,7 +163,9 @@ fn connection_rate(client: &Netns, seconds: f64) -> f64 {
         let start = Instant::now();
         let mut count = 0u64;
         while Instant::now() < deadline {
-            let stream = connect_from(source((count % u64::from(SOURCES)) as u8), target);
+            let source = common::wan_client((count % u64::from(SOURCES)) as u8);
+            let stream = common::connect_from(source.parse().unwrap(), target)
+                .expect("the connection reaches the server");
             // Reset rather than close, so no TIME_WAIT state piles up.
             let linger = nix::libc::linger {
                 l_onoff: 1,
@@ -212,16 +187,11 @@ fn main() {
         .and_then(|a| a.parse().ok())
         .unwrap_or(2.0);
     let topology = Topology::new();
-    for i in 0..SOURCES {
-        topology
-            .client
-            .ip(&["addr", "add", &format!("{}/24", source(i)), "dev", "eth0"]);
-    }
-    for addr in &SERVER_ADDRESSES[1..] {
-        topology
-            .server
-            .ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
-    }
+    topology.add_wan_clients(SOURCES);
+    topology.server.add_addresses(
+        "eth0",
+        SERVER_ADDRESSES[1..].iter().map(|a| format!("{a}/24")),
+    );
     // A deep accept queue: with std's 128, a server thread descheduled for a moment (client,
     // router and server share the cores) drops handshakes, and each drop costs the client
     // a 1 s retransmission.

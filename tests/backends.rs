@@ -17,12 +17,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_kube-port-forward");
 const BACKENDS4: [&str; 3] = ["192.168.50.11", "192.168.50.12", "192.168.50.13"];
 const BACKENDS6: [&str; 3] = ["fd00:50::11", "fd00:50::12", "fd00:50::13"];
 const HEALTH_PORT: u16 = 10256;
-/// WAN clients: 203.0.113.100 and up.
+/// WAN clients ([`wan_client`]).
 const SOURCES: u8 = 24;
-
-fn source(i: u8) -> String {
-    format!("203.0.113.{}", 100 + i)
-}
 
 /// `apps/web`: TCP 8080 as external 80, UDP 8080 as external 5353, kube-proxy's health
 /// check on `HEALTH_PORT`, every backend address (and a public one the policy refuses).
@@ -76,7 +72,7 @@ fn health(topology: &Topology, port: u16, protocol: &str) -> BTreeMap<String, St
 fn greetings(topology: &Topology) -> BTreeMap<u8, String> {
     (0..SOURCES)
         .filter_map(|i| {
-            tcp_greeting_from(&topology.client, &source(i), wan(80))
+            tcp_greeting_from(&topology.client, &wan_client(i), wan(80))
                 .ok()
                 .map(|g| (i, g.trim_start_matches("hello ").to_owned()))
         })
@@ -111,11 +107,7 @@ fn three_backends_share_clients_fail_over_come_back_and_all_down_keeps_them_all(
             "nodad",
         ]);
     }
-    for i in 0..SOURCES {
-        topology
-            .client
-            .ip(&["addr", "add", &format!("{}/24", source(i)), "dev", "eth0"]);
-    }
+    topology.add_wan_clients(SOURCES);
     let start = |addr: &str| Backend::start(&topology.server, addr, 8080, Some(HEALTH_PORT));
     let mut backends: Vec<Option<Backend>> = BACKENDS4.iter().map(|a| Some(start(a))).collect();
     let _backends6: Vec<Backend> = BACKENDS6.iter().map(|a| start(a)).collect();
@@ -166,7 +158,9 @@ fn three_backends_share_clients_fail_over_come_back_and_all_down_keeps_them_all(
         .unwrap();
     let udp = UdpClient::bind(
         &topology.client,
-        format!("{}:40000", source(victim_source)).parse().unwrap(),
+        format!("{}:40000", wan_client(victim_source))
+            .parse()
+            .unwrap(),
     );
     assert_eq!(
         udp.echo(udp_target(), "a").as_deref(),
@@ -246,7 +240,9 @@ fn three_backends_share_clients_fail_over_come_back_and_all_down_keeps_them_all(
     let _back = Backend::start(&topology.server, &kept, 8080, None);
     let probe = UdpClient::bind(
         &topology.client,
-        format!("{}:40001", source(kept_source)).parse().unwrap(),
+        format!("{}:40001", wan_client(kept_source))
+            .parse()
+            .unwrap(),
     );
     wait_for(
         "a client of the serving backend to be answered while all are down",
@@ -367,16 +363,10 @@ fn node_port_fallback_follows_ready_excluded_and_deleted_nodes() {
         dir,
         _servers,
     } = setup(&[]);
-    for (_, ip) in NODES {
-        topology
-            .server
-            .ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
-    }
-    for i in 0..SOURCES {
-        topology
-            .client
-            .ip(&["addr", "add", &format!("{}/24", source(i)), "dev", "eth0"]);
-    }
+    topology
+        .server
+        .add_addresses("eth0", NODES.map(|(_, ip)| format!("{ip}/24")));
+    topology.add_wan_clients(SOURCES);
     let _nodes: Vec<Backend> = NODES
         .iter()
         .map(|(_, ip)| Backend::start(&topology.server, ip, 30080, None))

@@ -216,29 +216,37 @@ impl Ruleset {
                 )),
             }),
         });
-        NfListObject::Rule(schema::Rule {
-            family: NfFamily::INet,
-            table: Cow::Borrowed(&self.config.table),
-            chain: Cow::Borrowed(CHAIN),
-            expr: Cow::Owned(expr),
-            handle: None,
-            index: None,
-            comment: Some(Cow::Owned(
-                self.config.rule_comment(family, who, side, pick),
-            )),
-        })
+        self.rule_in(
+            CHAIN,
+            expr,
+            self.config.rule_comment(family, who, side, pick),
+        )
     }
 
     /// The rule of a bucket chain: DNAT by the bucket's map.
     pub(super) fn bucket_rule(&self, family: Family, bucket: usize) -> NfListObject<'_> {
+        self.rule_in(
+            bucket_chain(family, bucket),
+            vec![dnat(family, pick_map(family, bucket))],
+            bucket_comment(family, bucket),
+        )
+    }
+
+    /// A rule of this table's chain `chain`, recognised by its comment.
+    fn rule_in(
+        &self,
+        chain: &'static str,
+        expr: Vec<Statement<'static>>,
+        comment: String,
+    ) -> NfListObject<'_> {
         NfListObject::Rule(schema::Rule {
             family: NfFamily::INet,
             table: Cow::Borrowed(&self.config.table),
-            chain: Cow::Borrowed(bucket_chain(family, bucket)),
-            expr: Cow::Owned(vec![dnat(family, pick_map(family, bucket))]),
+            chain: Cow::Borrowed(chain),
+            expr: Cow::Owned(expr),
             handle: None,
             index: None,
-            comment: Some(Cow::Owned(bucket_comment(family, bucket))),
+            comment: Some(Cow::Owned(comment)),
         })
     }
 
@@ -272,15 +280,7 @@ impl Ruleset {
             ),
             Statement::Masquerade(None),
         ];
-        NfListObject::Rule(schema::Rule {
-            family: NfFamily::INet,
-            table: Cow::Borrowed(&self.config.table),
-            chain: Cow::Borrowed(REFLECT_CHAIN),
-            expr: Cow::Owned(expr),
-            handle: None,
-            index: None,
-            comment: Some(Cow::Owned(self.config.reflect_comment())),
-        })
+        self.rule_in(REFLECT_CHAIN, expr, self.config.reflect_comment())
     }
 
     pub(super) fn chain(&self) -> NfListObject<'_> {

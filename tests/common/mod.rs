@@ -181,21 +181,10 @@ impl Topology {
         run_line(&format!(
             "ip link add lan netns {r} type veth peer name eth0 netns {s}"
         ));
-        let addr = |ns: &Netns, dev: &str, cidr: &str| {
-            let mut args = vec!["addr", "add", cidr, "dev", dev];
-            if cidr.contains(':') {
-                args.push("nodad");
-            }
-            ns.ip(&args);
-        };
-        addr(&router, "wan", "203.0.113.1/24");
-        addr(&router, "wan", "2001:db8:1::1/64");
-        addr(&router, "lan", "192.168.50.1/24");
-        addr(&router, "lan", "fd00:50::1/64");
-        addr(&client, "eth0", "203.0.113.2/24");
-        addr(&client, "eth0", "2001:db8:1::2/64");
-        addr(&server, "eth0", "192.168.50.10/24");
-        addr(&server, "eth0", "fd00:50::10/64");
+        router.add_addresses("wan", ["203.0.113.1/24", "2001:db8:1::1/64"]);
+        router.add_addresses("lan", ["192.168.50.1/24", "fd00:50::1/64"]);
+        client.add_addresses("eth0", ["203.0.113.2/24", "2001:db8:1::2/64"]);
+        server.add_addresses("eth0", ["192.168.50.10/24", "fd00:50::10/64"]);
         for (ns, dev) in [
             (&router, "wan"),
             (&router, "lan"),
@@ -543,31 +532,62 @@ impl Drop for Backend {
     }
 }
 
+/// The `i`-th extra WAN client address: 203.0.113.100 and up.
+pub fn wan_client(i: u8) -> String {
+    format!("203.0.113.{}", 100 + i)
+}
+
+impl Topology {
+    /// Gives the client `n` more WAN addresses ([`wan_client`]), to connect from.
+    pub fn add_wan_clients(&self, n: u8) {
+        self.client
+            .add_addresses("eth0", (0..n).map(|i| format!("{}/24", wan_client(i))));
+    }
+}
+
+impl Netns {
+    /// Adds addresses (with their prefix length) to `dev`; IPv6 ones without duplicate
+    /// address detection, so they are usable at once.
+    pub fn add_addresses<S: AsRef<str>>(&self, dev: &str, cidrs: impl IntoIterator<Item = S>) {
+        for cidr in cidrs {
+            let cidr = cidr.as_ref();
+            let mut args = vec!["addr", "add", cidr, "dev", dev];
+            if cidr.contains(':') {
+                args.push("nodad");
+            }
+            self.ip(&args);
+        }
+    }
+}
+
+/// A TCP connection from `source` (an address of the calling thread's namespace) to
+/// `target`; gives up after 10 s.
+pub fn connect_from(source: std::net::IpAddr, target: SocketAddr) -> std::io::Result<TcpStream> {
+    use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, SockaddrStorage, sockopt};
+    let family = if source.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = socket::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    // connect(2) gives up after the send timeout.
+    socket::setsockopt(
+        &fd,
+        sockopt::SendTimeout,
+        &nix::sys::time::TimeVal::new(10, 0),
+    )?;
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+    socket::bind(raw, &SockaddrStorage::from(SocketAddr::new(source, 0)))?;
+    socket::connect(raw, &SockaddrStorage::from(target))?;
+    Ok(TcpStream::from(fd))
+}
+
 /// Connects over TCP from `source` (an address of `ns`) and returns the greeting.
 pub fn tcp_greeting_from(ns: &Netns, source: &str, addr: SocketAddr) -> std::io::Result<String> {
-    use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, SockaddrStorage, sockopt};
     let source: std::net::IpAddr = source.parse().unwrap();
     ns.enter(move || {
         use std::io::Read;
-        let family = if source.is_ipv4() {
-            AddressFamily::Inet
-        } else {
-            AddressFamily::Inet6
-        };
-        let fd = socket::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
-        // connect(2) gives up after the send timeout.
-        let ten = nix::sys::time::TimeVal::new(10, 0);
-        socket::setsockopt(&fd, sockopt::SendTimeout, &ten)?;
-        socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
-        socket::bind(
-            std::os::fd::AsRawFd::as_raw_fd(&fd),
-            &SockaddrStorage::from(SocketAddr::new(source, 0)),
-        )?;
-        socket::connect(
-            std::os::fd::AsRawFd::as_raw_fd(&fd),
-            &SockaddrStorage::from(addr),
-        )?;
-        let mut stream = TcpStream::from(fd);
+        let mut stream = connect_from(source, addr)?;
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
         let mut text = String::new();
         stream.read_to_string(&mut text)?;
