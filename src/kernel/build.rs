@@ -252,18 +252,16 @@ impl Ruleset {
 
     /// A regular chain, the target of a `goto`.
     pub(super) fn plain_chain(&self, name: &'static str) -> NfListObject<'_> {
-        NfListObject::Chain(schema::Chain {
+        NfListObject::Chain(self.chain_named(name))
+    }
+
+    fn chain_named(&self, name: &'static str) -> schema::Chain<'_> {
+        schema::Chain {
             family: NfFamily::INet,
             table: Cow::Borrowed(&self.config.table),
             name: Cow::Borrowed(name),
-            newname: None,
-            handle: None,
-            _type: None,
-            hook: None,
-            prio: None,
-            dev: None,
-            policy: None,
-        })
+            ..schema::Chain::default()
+        }
     }
 
     /// The reflection rule: flows DNATed for LAN clients leave masqueraded, so the server
@@ -298,16 +296,11 @@ impl Ruleset {
         prio: i32,
     ) -> NfListObject<'_> {
         NfListObject::Chain(schema::Chain {
-            family: NfFamily::INet,
-            table: Cow::Borrowed(&self.config.table),
-            name: Cow::Borrowed(name),
-            newname: None,
-            handle: None,
             _type: Some(NfChainType::NAT),
             hook: Some(hook),
             prio: Some(prio),
-            dev: None,
             policy: Some(NfChainPolicy::Accept),
+            ..self.chain_named(name)
         })
     }
 
