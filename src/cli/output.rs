@@ -4,8 +4,6 @@
 use serde::Serialize;
 
 use crate::cli::manifest::Manifests;
-use std::net::IpAddr;
-
 use crate::core::model::{ForwardKey, Target, targets_text};
 use crate::core::plan::{Outcome, Plan, State};
 use crate::kernel::{KernelTable, Ruleset};
@@ -179,16 +177,9 @@ fn status_forwards(table: &KernelTable) -> Vec<StatusForward> {
         .map(|key| {
             let port = table.ports.get(&key);
             let choice = table.choice(&key);
-            let down: Vec<IpAddr> = table
-                .down
-                .iter()
-                .filter(|(k, _)| *k == key)
-                .map(|(_, addr)| *addr)
-                .collect();
+            let down = table.down_of(&key);
             let several = !table.addrs.contains_key(&key);
-            let mut addrs: Vec<IpAddr> = choice.iter().chain(&down).copied().collect();
-            addrs.sort_unstable();
-            addrs.dedup();
+            let addrs = table.backends(&key);
             let backends = port.filter(|_| !addrs.is_empty()).map(|port| {
                 addrs
                     .iter()

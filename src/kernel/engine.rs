@@ -72,19 +72,7 @@ impl Previous<'_> {
             }),
             Previous::Kernel(table) => {
                 let choice = table.choice(key);
-                let mut backends: Vec<IpAddr> = choice
-                    .iter()
-                    .copied()
-                    .chain(
-                        table
-                            .down
-                            .range((*key, UNSPECIFIED)..)
-                            .take_while(|(k, _)| k == key)
-                            .map(|(_, a)| *a),
-                    )
-                    .collect();
-                backends.sort_unstable();
-                backends.dedup();
+                let backends = table.backends(key);
                 let port = table.ports.get(key).map(|p| p.value);
                 (!choice.is_empty() || port.is_some()).then_some(Was {
                     backends,
@@ -119,9 +107,6 @@ impl Previous<'_> {
         described.unwrap_or_else(|| "(unknown)".to_owned())
     }
 }
-
-/// The smallest address, to start a range of the down set at a key.
-const UNSPECIFIED: IpAddr = IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED);
 
 /// What a forward was before an apply.
 struct Was {

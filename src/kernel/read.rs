@@ -31,6 +31,9 @@ pub struct KernelTable {
     pub counters: BTreeMap<ForwardKey, (u64, u64)>,
 }
 
+/// The smallest address, where the down set's range of a key starts.
+const UNSPECIFIED: IpAddr = IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED);
+
 /// nf_tables set flags (linux/netfilter/nf_tables.h) that make up a set's kind.
 const NFT_SET_ANONYMOUS: u32 = 0x1;
 const NFT_SET_INTERVAL: u32 = 0x4;
@@ -152,6 +155,25 @@ impl KernelTable {
     pub fn owner_uid(&self, key: &ForwardKey) -> Option<&str> {
         let comment = self.ports.get(key)?.comment.as_deref()?;
         Some(comment.rsplit_once(" uid=")?.1)
+    }
+
+    /// The backends of a forward the down set records, sorted.
+    pub fn down_of(&self, key: &ForwardKey) -> Vec<IpAddr> {
+        self.down
+            .range((*key, UNSPECIFIED)..)
+            .take_while(|(k, _)| k == key)
+            .map(|(_, addr)| *addr)
+            .collect()
+    }
+
+    /// Every backend of a forward the table knows: those in its choice and those it records
+    /// as down, sorted.
+    pub fn backends(&self, key: &ForwardKey) -> Vec<IpAddr> {
+        let mut backends = self.choice(key);
+        backends.extend(self.down_of(key));
+        backends.sort_unstable();
+        backends.dedup();
+        backends
     }
 
     /// Where a forward's new flows go now: its address element's backend, or the backends

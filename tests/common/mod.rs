@@ -240,19 +240,7 @@ impl Server {
                 }
             }
         });
-        udp.set_read_timeout(Some(Duration::from_millis(50)))
-            .unwrap();
-        let udp_stop = stop.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 1500];
-            while !udp_stop.load(Ordering::SeqCst) {
-                if let Ok((n, peer)) = udp.recv_from(&mut buf) {
-                    let mut reply = format!("echo {port} ").into_bytes();
-                    reply.extend_from_slice(&buf[..n]);
-                    let _ = udp.send_to(&reply, peer);
-                }
-            }
-        });
+        udp_echo_server(udp, port.to_string(), stop.clone());
         Server {
             stop,
             accepted,
@@ -263,6 +251,27 @@ impl Server {
     pub fn peers(&self) -> Vec<std::net::IpAddr> {
         self.peers.lock().unwrap().clone()
     }
+}
+
+/// Answers each datagram on `udp` with `echo <label> <payload>` until `stop` is set; the
+/// socket closes when the thread ends.
+fn udp_echo_server(
+    udp: UdpSocket,
+    label: String,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    udp.set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        while !stop.load(Ordering::SeqCst) {
+            if let Ok((n, peer)) = udp.recv_from(&mut buf) {
+                let mut reply = format!("echo {label} ").into_bytes();
+                reply.extend_from_slice(&buf[..n]);
+                let _ = udp.send_to(&reply, peer);
+            }
+        }
+    })
 }
 
 impl Drop for Server {
@@ -504,19 +513,7 @@ impl Backend {
             let ok = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}".to_owned();
             threads.push(serve(health, ok, stop.clone()));
         }
-        udp.set_read_timeout(Some(Duration::from_millis(50)))
-            .unwrap();
-        let (udp_stop, addr) = (stop.clone(), addr.to_owned());
-        threads.push(std::thread::spawn(move || {
-            let mut buf = [0u8; 1500];
-            while !udp_stop.load(Ordering::SeqCst) {
-                if let Ok((n, peer)) = udp.recv_from(&mut buf) {
-                    let mut reply = format!("echo {addr} ").into_bytes();
-                    reply.extend_from_slice(&buf[..n]);
-                    let _ = udp.send_to(&reply, peer);
-                }
-            }
-        }));
+        threads.push(udp_echo_server(udp, addr.to_owned(), stop.clone()));
         Backend { stop, threads }
     }
 }
