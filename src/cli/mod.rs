@@ -16,8 +16,10 @@ use crate::daemon::{self, DaemonError};
 use crate::kernel::{
     ConfigError, DEFAULT_TABLE, Engine, Kernel, KernelError, NftCli, Ruleset, TableConfig,
 };
+use crate::router::igd::Url;
 use crate::router::links::Addresses;
 use crate::router::probe::ProbeSettings;
+use crate::router::upstream::UpstreamSettings;
 use crate::router::{audit, policy_file, sockets};
 use manifest::{ManifestError, Manifests};
 
@@ -108,9 +110,11 @@ pub enum Command {
         #[command(flatten)]
         checks: Box<CheckArgs>,
         #[command(flatten)]
+        beyond: Box<BeyondArgs>,
+        #[command(flatten)]
         table: TableArgs,
         #[command(flatten)]
-        policy: PolicyArgs,
+        policy: Box<PolicyArgs>,
     },
     /// Remove this router's finalizer from every Service (before uninstalling).
     ReleaseFinalizers {
@@ -126,7 +130,81 @@ pub enum Command {
         table: String,
         #[arg(short, long, value_enum, default_value_t = Format::Text)]
         output: Format,
+        /// Where the daemon writes what the upstream IGD said.
+        #[arg(long, default_value = DEFAULT_STATE_FILE)]
+        state_file: PathBuf,
     },
+}
+
+/// Where the daemon writes what the upstream IGD said, and `status` reads it.
+pub const DEFAULT_STATE_FILE: &str = "/run/kube-port-forward/upstream.json";
+
+/// What lies beyond the router's WAN: the IGD of a box in front of it, and DNS.
+#[derive(Debug, Args)]
+pub struct BeyondArgs {
+    /// Behind another router (double NAT): `upnp` maps every IPv4 TCP and UDP forward on its
+    /// UPnP IGD too, to this router's WAN address.
+    #[arg(long, value_enum, default_value_t = UpstreamKind::Off)]
+    upstream: UpstreamKind,
+    /// The IGD's description or control URL (default: found by SSDP on the WAN).
+    #[arg(long, value_name = "URL")]
+    upstream_url: Option<String>,
+    /// Seconds each upstream mapping is leased for, renewed at half time (0: permanent).
+    #[arg(long, default_value_t = 3600, value_name = "SECONDS")]
+    upstream_lease: u32,
+    /// Seconds between checks that the IGD is there, has not restarted, and of its address.
+    #[arg(long, default_value_t = 5.0, value_name = "SECONDS")]
+    upstream_poll: f64,
+    /// Write the router's public address (the IGD's external one behind double NAT) as the
+    /// external-dns target of every Service it forwards.
+    #[arg(long)]
+    dns_targets: bool,
+    /// Where the daemon writes what the upstream IGD said, for `status`.
+    #[arg(long, default_value = DEFAULT_STATE_FILE)]
+    state_file: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum UpstreamKind {
+    Off,
+    Upnp,
+}
+
+impl BeyondArgs {
+    fn upstream(&self) -> Result<Option<UpstreamSettings>, CommandError> {
+        let bad = |text: String| Err(CommandError::Upstream(text));
+        if self.upstream == UpstreamKind::Off {
+            if let Some(url) = &self.upstream_url {
+                return bad(format!("--upstream-url {url} needs --upstream upnp"));
+            }
+            return Ok(None);
+        }
+        let url = match &self.upstream_url {
+            Some(text) => Some(
+                Url::parse(text)
+                    .map_err(|e| CommandError::Upstream(format!("--upstream-url {e}")))?,
+            ),
+            None => None,
+        };
+        if self.upstream_lease != 0 && !(10..=604_800).contains(&self.upstream_lease) {
+            return bad(format!(
+                "--upstream-lease {}: give 0 (permanent) or seconds from 10 to 604800",
+                self.upstream_lease
+            ));
+        }
+        if !(self.upstream_poll.is_finite() && (1.0..=3600.0).contains(&self.upstream_poll)) {
+            return bad(format!(
+                "--upstream-poll {}: give seconds from 1 to 3600",
+                self.upstream_poll
+            ));
+        }
+        Ok(Some(UpstreamSettings {
+            url,
+            lease: Duration::from_secs(u64::from(self.upstream_lease)),
+            poll: Duration::from_secs_f64(self.upstream_poll),
+            ..UpstreamSettings::default()
+        }))
+    }
 }
 
 #[derive(Debug, Args)]
@@ -344,6 +422,8 @@ pub enum CommandError {
     Runtime(#[source] std::io::Error),
     #[error("health checks: {0}")]
     Checks(String),
+    #[error("upstream: {0}")]
+    Upstream(String),
     #[error("cannot read the ports the router serves (/proc/net)")]
     Sockets(#[source] std::io::Error),
     #[error("listing Services failed")]
@@ -477,6 +557,7 @@ pub fn run(command: Command, nft: NftCli) -> Result<u8, CommandError> {
             resync,
             health,
             checks,
+            beyond,
             table,
             policy,
         } => {
@@ -496,6 +577,9 @@ pub fn run(command: Command, nft: NftCli) -> Result<u8, CommandError> {
                 table: config,
                 health,
                 probes: checks.settings()?,
+                upstream: beyond.upstream()?,
+                dns_targets: beyond.dns_targets,
+                state_file: beyond.state_file.clone(),
                 cleanup_deadline: Duration::from_secs(cleanup_deadline),
                 resync: Duration::from_secs(resync.max(1)),
                 nft,
@@ -508,12 +592,17 @@ pub fn run(command: Command, nft: NftCli) -> Result<u8, CommandError> {
             emit(&format!("released the finalizer of {released} Services\n"));
             Ok(exit::OK)
         }
-        Command::Status { table, output } => {
+        Command::Status {
+            table,
+            output,
+            state_file,
+        } => {
             TableConfig::new(&table, [], [])?;
             let current = Engine::new(Kernel::new(nft)).read(&table, None)?;
+            let upstream = output::Upstream::read(&state_file);
             emit(&match output {
-                Format::Text => output::status_text(&table, current.as_ref()),
-                Format::Json => output::status_json(&table, current.as_ref()),
+                Format::Text => output::status_text(&table, current.as_ref(), upstream.as_ref()),
+                Format::Json => output::status_json(&table, current.as_ref(), upstream.as_ref()),
             });
             Ok(exit::OK)
         }

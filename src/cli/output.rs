@@ -6,6 +6,7 @@ use serde::Serialize;
 use crate::cli::manifest::Manifests;
 use crate::core::model::{ForwardKey, Target, targets_text};
 use crate::core::plan::{Outcome, Plan, State};
+use crate::core::upstream::Mapping;
 use crate::kernel::{KernelTable, Ruleset};
 
 /// `plan` as text: the forwards with their states, then the nft table.
@@ -85,18 +86,19 @@ fn owner_text(outcome: &Outcome) -> String {
 }
 
 /// Left-aligned columns separated by two spaces; the last column is not padded.
-fn columns<const N: usize>(rows: &[[String; N]]) -> String {
-    let mut widths = [0; N];
+fn columns<R: AsRef<[String]>>(rows: &[R]) -> String {
+    let count = rows.first().map_or(0, |r| r.as_ref().len());
+    let mut widths = vec![0; count];
     for row in rows {
-        for (width, cell) in widths.iter_mut().zip(row) {
+        for (width, cell) in widths.iter_mut().zip(row.as_ref()) {
             *width = (*width).max(cell.chars().count());
         }
     }
     let mut out = String::new();
     for row in rows {
         let mut line = String::new();
-        for (index, cell) in row.iter().enumerate() {
-            if index + 1 == N {
+        for (index, cell) in row.as_ref().iter().enumerate() {
+            if index + 1 == count {
                 line.push_str(cell);
             } else {
                 line.push_str(&format!("{cell:<width$}  ", width = widths[index]));
@@ -158,6 +160,9 @@ struct StatusForward {
     owner: Option<String>,
     packets: Option<u64>,
     bytes: Option<u64>,
+    /// What the upstream IGD said of this forward's mapping, when the daemon maps them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    upstream: Option<serde_json::Value>,
 }
 
 #[derive(Serialize)]
@@ -170,7 +175,7 @@ struct StatusBackend {
     buckets: Option<usize>,
 }
 
-fn status_forwards(table: &KernelTable) -> Vec<StatusForward> {
+fn status_forwards(table: &KernelTable, upstream: Option<&Upstream>) -> Vec<StatusForward> {
     table
         .keys()
         .into_iter()
@@ -212,6 +217,7 @@ fn status_forwards(table: &KernelTable) -> Vec<StatusForward> {
                 owner: port.and_then(|p| p.comment.clone()),
                 packets: counter.map(|c| c.0),
                 bytes: counter.map(|c| c.1),
+                upstream: upstream.and_then(|u| u.mapping(&key)),
             }
         })
         .collect()
@@ -230,7 +236,7 @@ fn backends_text(backends: &[StatusBackend]) -> String {
 }
 
 /// `status` as text.
-pub fn status_text(name: &str, table: Option<&KernelTable>) -> String {
+pub fn status_text(name: &str, table: Option<&KernelTable>, upstream: Option<&Upstream>) -> String {
     let Some(table) = table else {
         return format!("table inet {name} is not present: no forwards\n");
     };
@@ -240,20 +246,24 @@ pub fn status_text(name: &str, table: Option<&KernelTable>) -> String {
         list_or_any(table.wan_interfaces.iter().map(ToString::to_string)),
         list_or_any(table.wan_addresses.iter().map(ToString::to_string)),
     );
+    if let Some(upstream) = upstream {
+        out.push_str(&upstream.summary());
+        out.push('\n');
+    }
     if let Some(problem) = &table.shape_problem {
         out.push_str(&format!(
             "warning: the table is not of the expected shape ({problem}); the next apply rebuilds it\n"
         ));
     }
-    let mut rows = vec![[
-        "EXTERNAL".to_owned(),
-        "TARGET".to_owned(),
-        "PACKETS".to_owned(),
-        "BYTES".to_owned(),
-        "OWNER".to_owned(),
-    ]];
-    for forward in status_forwards(table) {
-        rows.push([
+    let mut header = ["EXTERNAL", "TARGET", "PACKETS", "BYTES", "OWNER"]
+        .map(str::to_owned)
+        .to_vec();
+    if upstream.is_some() {
+        header.push("UPSTREAM".to_owned());
+    }
+    let mut rows = vec![header];
+    for forward in status_forwards(table, upstream) {
+        let mut row = vec![
             forward.key.to_string(),
             forward
                 .backends
@@ -262,11 +272,97 @@ pub fn status_text(name: &str, table: Option<&KernelTable>) -> String {
             forward.packets.map(|p| p.to_string()).unwrap_or_default(),
             forward.bytes.map(|b| b.to_string()).unwrap_or_default(),
             forward.owner.unwrap_or_default(),
-        ]);
+        ];
+        if upstream.is_some() {
+            row.push(
+                forward
+                    .upstream
+                    .as_ref()
+                    .map_or_else(|| "-".to_owned(), mapping_word),
+            );
+        }
+        rows.push(row);
     }
     out.push('\n');
     out.push_str(&columns(&rows));
     out
+}
+
+/// A mapping's state in a column: `mapped`, `refused 718 ConflictInMappingEntry`, `pending`.
+fn mapping_word(state: &serde_json::Value) -> String {
+    let word = state["state"].as_str().unwrap_or("unknown");
+    match (state["code"].as_u64(), state["reason"].as_str()) {
+        (Some(code), Some(reason)) => format!("{word} {code} {reason}"),
+        _ => word.to_owned(),
+    }
+}
+
+/// What the daemon last wrote of the upstream IGD (`run --upstream`), read by `status`.
+pub struct Upstream {
+    state: serde_json::Value,
+    /// The daemon that wrote it still runs.
+    running: bool,
+}
+
+impl Upstream {
+    /// The state file, if the daemon wrote one.
+    pub fn read(path: &std::path::Path) -> Option<Upstream> {
+        let text = std::fs::read_to_string(path).ok()?;
+        let state: serde_json::Value = serde_json::from_str(&text).ok()?;
+        let running = state["pid"]
+            .as_u64()
+            .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
+        Some(Upstream { state, running })
+    }
+
+    /// One line: where the IGD is, whether it answers, its external address.
+    fn summary(&self) -> String {
+        let s = &self.state;
+        let igd = s["igd"].as_str().unwrap_or("(not found)");
+        let mut line = format!("upstream IGD {igd}: ");
+        if s["reachable"].as_bool() == Some(true) {
+            line.push_str("answering");
+        } else {
+            line.push_str(&format!(
+                "not answering ({})",
+                s["error"].as_str().unwrap_or("not asked yet")
+            ));
+        }
+        if let Some(external) = s["external"].as_str() {
+            line.push_str(&format!("; external address {external}"));
+        }
+        if let Some(internal) = s["internal"].as_str() {
+            line.push_str(&format!("; maps to {internal}"));
+        }
+        if !self.running {
+            line.push_str(" (as last written: the daemon is not running)");
+        }
+        line
+    }
+
+    /// What the IGD said of a forward's mapping.
+    fn mapping(&self, key: &ForwardKey) -> Option<serde_json::Value> {
+        let mapping = Mapping::of(key)?;
+        self.state["mappings"]
+            .as_array()?
+            .iter()
+            .find(|m| {
+                m["port"].as_u64() == Some(u64::from(mapping.port))
+                    && m["protocol"] == serde_json::json!(mapping.protocol)
+            })
+            .cloned()
+            .or_else(|| Some(serde_json::json!({"state": "pending"})))
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let mut state = self.state.clone();
+        if let Some(map) = state.as_object_mut() {
+            map.remove("mappings");
+            map.remove("pid");
+            map.insert("running".into(), self.running.into());
+        }
+        state
+    }
 }
 
 fn list_or_any(items: impl Iterator<Item = String>) -> String {
@@ -286,10 +382,14 @@ struct StatusJson {
     wan_interfaces: Vec<String>,
     wan_addresses: Vec<String>,
     forwards: Vec<StatusForward>,
+    /// The upstream IGD, as the daemon last wrote: where, whether it answers, its external
+    /// address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    upstream: Option<serde_json::Value>,
 }
 
 /// `status --output json`.
-pub fn status_json(name: &str, table: Option<&KernelTable>) -> String {
+pub fn status_json(name: &str, table: Option<&KernelTable>, upstream: Option<&Upstream>) -> String {
     let value = StatusJson {
         table: name.to_owned(),
         present: table.is_some(),
@@ -300,7 +400,10 @@ pub fn status_json(name: &str, table: Option<&KernelTable>) -> String {
         wan_addresses: table
             .map(|t| t.wan_addresses.iter().map(ToString::to_string).collect())
             .unwrap_or_default(),
-        forwards: table.map(status_forwards).unwrap_or_default(),
+        forwards: table
+            .map(|t| status_forwards(t, upstream))
+            .unwrap_or_default(),
+        upstream: upstream.map(Upstream::json),
     };
     serde_json::to_string_pretty(&value).expect("the status serializes") + "\n"
 }

@@ -33,6 +33,8 @@ const RETRY_LAST: Duration = Duration::from_secs(60);
 pub enum Kind {
     Release,
     AddFinalizer,
+    /// The external-dns targets.
+    Dns,
     Condition,
     /// An event, by reason: a newer note of the same reason replaces an older one.
     Event(&'static str),
@@ -45,6 +47,8 @@ pub enum Work {
     Release(Vec<String>),
     /// Add this router's finalizer; the Service's finalizers as last seen.
     AddFinalizer(Vec<String>),
+    /// Change the DNS target annotations: JSON Patch operations guarded by `test`.
+    Dns(Vec<serde_json::Value>),
     Condition(Summary),
     Event {
         uid: String,
@@ -60,6 +64,7 @@ impl Work {
         match self {
             Work::Release(_) => Kind::Release,
             Work::AddFinalizer(_) => Kind::AddFinalizer,
+            Work::Dns(_) => Kind::Dns,
             Work::Condition(_) => Kind::Condition,
             Work::Event { reason, .. } => Kind::Event(reason),
         }
@@ -250,8 +255,10 @@ fn take(queue: &mut Queue, round: Round) {
     }
 }
 
-fn is_finalizer(kind: Kind) -> bool {
-    matches!(kind, Kind::Release | Kind::AddFinalizer)
+/// Work guarded by what the daemon saw of the Service: when the guard fails, the
+/// Service's next watch event brings the daemon's next word, not a retry.
+fn guarded(kind: Kind) -> bool {
+    matches!(kind, Kind::Release | Kind::AddFinalizer | Kind::Dns)
 }
 
 /// Reports a request's end, or puts it back to be retried. Work is retried only while no
@@ -282,7 +289,7 @@ fn settle(
             queue.said.retain(|(_, k), _| *k != key);
             let _ = done.send(Done::Gone(key));
         }
-        Outcome::Stale(error) if is_finalizer(slot.0) => {
+        Outcome::Stale(error) if guarded(slot.0) => {
             finished(queue);
             tracing::debug!(%error, namespace = %key.0, name = %key.1, work = ?slot.0, "the Service changed meanwhile; waiting for its next state");
         }
@@ -329,6 +336,7 @@ async fn execute(cluster: &Cluster, key: &Key, work: &Work) -> Outcome {
             .add_finalizer(key, finalizers)
             .await
             .map(|updated| Outcome::Finalizer(Box::new(updated))),
+        Work::Dns(ops) => cluster.write_dns(key, ops).await.map(|()| Outcome::Nothing),
         Work::Condition(summary) => cluster
             .condition(key, summary)
             .await
@@ -372,6 +380,7 @@ mod tests {
             message: String::new(),
             warning: false,
             down: 0,
+            notes: Vec::new(),
         }
     }
 

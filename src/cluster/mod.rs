@@ -1,8 +1,10 @@
 //! The cluster lane: the Kubernetes API. The client ([`client`]), the watches of Services
-//! and Namespaces ([`watch`], [`watched`]), this router's finalizer ([`finalizer`]), and what
-//! it tells Services: events and its condition ([`report`]).
+//! and Namespaces ([`watch`], [`watched`]), this router's finalizer ([`finalizer`]), what it
+//! tells Services: events and its condition ([`report`]), and the DNS targets it writes
+//! ([`dns`]).
 
 pub mod client;
+pub mod dns;
 pub mod finalizer;
 pub mod lane;
 pub mod report;

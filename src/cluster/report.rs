@@ -78,7 +78,7 @@ pub fn condition_of(condition_type: &str, instance: &str, summary: &Summary) -> 
         type_: condition_type.to_owned(),
         status: summary.status.to_owned(),
         reason: summary.reason.to_owned(),
-        message: format!("router {instance}: {}", summary.message),
+        message: format!("router {instance}: {}", summary.full_message()),
     }
 }
 

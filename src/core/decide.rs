@@ -25,6 +25,21 @@ pub struct Summary {
     /// How many backends of its forwards health checks hold down: a change of this alone
     /// is told at a limited rate.
     pub down: usize,
+    /// What the Service is told of its upstream mappings and its DNS target, after the
+    /// message; a change of these alone changes the condition, and has its own events.
+    pub notes: Vec<String>,
+}
+
+impl Summary {
+    /// The message with its notes, as the condition carries it.
+    pub fn full_message(&self) -> String {
+        let mut text = self.message.clone();
+        for note in &self.notes {
+            text.push_str("; ");
+            text.push_str(note);
+        }
+        text
+    }
 }
 
 /// The decision for one round.
@@ -86,6 +101,7 @@ pub fn decide(
                     message: format!("field {}: {}", error.field, error.message),
                     warning: true,
                     down: 0,
+                    notes: Vec::new(),
                 },
             );
         }
@@ -174,6 +190,7 @@ fn summarize(outcomes: &[&plan::Outcome]) -> Summary {
         message: lines.join("; "),
         warning: invalid + conflict + refused > 0 || reason == "BackendsDown",
         down: outcomes.iter().map(|o| o.down.len()).sum(),
+        notes: Vec::new(),
     }
 }
 

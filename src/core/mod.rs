@@ -5,6 +5,7 @@
 
 pub mod annotation;
 pub mod decide;
+pub mod dns;
 pub mod health;
 pub mod model;
 pub mod names;
@@ -13,3 +14,4 @@ pub mod plan;
 pub mod policy;
 pub mod service;
 pub mod tracked;
+pub mod upstream;

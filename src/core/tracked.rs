@@ -2,6 +2,7 @@
 //! sends. Reading never fails: a Service that cannot be decoded is kept with the reason.
 
 use crate::core::annotation;
+use crate::core::dns;
 use crate::core::service::{DecodeError, Service};
 
 /// What the daemon keeps of a Service between events: no more than forwarding and the
@@ -22,6 +23,8 @@ pub struct Tracked {
     /// Its conditions as the API server holds them (those with a domain-qualified type,
     /// where routers write theirs), so a condition already as wanted is not written again.
     pub conditions: Vec<Condition>,
+    /// The external-dns targets and this router's record of what it wrote there.
+    pub dns: dns::Annotations,
     pub service: Result<Service, DecodeError>,
 }
 
@@ -92,6 +95,7 @@ impl Tracked {
                     })
                 })
                 .collect(),
+            dns: dns::Annotations::from_metadata(&meta["annotations"]),
             service: Service::decode(value),
         }
     }

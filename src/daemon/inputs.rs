@@ -76,6 +76,10 @@ impl Daemon {
         );
         self.lock_metrics().wan_addresses = wan.len();
         self.settings.table.wan_addresses = wan;
+        if let Some(lane) = &self.upstream {
+            lane.wan_changed(self.wan_ipv4());
+        }
+        self.warn_private_wan();
         true
     }
 
@@ -125,6 +129,7 @@ impl Daemon {
             && old.annotated == new.annotated
             && old.out_of_scope == new.out_of_scope
             && old.uid == new.uid
+            && old.dns == new.dns
             && (old.has_finalizer(finalizer) == new.has_finalizer(finalizer)
                 || self.forwarding.contains(new.uid()))
     }

@@ -9,8 +9,9 @@
 mod backends;
 mod inputs;
 mod reconcile;
+mod upstream;
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -22,7 +23,8 @@ use crate::cluster::client::{self, ClientError};
 use crate::cluster::lane::{Kind, Lane};
 use crate::cluster::{Cluster, Key, watch};
 use crate::core::decide::{Down, Store, Summary};
-use crate::core::model::ForwardKey;
+use crate::core::dns;
+use crate::core::model::{Family, ForwardKey};
 use crate::core::names::valid_finalizer;
 use crate::core::node::Nodes;
 use crate::core::policy::{NodePorts, Policy};
@@ -31,6 +33,7 @@ use crate::kernel::{Engine, Kernel, NftCli, TableConfig};
 use crate::router::health::{self, Metrics};
 use crate::router::links::LinkEvents;
 use crate::router::probe::{ProbeSettings, Prober};
+use crate::router::upstream::{Upstream, UpstreamSettings};
 
 pub const DEFAULT_FINALIZER: &str = "kube-port-forward-controller/finalizer";
 pub const DEFAULT_CONDITION: &str = "kube-port-forward-controller/Forwarded";
@@ -66,6 +69,12 @@ pub struct Settings {
     pub health: Option<SocketAddr>,
     /// How the backends of forwards with several are checked.
     pub probes: ProbeSettings,
+    /// Map every IPv4 forward on the IGD in front of the router (double NAT); `None`: off.
+    pub upstream: Option<UpstreamSettings>,
+    /// Write external-dns targets on the Services forwarded.
+    pub dns_targets: bool,
+    /// Where what the IGD said is written for `status`.
+    pub state_file: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -134,6 +143,18 @@ struct Daemon {
     /// When each Service's condition, and its events, last told of its backends' health.
     health_told: HashMap<Key, Instant>,
     health_events: HashMap<Key, Instant>,
+    /// The IGD's lane, when an upstream is configured.
+    upstream: Option<Upstream>,
+    /// The private-WAN warning was given.
+    warned_private: bool,
+    /// What each Service was last told of its upstream mappings.
+    upstream_told: HashMap<Key, String>,
+    /// DNS patches handed to the cluster lane, and for which annotations and target.
+    dns_handed: HashMap<Key, (dns::Annotations, Option<String>)>,
+    /// The Services warned of a bad `dns-target` annotation, and for which value.
+    dns_warned: HashMap<Key, String>,
+    /// The last public addresses known, per family.
+    public: BTreeMap<Family, BTreeSet<IpAddr>>,
 }
 
 /// Runs until `shutdown` completes; a reconcile in progress finishes first.
@@ -225,12 +246,22 @@ pub async fn run(
         kernel_down: None,
         health_told: HashMap::new(),
         health_events: HashMap::new(),
+        upstream: None,
+        warned_private: false,
+        upstream_told: HashMap::new(),
+        dns_handed: HashMap::new(),
+        dns_warned: HashMap::new(),
+        public: BTreeMap::new(),
         metrics,
         settings,
     };
     if links.is_some() {
         daemon.follow_addresses();
     }
+    if let Some(upstream) = daemon.settings.upstream.clone() {
+        daemon.upstream = Some(Upstream::start(upstream, daemon.wan_ipv4()));
+    }
+    daemon.warn_private_wan();
     tracing::info!(
         finalizer = %daemon.settings.finalizer,
         table = %daemon.settings.table.table,
@@ -282,6 +313,9 @@ pub async fn run(
             }
             () = changed(&mut links) => {
                 dirty |= daemon.follow_addresses();
+            }
+            () = upstream_changed(&mut daemon.upstream) => {
+                dirty |= daemon.upstream_changed();
             }
             touched = touched(&mut tables) => {
                 // The engine's own commits are announced too: it knows their generations.
@@ -356,6 +390,13 @@ async fn feed_watchdog(metrics: health::Shared, period: Duration) {
 async fn changed(links: &mut Option<LinkEvents>) {
     match links {
         Some(links) => links.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn upstream_changed(upstream: &mut Option<Upstream>) {
+    match upstream {
+        Some(upstream) => upstream.changed().await,
         None => std::future::pending().await,
     }
 }

@@ -147,12 +147,44 @@ impl Daemon {
                 sd_notify::NotifyState::Status("forwarding"),
             ]);
         }
+        // Upstream mappings follow the forwards; DNS targets and what the IGD said are
+        // worked out for each Service.
+        let upstream_wanted = self.want_upstream(&decision.plan);
+        let mut beyond = self.beyond(&decision.plan, &mut round);
         // Finalizers first: a deleted Service waits on the release, events wait on nobody.
-        let mut retry = None;
-        if !decision.release.is_empty() {
-            retry = self
-                .release(&decision.release, &applied, &mut round)
-                .await?;
+        // A Service whose DNS target or upstream mappings are still there waits for them
+        // (up to the cleanup deadline).
+        let mut retry: Option<Duration> = None;
+        let mut releasable = Vec::new();
+        for key in &decision.release {
+            let upstream = upstream_wanted
+                .as_ref()
+                .is_some_and(|wanted| self.upstream_open(key, wanted));
+            if !upstream && !beyond.dns_pending.contains(key) {
+                releasable.push(key.clone());
+                continue;
+            }
+            if self.cleanup_overdue(key) {
+                self.release_anyway(key, &mut round);
+                continue;
+            }
+            if upstream && !self.upstream_reachable() {
+                self.warn(
+                    key,
+                    "CleanupPending",
+                    "the IGD in front of the router does not answer: this Service's upstream mappings are deleted when it does, and its finalizer released then or at the cleanup deadline".into(),
+                    &mut round,
+                );
+            }
+            let left = self.cleanup_left(key);
+            retry = Some(retry.map_or(left, |r| r.min(left)));
+        }
+        if !releasable.is_empty() {
+            let wait = self.release(&releasable, &applied, &mut round).await?;
+            retry = match (retry, wait) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
         }
         for key in &decision.add_finalizer {
             self.hand_over(key, Kind::AddFinalizer, &mut round);
@@ -181,7 +213,8 @@ impl Daemon {
             .collect();
         self.report_changes(&applied, &mut round);
         let now = Instant::now();
-        for (key, summary) in decision.summaries {
+        for (key, mut summary) in decision.summaries {
+            summary.notes = beyond.notes.remove(&key).unwrap_or_default();
             let Some(previous) = self.published.get(&key) else {
                 self.publish(&key, &summary, true, &mut round);
                 self.published.insert(key, summary);
@@ -195,6 +228,18 @@ impl Daemon {
             // moment: a flapping backend does not patch the Service at every probe. Its
             // events are the health checks' own (`BackendDown`, `BackendUp`).
             let health_only = summary.down != previous.down;
+            // Notes (upstream mappings, DNS target) changed alone: the condition follows;
+            // their events are their own.
+            let notes_only = !health_only
+                && Summary {
+                    notes: previous.notes.clone(),
+                    ..summary.clone()
+                } == *previous;
+            if notes_only {
+                self.publish(&key, &summary, false, &mut round);
+                self.published.insert(key, summary);
+                continue;
+            }
             if health_only {
                 if let Some(at) = self.health_told.get(&key)
                     && now < *at + HEALTH_EVENTS
@@ -388,6 +433,18 @@ impl Daemon {
         };
         let since = *self.cleanup_since.entry(uid).or_insert_with(Instant::now);
         since.elapsed() >= self.settings.cleanup_deadline
+    }
+
+    /// How long until a Service's cleanup is overdue (counted from the first wait seen).
+    fn cleanup_left(&mut self, key: &Key) -> Duration {
+        let Some(uid) = self.store.get(key).map(|t| t.uid.clone()) else {
+            return self.settings.cleanup_deadline;
+        };
+        let since = *self.cleanup_since.entry(uid).or_insert_with(Instant::now);
+        self.settings
+            .cleanup_deadline
+            .saturating_sub(since.elapsed())
+            .max(Duration::from_millis(100))
     }
 
     fn release_anyway(&mut self, key: &Key, round: &mut Round) {

@@ -14,6 +14,7 @@ use hyper::{Request, Response, StatusCode};
 
 use crate::core::model::Check;
 use crate::core::plan::{Plan, State};
+use crate::core::upstream::{MappingState, View};
 
 /// Upper bounds of the apply-latency histogram buckets, in seconds.
 const BUCKETS: [f64; 9] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
@@ -53,6 +54,8 @@ pub struct Metrics {
     pub bookkeeping_idle: bool,
     /// The health checks of backends, by check.
     pub backends: BTreeMap<Check, BackendStats>,
+    /// What the upstream lane knows of the IGD, when one is configured.
+    pub upstream: Option<Arc<View>>,
     apply_buckets: [u64; BUCKETS.len()],
     apply_count: u64,
     apply_sum: f64,
@@ -98,6 +101,7 @@ impl Default for Metrics {
             bookkeeping_queued: 0,
             bookkeeping_idle: true,
             backends: BTreeMap::new(),
+            upstream: None,
             apply_buckets: [0; BUCKETS.len()],
             apply_count: 0,
             apply_sum: 0.0,
@@ -240,7 +244,56 @@ impl Metrics {
         let _ = writeln!(out, "{name}_sum {}", self.apply_sum);
         let _ = writeln!(out, "{name}_count {}", self.apply_count);
         self.render_backends(&mut out);
+        self.render_upstream(&mut out);
         out
+    }
+
+    fn render_upstream(&self, out: &mut String) {
+        let Some(view) = &self.upstream else {
+            return;
+        };
+        header(
+            out,
+            "upstream_up",
+            "gauge",
+            "Whether the IGD in front of the router answered its last request.",
+        );
+        let _ = writeln!(
+            out,
+            "kube_port_forward_upstream_up {}",
+            u8::from(view.reachable)
+        );
+        header(
+            out,
+            "upstream_mappings",
+            "gauge",
+            "Mappings the forwards ask of the IGD, by what it answered.",
+        );
+        type Is = fn(&MappingState) -> bool;
+        let states: [(&str, Is); 3] = [
+            ("mapped", |s| *s == MappingState::Mapped),
+            ("refused", |s| matches!(s, MappingState::Refused { .. })),
+            ("pending", |s| *s == MappingState::Pending),
+        ];
+        for (word, is) in states {
+            let count = view.mappings.values().filter(|s| is(s)).count();
+            let _ = writeln!(
+                out,
+                "kube_port_forward_upstream_mappings{{state=\"{word}\"}} {count}"
+            );
+        }
+        if let Some(external) = view.external {
+            header(
+                out,
+                "upstream_external_address_info",
+                "gauge",
+                "The IGD's external address: where the internet reaches the forwards.",
+            );
+            let _ = writeln!(
+                out,
+                "kube_port_forward_upstream_external_address_info{{address=\"{external}\"}} 1"
+            );
+        }
     }
 
     fn render_backends(&self, out: &mut String) {

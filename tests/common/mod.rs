@@ -6,6 +6,7 @@ pub mod apiserver;
 pub mod daemon;
 pub mod recording;
 pub mod scenario;
+pub mod upnp;
 
 use std::fs::File;
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};

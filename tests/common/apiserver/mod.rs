@@ -314,6 +314,20 @@ impl ApiServer {
         self.state.lock().unwrap().events.clone()
     }
 
+    /// Every version of a Service the watch history holds, oldest first.
+    pub fn versions(&self, ns: &str, name: &str) -> Vec<Value> {
+        self.state
+            .lock()
+            .unwrap()
+            .history
+            .iter()
+            .filter(|c| {
+                c.object["metadata"]["namespace"] == ns && c.object["metadata"]["name"] == name
+            })
+            .map(|c| c.object.clone())
+            .collect()
+    }
+
     /// `METHOD path?query` of every request so far.
     pub fn requests(&self) -> Vec<String> {
         self.state.lock().unwrap().requests.clone()

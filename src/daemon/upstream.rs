@@ -1,0 +1,295 @@
+//! The daemon's side of what lies beyond the router's WAN: the IGD's mappings (the upstream
+//! lane does the talking; here, what Services and users are told of them, and the cleanup
+//! they hold up) and the external-dns targets written on the Services forwarded.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::Path;
+
+use kube::runtime::events::EventType;
+use serde_json::json;
+
+use super::Daemon;
+use crate::cluster::Key;
+use crate::cluster::lane::{Round, Work};
+use crate::core::dns;
+use crate::core::model::Family;
+use crate::core::plan::Plan;
+use crate::core::upstream::{self, Mapping, MappingState, View, Wanted};
+
+/// What a round found of DNS targets and upstream mappings, per Service.
+#[derive(Default)]
+pub(super) struct Beyond {
+    /// Notes for the Services' conditions.
+    pub notes: HashMap<Key, Vec<String>>,
+    /// Services whose DNS target must be removed before their finalizer is released.
+    pub dns_pending: BTreeSet<Key>,
+}
+
+impl Daemon {
+    /// The upstream lane's view changed: kept for `status` and the metrics; returns whether
+    /// a round should follow (Services are told, cleanups may proceed).
+    pub(super) fn upstream_changed(&mut self) -> bool {
+        let Some(lane) = &self.upstream else {
+            return false;
+        };
+        let view = lane.view();
+        let wanted = lane.wanted();
+        if let Err(error) = write_state(&self.settings.state_file, &view, &wanted) {
+            tracing::warn!(%error, file = %self.settings.state_file.display(), "cannot write the upstream state for `status`");
+        }
+        self.lock_metrics().upstream = Some(view);
+        true
+    }
+
+    /// Warns once when a WAN address is private or behind carrier-grade NAT and no upstream
+    /// is configured: its forwards are not reachable from the internet.
+    pub(super) fn warn_private_wan(&mut self) {
+        if self.upstream.is_some() || self.warned_private {
+            return;
+        }
+        let Some(addr) = self
+            .settings
+            .table
+            .wan_addresses
+            .iter()
+            .find(|a| a.is_ipv4() && upstream::not_public(**a))
+        else {
+            return;
+        };
+        self.warned_private = true;
+        if upstream::is_cgnat(*addr) {
+            tracing::warn!(
+                wan = %addr,
+                "the WAN address is behind carrier-grade NAT (100.64.0.0/10): forwards opened on it are not reachable from the internet, and the ISP's NAT has no IGD to ask; use IPv6 or ask the ISP for a public address"
+            );
+        } else {
+            tracing::warn!(
+                wan = %addr,
+                "the WAN address is private: forwards opened on it are not reachable from the internet; behind another router, turn on --upstream upnp"
+            );
+        }
+    }
+
+    /// The router's WAN IPv4 addresses, as the upstream lane searches from them.
+    pub(super) fn wan_ipv4(&self) -> BTreeSet<Ipv4Addr> {
+        self.settings
+            .table
+            .wan_addresses
+            .iter()
+            .filter_map(|a| match a {
+                IpAddr::V4(a) => Some(*a),
+                IpAddr::V6(_) => None,
+            })
+            .collect()
+    }
+
+    /// The public addresses the internet reaches the router's forwards at: per family, the
+    /// IGD's external address (behind double NAT) or the WAN's own public ones. A family that
+    /// has none for a moment (a DHCP renewal) keeps the last ones known.
+    fn public_addresses(&mut self) -> BTreeSet<IpAddr> {
+        for family in [Family::Ipv4, Family::Ipv6] {
+            let upstream = match (family, &self.upstream) {
+                (Family::Ipv4, Some(lane)) => Some(lane.view().external.into_iter().collect()),
+                _ => None,
+            };
+            let now: BTreeSet<IpAddr> = upstream.unwrap_or_else(|| {
+                self.settings
+                    .table
+                    .wan_addresses
+                    .iter()
+                    .filter(|a| Family::of(**a) == family)
+                    .copied()
+                    .collect()
+            });
+            let now: BTreeSet<IpAddr> = now
+                .into_iter()
+                .filter(|a| !upstream::not_public(*a))
+                .collect();
+            if !now.is_empty() {
+                self.public.insert(family, now);
+            }
+        }
+        self.public.values().flatten().copied().collect()
+    }
+
+    /// Hands the upstream lane the mappings the plan asks for; returns them.
+    pub(super) fn want_upstream(&self, plan: &Plan) -> Option<BTreeMap<Mapping, Wanted>> {
+        let lane = self.upstream.as_ref()?;
+        let wanted = upstream::wanted(plan.forwards.values());
+        lane.want(wanted.clone());
+        Some(wanted)
+    }
+
+    /// Whether a Service released from its forwards may still have mappings open upstream.
+    pub(super) fn upstream_open(&self, key: &Key, wanted: &BTreeMap<Mapping, Wanted>) -> bool {
+        let (Some(lane), Some(tracked)) = (&self.upstream, self.store.get(key)) else {
+            return false;
+        };
+        lane.view().still_open(tracked.uid(), wanted)
+    }
+
+    /// Whether the IGD answers (a cleanup waiting on it is then only slow).
+    pub(super) fn upstream_reachable(&self) -> bool {
+        self.upstream.as_ref().is_some_and(|l| l.view().reachable)
+    }
+
+    /// The DNS targets and the upstream notes of every Service, for this round: DNS patches
+    /// go to the cluster lane, upstream changes become events.
+    pub(super) fn beyond(&mut self, plan: &Plan, round: &mut Round) -> Beyond {
+        let mut beyond = Beyond::default();
+        let mut families: HashMap<&str, BTreeSet<Family>> = HashMap::new();
+        let mut mappings: HashMap<&str, Vec<Mapping>> = HashMap::new();
+        for forward in plan.forwards.values() {
+            let Some(uid) = forward.owner.uid.as_deref() else {
+                continue;
+            };
+            families.entry(uid).or_default().insert(forward.key.family);
+            if let Some(mapping) = Mapping::of(&forward.key) {
+                mappings.entry(uid).or_default().push(mapping);
+            }
+        }
+        let public = self.public_addresses();
+        let enabled = self.settings.dns_targets;
+        let mut handed = std::mem::take(&mut self.dns_handed);
+        let mut warned = std::mem::take(&mut self.dns_warned);
+        for (key, tracked) in &self.store {
+            let forwarding = families.get(tracked.uid());
+            if !enabled && !tracked.dns.has_own() {
+                continue;
+            }
+            let mut note = None;
+            let wanted = match (enabled && !tracked.terminating, forwarding) {
+                (true, Some(families)) => match tracked.dns.opted_in() {
+                    Ok(true) => dns::target(families, &public),
+                    Ok(false) => None,
+                    Err(error) => {
+                        if warned.get(key) != Some(&error) {
+                            let text = format!("router {}: {error}", self.settings.instance);
+                            self.event(
+                                key,
+                                EventType::Warning,
+                                "InvalidAnnotation",
+                                "Dns",
+                                text,
+                                round,
+                            );
+                            warned.insert(key.clone(), error.clone());
+                        }
+                        note = Some(error);
+                        None
+                    }
+                },
+                _ => None,
+            };
+            let step = dns::step(&tracked.dns, wanted.as_deref());
+            if let Some((text, _)) = step.note {
+                note.get_or_insert(text);
+            }
+            if let Some(note) = note {
+                beyond.notes.entry(key.clone()).or_default().push(note);
+            }
+            if step.patch.is_empty() {
+                handed.remove(key);
+                continue;
+            }
+            if forwarding.is_none() {
+                beyond.dns_pending.insert(key.clone());
+            }
+            let seen = (tracked.dns.clone(), wanted);
+            if handed.get(key) != Some(&seen) {
+                handed.insert(key.clone(), seen);
+                round.reports.push((key.clone(), Work::Dns(step.patch)));
+            }
+        }
+        handed.retain(|key, _| self.store.contains_key(key));
+        self.dns_handed = handed;
+        warned.retain(|key, _| {
+            self.store
+                .get(key)
+                .is_some_and(|t| t.dns.opted_in().is_err())
+        });
+        self.dns_warned = warned;
+        if let Some(lane) = &self.upstream {
+            let view = lane.view();
+            let mut told = std::mem::take(&mut self.upstream_told);
+            for (key, tracked) in &self.store {
+                let Some(own) = mappings.get(tracked.uid()) else {
+                    continue;
+                };
+                let states: Vec<(Mapping, &MappingState)> = own
+                    .iter()
+                    .map(|m| (*m, view.mappings.get(m).unwrap_or(&MappingState::Pending)))
+                    .collect();
+                let Some((text, warning)) = upstream::service_note(&states, &view) else {
+                    continue;
+                };
+                beyond
+                    .notes
+                    .entry(key.clone())
+                    .or_default()
+                    .push(text.clone());
+                // Not asked yet: nothing to tell.
+                let asked = view.error.is_some()
+                    || states.iter().all(|(_, s)| **s != MappingState::Pending);
+                if asked && told.get(key) != Some(&text) {
+                    let refused = states
+                        .iter()
+                        .any(|(_, s)| matches!(s, MappingState::Refused { .. }));
+                    let (type_, reason) = match (warning, refused) {
+                        (false, _) => (EventType::Normal, "UpstreamMapped"),
+                        (true, true) => (EventType::Warning, "UpstreamRefused"),
+                        (true, false) => (EventType::Warning, "UpstreamUnreachable"),
+                    };
+                    let note = format!("router {}: {text}", self.settings.instance);
+                    self.event(key, type_, reason, "Upstream", note, round);
+                    told.insert(key.clone(), text);
+                }
+            }
+            told.retain(|key, _| self.store.contains_key(key));
+            self.upstream_told = told;
+        }
+        beyond
+    }
+}
+
+/// Writes what the upstream lane knows where `status` reads it, whole or not at all.
+fn write_state(
+    file: &Path,
+    view: &View,
+    wanted: &BTreeMap<Mapping, Wanted>,
+) -> std::io::Result<()> {
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mappings: Vec<serde_json::Value> = view
+        .mappings
+        .iter()
+        .map(|(mapping, state)| {
+            let mut entry = json!({
+                "port": mapping.port,
+                "protocol": mapping.protocol,
+                "service": wanted.get(mapping).map(|w| w.service.as_str()),
+            });
+            if let (Some(entry), Ok(serde_json::Value::Object(state))) =
+                (entry.as_object_mut(), serde_json::to_value(state))
+            {
+                entry.extend(state);
+            }
+            entry
+        })
+        .collect();
+    let state = json!({
+        "pid": std::process::id(),
+        "igd": view.igd,
+        "reachable": view.reachable,
+        "error": view.error,
+        "external": view.external,
+        "internal": view.internal,
+        "listed": view.listed,
+        "mappings": mappings,
+    });
+    let temporary = file.with_extension("tmp");
+    std::fs::write(&temporary, serde_json::to_vec_pretty(&state)?)?;
+    std::fs::rename(&temporary, file)
+}
