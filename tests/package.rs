@@ -324,6 +324,11 @@ fn every_uci_option_becomes_a_flag_the_daemon_accepts() {
         ("check_fall", "3"),
         ("check_rise", "1"),
         ("check_concurrency", "16"),
+        ("upstream", "upnp"),
+        ("upstream_url", "http://192.168.1.1:5000/rootDesc.xml"),
+        ("upstream_lease", "600"),
+        ("upstream_poll", "10"),
+        ("dns_targets", "1"),
         ("verbose", "1"),
     ];
     let command = init_command(&uci, &dir);
@@ -338,6 +343,8 @@ fn every_uci_option_becomes_a_flag_the_daemon_accepts() {
         "--node-ports annotated",
         "--check-interval 5 --check-timeout 0.5 --check-fall 3 --check-rise 1",
         "--check-concurrency 16",
+        "--upstream upnp --upstream-url http://192.168.1.1:5000/rootDesc.xml",
+        "--upstream-lease 600 --upstream-poll 10 --dns-targets",
         "--table kube_port_forward",
     ] {
         assert!(line.contains(expected), "{expected:?} not in {line}");

@@ -18,6 +18,8 @@ command -v sysctl >/dev/null || missing+=(procps)
 # systemd-analyze (the systemd package only installs here; nothing is started).
 command -v shellcheck >/dev/null || missing+=(shellcheck)
 command -v systemd-analyze >/dev/null || missing+=(systemd)
+# The double-NAT tests run a real UPnP IGD (miniupnpd, nftables flavour) as the ISP's box.
+command -v miniupnpd >/dev/null || missing+=(miniupnpd-nftables)
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "tests/run.sh: installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive

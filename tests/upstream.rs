@@ -128,6 +128,15 @@ impl Rig {
 #[test]
 fn through_both_nats_leases_renewed_conflicts_told_and_mappings_gone_before_release() {
     let rig = rig();
+    // The router's firewall lets in from outside only what answers something it sent, as
+    // OpenWrt's does: the IGD is found by the answer to the unicast search.
+    rig.nat.router.nft(&[
+        "-f",
+        &rig.dir.write(
+            "router-input.nft",
+            "table inet fw {\n chain input {\n  type filter hook input priority 0; policy drop;\n  ct state established,related accept\n  iif lo accept\n }\n}\n",
+        ),
+    ]);
     let daemon = rig.daemon(&[
         "--upstream",
         "upnp",

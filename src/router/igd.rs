@@ -224,23 +224,36 @@ pub struct Entry {
 }
 
 /// Asks the IGDs on the link of `local` (the router's WAN address) where their description
-/// is; the first answer wins.
+/// is; the first answer wins. The search goes to the SSDP group and, unicast, to each
+/// default gateway: a router's firewall (OpenWrt's drops what enters from the WAN unless
+/// it answers something sent) lets the gateway's answer to a unicast search in, not the
+/// answer to a multicast one.
 pub async fn discover(local: Ipv4Addr, timeout: Duration) -> Result<Url, IgdError> {
     let socket = UdpSocket::bind((local, 0))
         .await
         .map_err(|e| unreachable(format!("SSDP from {local}: {e}")))?;
     let _ = socket.set_multicast_ttl_v4(2);
-    for target in [
-        "urn:schemas-upnp-org:device:InternetGatewayDevice:1",
-        "urn:schemas-upnp-org:device:InternetGatewayDevice:2",
-    ] {
-        let search = format!(
-            "M-SEARCH * HTTP/1.1\r\nHOST: 239.255.255.250:1900\r\nMAN: \"ssdp:discover\"\r\nMX: 1\r\nST: {target}\r\n\r\n"
-        );
-        socket
-            .send_to(search.as_bytes(), SSDP)
-            .await
-            .map_err(|e| unreachable(format!("SSDP search from {local}: {e}")))?;
+    let gateways = std::fs::read_to_string("/proc/net/route")
+        .map(|table| default_gateways(&table))
+        .unwrap_or_default();
+    let destinations = std::iter::once(SSDP).chain(
+        gateways
+            .into_iter()
+            .map(|g| SocketAddr::new(IpAddr::V4(g), SSDP.port())),
+    );
+    for destination in destinations {
+        for target in [
+            "urn:schemas-upnp-org:device:InternetGatewayDevice:1",
+            "urn:schemas-upnp-org:device:InternetGatewayDevice:2",
+        ] {
+            let search = format!(
+                "M-SEARCH * HTTP/1.1\r\nHOST: 239.255.255.250:1900\r\nMAN: \"ssdp:discover\"\r\nMX: 1\r\nST: {target}\r\n\r\n"
+            );
+            // A gateway out of reach from this address is not an error: another may answer.
+            if let Err(error) = socket.send_to(search.as_bytes(), destination).await {
+                tracing::debug!(%error, %destination, "SSDP search not sent");
+            }
+        }
     }
     let wait = async {
         let mut buffer = vec![0; 2048];
@@ -265,6 +278,23 @@ pub async fn discover(local: Ipv4Addr, timeout: Duration) -> Result<Url, IgdErro
             "no IGD answered an SSDP search from {local} within {timeout:?}"
         ))
     })
+}
+
+/// The IPv4 default gateways in `/proc/net/route` (addresses in the kernel's byte order).
+fn default_gateways(table: &str) -> Vec<Ipv4Addr> {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (destination, gateway, mask) = (fields.get(1)?, fields.get(2)?, fields.get(7)?);
+            if *destination != "00000000" || *mask != "00000000" {
+                return None;
+            }
+            let raw = u32::from_str_radix(gateway, 16).ok()?;
+            (raw != 0).then(|| Ipv4Addr::from(raw.to_ne_bytes()))
+        })
+        .collect()
 }
 
 impl Gateway {
@@ -465,6 +495,17 @@ mod tests {
                 "/ctl/IPConn".to_owned()
             )
         );
+    }
+
+    #[test]
+    fn default_gateways_are_read_from_the_route_table() {
+        let raw = u32::from_ne_bytes([192, 168, 1, 1]);
+        let table = format!(
+            "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+             wan\t00000000\t{raw:08X}\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
+             wan\t0001A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n"
+        );
+        assert_eq!(default_gateways(&table), [Ipv4Addr::new(192, 168, 1, 1)]);
     }
 
     #[test]
