@@ -118,6 +118,30 @@ fn bad_flags_exit_2_with_the_reason() {
         assert_eq!(output.status.code(), Some(2));
         assert!(stderr(&output).contains(said), "{}", stderr(&output));
     }
+    // So are the upstream ones.
+    for (flags, said) in [
+        (
+            &["--upstream-url", "http://192.168.1.1:5000/rootDesc.xml"][..],
+            "--upstream-url http://192.168.1.1:5000/rootDesc.xml needs --upstream upnp",
+        ),
+        (
+            &["--upstream", "upnp", "--upstream-url", "https://box/"][..],
+            "only http:// URLs name an IGD",
+        ),
+        (
+            &["--upstream", "upnp", "--upstream-lease", "5"][..],
+            "--upstream-lease 5: give 0 (permanent) or seconds from 10",
+        ),
+        (
+            &["--upstream", "upnp", "--upstream-poll", "0"][..],
+            "--upstream-poll 0",
+        ),
+    ] {
+        let args = [&["run", "--wan-interface", "wan"], flags].concat();
+        let output = run(&args);
+        assert_eq!(output.status.code(), Some(2));
+        assert!(stderr(&output).contains(said), "{}", stderr(&output));
+    }
 }
 
 #[test]

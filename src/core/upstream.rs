@@ -274,6 +274,35 @@ mod tests {
     }
 
     #[test]
+    fn a_release_waits_for_the_mappings_held_for_it_or_for_nobody_known() {
+        let tcp = |port| Mapping {
+            protocol: Protocol::Tcp,
+            port,
+        };
+        let web = Wanted {
+            uid: Some("uid-web".into()),
+            service: "ns/web".into(),
+        };
+        let wanted = BTreeMap::from([(tcp(80), web)]);
+        let mut view = View {
+            listed: true,
+            held: BTreeMap::from([(tcp(80), Some("uid-web".into()))]),
+            ..View::default()
+        };
+        // Only what is held and no longer wanted counts, for its owner.
+        assert!(!view.still_open("uid-old", &wanted));
+        view.held.insert(tcp(9000), Some("uid-old".into()));
+        assert!(view.still_open("uid-old", &wanted));
+        assert!(!view.still_open("uid-other", &wanted));
+        // Left by an earlier run: anybody's, until deleted.
+        view.held.insert(tcp(9001), None);
+        assert!(view.still_open("uid-other", &wanted));
+        // The IGD's list not read yet: nobody knows.
+        let unread = View::default();
+        assert!(unread.still_open("uid-other", &BTreeMap::new()));
+    }
+
+    #[test]
     fn private_and_shared_addresses_are_not_public() {
         for private in [
             "10.1.2.3",
