@@ -97,11 +97,13 @@ fn dns_with(count: u16, rounds: usize) {
         } else {
             ROUTER_WAN4
         };
+        // Removed, then the new one added (as a DHCP lease change does): removing the
+        // primary address would take a secondary with it.
         let start = Instant::now();
-        topology.router.add_addresses("wan", [format!("{next}/24")]);
         topology
             .router
             .ip(&["addr", "del", &format!("{current}/24"), "dev", "wan"]);
+        topology.router.add_addresses("wan", [format!("{next}/24")]);
         first.push(time_until(start, || {
             target(&api, &names[0]).as_deref() == Some(next)
         }));
@@ -155,7 +157,7 @@ fn upstream() {
     );
     daemon.wait_log("IGD found");
     let reachable = |rig: &Rig| {
-        tcp_greeting(&rig.nat.internet, rig.nat.from_internet(8080))
+        tcp_greeting(&rig.nat.internet, rig.nat.box_port(8080))
             .is_ok_and(|g| g == "hello 8080")
     };
     let (mut open, mut gone) = (Vec::new(), Vec::new());

@@ -92,8 +92,8 @@ impl Rig {
     }
 
     /// What the internet client gets on the box's `port`.
-    fn from_internet(&self, port: u16) -> Option<String> {
-        tcp_greeting(&self.nat.internet, self.nat.from_internet(port)).ok()
+    fn internet_greeting(&self, port: u16) -> Option<String> {
+        tcp_greeting(&self.nat.internet, self.nat.box_port(port)).ok()
     }
 
     fn condition(&self, name: &str) -> String {
@@ -151,9 +151,9 @@ fn through_both_nats_leases_renewed_conflicts_told_and_mappings_gone_before_rele
 
     // The internet reaches the Service through the box and the router, TCP and UDP.
     wait_for("the internet client to reach web through both NATs", || {
-        rig.from_internet(8080).as_deref() == Some("hello 8080")
+        rig.internet_greeting(8080).as_deref() == Some("hello 8080")
     });
-    let echo = udp_echo(&rig.nat.internet, rig.nat.from_internet(8080), "ping").unwrap();
+    let echo = udp_echo(&rig.nat.internet, rig.nat.box_port(8080), "ping").unwrap();
     assert_eq!(echo, "echo 8080 ping");
     assert!(rig.nat.maps("TCP", 8080, ROUTER_WAN) && rig.nat.maps("UDP", 8080, ROUTER_WAN));
 
@@ -229,7 +229,7 @@ fn through_both_nats_leases_renewed_conflicts_told_and_mappings_gone_before_rele
     );
     assert!(rig.nat.neighbour_unmaps(9000));
     wait_for("game to be mapped once the port is free", || {
-        rig.from_internet(9000).as_deref() == Some("hello 9000")
+        rig.internet_greeting(9000).as_deref() == Some("hello 9000")
     });
     wait_for("game's condition to tell the mapping", || {
         rig.condition("game")
@@ -240,7 +240,7 @@ fn through_both_nats_leases_renewed_conflicts_told_and_mappings_gone_before_rele
     rig.api.delete("apps", "web");
     wait_for("web to be gone", || rig.api.get("apps", "web").is_none());
     assert!(!rig.nat.maps("TCP", 8080, ROUTER_WAN) && !rig.nat.maps("UDP", 8080, ROUTER_WAN));
-    assert!(rig.from_internet(8080).is_none());
+    assert!(rig.internet_greeting(8080).is_none());
     let log = daemon.log();
     let line_of = |words: &[&str]| {
         log.lines()
@@ -276,8 +276,8 @@ fn the_igd_going_away_restarting_and_the_wan_address_changing() {
     rig.create("web", 8080);
     rig.create("old", 9000);
     wait_for("both reachable through both NATs", || {
-        rig.from_internet(8080).as_deref() == Some("hello 8080")
-            && rig.from_internet(9000).as_deref() == Some("hello 9000")
+        rig.internet_greeting(8080).as_deref() == Some("hello 8080")
+            && rig.internet_greeting(9000).as_deref() == Some("hello 9000")
     });
 
     // The IGD goes away (its mappings stay in the box): Services are told, forwards stay,
@@ -307,7 +307,7 @@ fn the_igd_going_away_restarting_and_the_wan_address_changing() {
     wait_for("web mapped again", || {
         rig.condition("web").contains("upstream IGD maps 8080/TCP")
     });
-    assert_eq!(rig.from_internet(8080).as_deref(), Some("hello 8080"));
+    assert_eq!(rig.internet_greeting(8080).as_deref(), Some("hello 8080"));
 
     // The box reboots (its mappings are lost) between two polls: its uptime going back
     // tells (or, if a poll fell in the gap, its not answering); everything is mapped again.
@@ -322,7 +322,7 @@ fn the_igd_going_away_restarting_and_the_wan_address_changing() {
         log.contains("the IGD restarted") || log.matches("IGD found").count() > found
     });
     wait_for("web reachable after the box restarted", || {
-        rig.from_internet(8080).as_deref() == Some("hello 8080")
+        rig.internet_greeting(8080).as_deref() == Some("hello 8080")
     });
 
     // The router's WAN address changes: the old mapping cannot be deleted from the new
@@ -338,7 +338,7 @@ fn the_igd_going_away_restarting_and_the_wan_address_changing() {
         rig.nat.maps("TCP", 8080, "192.168.1.4")
     });
     wait_for("web reachable again", || {
-        rig.from_internet(8080).as_deref() == Some("hello 8080")
+        rig.internet_greeting(8080).as_deref() == Some("hello 8080")
     });
     let status: Value = serde_json::from_str(&rig.status("json")).unwrap();
     assert_eq!(status["upstream"]["internal"], "192.168.1.4");

@@ -89,7 +89,8 @@ pub struct Step {
     /// JSON Patch operations, each change guarded by a `test` of the value seen; empty:
     /// nothing to change.
     pub patch: Vec<Value>,
-    /// What the Service's condition says of its DNS target, and whether it is a warning.
+    /// What the Service's condition says of its DNS target when the router leaves it alone
+    /// (the annotations themselves show what it wrote), and whether that is a warning.
     pub note: Option<(String, bool)>,
 }
 
@@ -123,10 +124,7 @@ pub fn step(current: &Annotations, wanted: Option<&str>) -> Step {
                 set(&mut patch, key, value.as_deref(), wanted);
             }
             set(&mut patch, WRITTEN, current.written.as_deref(), wanted);
-            Step {
-                patch,
-                note: Some((format!("DNS target {wanted}"), false)),
-            }
+            Step { patch, note: None }
         }
         None => {
             for (key, value) in TARGETS.iter().zip(&current.targets) {
@@ -205,7 +203,7 @@ mod tests {
             step.patch[5],
             json!({"op": "add", "path": "/metadata/annotations/kube-port-forward-controller~1dns-target-written", "value": "203.0.113.1"})
         );
-        assert_eq!(step.note, Some(("DNS target 203.0.113.1".into(), false)));
+        assert_eq!(step.note, None);
     }
 
     #[test]

@@ -129,7 +129,9 @@ impl Daemon {
             && old.annotated == new.annotated
             && old.out_of_scope == new.out_of_scope
             && old.uid == new.uid
-            && old.dns == new.dns
+            // A Service waiting for its DNS targets to go before its release: their going
+            // lets the release proceed (other DNS changes are rechecked alone).
+            && (old.dns == new.dns || !self.dns_waiting.contains(new.uid()))
             && (old.has_finalizer(finalizer) == new.has_finalizer(finalizer)
                 || self.forwarding.contains(new.uid()))
     }

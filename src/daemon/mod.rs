@@ -155,6 +155,11 @@ struct Daemon {
     dns_warned: HashMap<Key, String>,
     /// The last public addresses known, per family.
     public: BTreeMap<Family, BTreeSet<IpAddr>>,
+    /// From the last round: the families each Service (by uid) forwards on, for DNS targets
+    /// rechecked between rounds; and the uids of the Services whose release waits for their
+    /// DNS targets to go.
+    dns_families: HashMap<String, BTreeSet<Family>>,
+    dns_waiting: BTreeSet<String>,
 }
 
 /// Runs until `shutdown` completes; a reconcile in progress finishes first.
@@ -252,14 +257,20 @@ pub async fn run(
         dns_handed: HashMap::new(),
         dns_warned: HashMap::new(),
         public: BTreeMap::new(),
+        dns_families: HashMap::new(),
+        dns_waiting: BTreeSet::new(),
         metrics,
         settings,
     };
     if links.is_some() {
         daemon.follow_addresses();
     }
-    if let Some(upstream) = daemon.settings.upstream.clone() {
-        daemon.upstream = Some(Upstream::start(upstream, daemon.wan_ipv4()));
+    match daemon.settings.upstream.clone() {
+        Some(upstream) => daemon.upstream = Some(Upstream::start(upstream, daemon.wan_ipv4())),
+        // What an earlier run with an upstream wrote would read as this one's.
+        None => {
+            let _ = std::fs::remove_file(&daemon.settings.state_file);
+        }
     }
     daemon.warn_private_wan();
     tracing::info!(

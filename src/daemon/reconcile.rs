@@ -297,6 +297,7 @@ impl Daemon {
     /// next full round, which checks the kernel first.
     pub(super) fn recheck(&mut self, keys: BTreeSet<Key>) {
         let mut round = Round::default();
+        self.recheck_dns(&keys, &mut round);
         for key in keys {
             let Some(tracked) = self.store.get(&key) else {
                 continue;

@@ -15,6 +15,7 @@ use crate::cluster::lane::{Round, Work};
 use crate::core::dns;
 use crate::core::model::Family;
 use crate::core::plan::Plan;
+use crate::core::tracked::Tracked;
 use crate::core::upstream::{self, Mapping, MappingState, View, Wanted};
 
 /// What a round found of DNS targets and upstream mappings, per Service.
@@ -138,78 +139,49 @@ impl Daemon {
     /// go to the cluster lane, upstream changes become events.
     pub(super) fn beyond(&mut self, plan: &Plan, round: &mut Round) -> Beyond {
         let mut beyond = Beyond::default();
-        let mut families: HashMap<&str, BTreeSet<Family>> = HashMap::new();
         let mut mappings: HashMap<&str, Vec<Mapping>> = HashMap::new();
+        self.dns_families.clear();
         for forward in plan.forwards.values() {
             let Some(uid) = forward.owner.uid.as_deref() else {
                 continue;
             };
-            families.entry(uid).or_default().insert(forward.key.family);
+            self.dns_families
+                .entry(uid.to_owned())
+                .or_default()
+                .insert(forward.key.family);
             if let Some(mapping) = Mapping::of(&forward.key) {
                 mappings.entry(uid).or_default().push(mapping);
             }
         }
         let public = self.public_addresses();
-        let enabled = self.settings.dns_targets;
         let mut handed = std::mem::take(&mut self.dns_handed);
         let mut warned = std::mem::take(&mut self.dns_warned);
+        let mut pass = DnsPass {
+            instance: &self.settings.instance,
+            enabled: self.settings.dns_targets,
+            public: &public,
+            families: &self.dns_families,
+            handed: &mut handed,
+            warned: &mut warned,
+        };
         for (key, tracked) in &self.store {
-            let forwarding = families.get(tracked.uid());
-            if !enabled && !tracked.dns.has_own() {
-                continue;
-            }
-            let mut note = None;
-            let wanted = match (enabled && !tracked.terminating, forwarding) {
-                (true, Some(families)) => match tracked.dns.opted_in() {
-                    Ok(true) => dns::target(families, &public),
-                    Ok(false) => None,
-                    Err(error) => {
-                        if warned.get(key) != Some(&error) {
-                            let text = format!("router {}: {error}", self.settings.instance);
-                            self.event(
-                                key,
-                                EventType::Warning,
-                                "InvalidAnnotation",
-                                "Dns",
-                                text,
-                                round,
-                            );
-                            warned.insert(key.clone(), error.clone());
-                        }
-                        note = Some(error);
-                        None
-                    }
-                },
-                _ => None,
-            };
-            let step = dns::step(&tracked.dns, wanted.as_deref());
-            if let Some((text, _)) = step.note {
-                note.get_or_insert(text);
-            }
+            let (note, waits) = pass.service(key, tracked, round);
             if let Some(note) = note {
                 beyond.notes.entry(key.clone()).or_default().push(note);
             }
-            if step.patch.is_empty() {
-                handed.remove(key);
-                continue;
-            }
-            if forwarding.is_none() {
+            if waits {
                 beyond.dns_pending.insert(key.clone());
-            }
-            let seen = (tracked.dns.clone(), wanted);
-            if handed.get(key) != Some(&seen) {
-                handed.insert(key.clone(), seen);
-                round.reports.push((key.clone(), Work::Dns(step.patch)));
             }
         }
         handed.retain(|key, _| self.store.contains_key(key));
+        warned.retain(|key, _| self.store.contains_key(key));
         self.dns_handed = handed;
-        warned.retain(|key, _| {
-            self.store
-                .get(key)
-                .is_some_and(|t| t.dns.opted_in().is_err())
-        });
         self.dns_warned = warned;
+        self.dns_waiting = beyond
+            .dns_pending
+            .iter()
+            .filter_map(|k| self.store.get(k).map(|t| t.uid.clone()))
+            .collect();
         if let Some(lane) = &self.upstream {
             let view = lane.view();
             let mut told = std::mem::take(&mut self.upstream_told);
@@ -250,6 +222,100 @@ impl Daemon {
             self.upstream_told = told;
         }
         beyond
+    }
+}
+
+impl Daemon {
+    /// The DNS targets of Services whose annotations changed between rounds (the lane's own
+    /// writes, mostly), against the last round's forwards and addresses.
+    pub(super) fn recheck_dns(&mut self, keys: &BTreeSet<Key>, round: &mut Round) {
+        if !self.settings.dns_targets && self.dns_handed.is_empty() {
+            return;
+        }
+        let public: BTreeSet<IpAddr> = self.public.values().flatten().copied().collect();
+        let mut pass = DnsPass {
+            instance: &self.settings.instance,
+            enabled: self.settings.dns_targets,
+            public: &public,
+            families: &self.dns_families,
+            handed: &mut self.dns_handed,
+            warned: &mut self.dns_warned,
+        };
+        for key in keys {
+            if let Some(tracked) = self.store.get(key) {
+                pass.service(key, tracked, round);
+            }
+        }
+    }
+}
+
+/// What one pass over Services' DNS targets works with.
+struct DnsPass<'a> {
+    instance: &'a str,
+    enabled: bool,
+    public: &'a BTreeSet<IpAddr>,
+    /// The families each Service (by uid) forwards on.
+    families: &'a HashMap<String, BTreeSet<Family>>,
+    /// Patches handed to the cluster lane, and for which annotations and target.
+    handed: &'a mut HashMap<Key, (dns::Annotations, Option<String>)>,
+    /// Services warned of a bad opt-out annotation, and for which value.
+    warned: &'a mut HashMap<Key, String>,
+}
+
+impl DnsPass<'_> {
+    /// One Service: hands over the patch its targets need (unless the same one already
+    /// was); returns what its condition says of them, and whether its release waits for
+    /// them to go.
+    fn service(
+        &mut self,
+        key: &Key,
+        tracked: &Tracked,
+        round: &mut Round,
+    ) -> (Option<String>, bool) {
+        if !self.enabled && !tracked.dns.has_own() {
+            return (None, false);
+        }
+        let forwarding = self.families.get(tracked.uid());
+        let mut note = None;
+        let wanted = match (self.enabled && !tracked.terminating, forwarding) {
+            (true, Some(families)) => match tracked.dns.opted_in() {
+                Ok(true) => dns::target(families, self.public),
+                Ok(false) => None,
+                Err(error) => {
+                    if self.warned.get(key) != Some(&error) {
+                        let event = Work::Event {
+                            uid: tracked.uid.clone(),
+                            type_: EventType::Warning,
+                            reason: "InvalidAnnotation",
+                            action: "Dns",
+                            note: format!("router {}: {error}", self.instance),
+                        };
+                        round.reports.push((key.clone(), event));
+                        self.warned.insert(key.clone(), error.clone());
+                    }
+                    note = Some(error);
+                    None
+                }
+            },
+            _ => None,
+        };
+        if note.is_none() {
+            self.warned.remove(key);
+        }
+        let step = dns::step(&tracked.dns, wanted.as_deref());
+        if let Some((text, _)) = step.note {
+            note.get_or_insert(text);
+        }
+        if step.patch.is_empty() {
+            self.handed.remove(key);
+            return (note, false);
+        }
+        let seen = (tracked.dns.clone(), wanted);
+        if self.handed.get(key) != Some(&seen) {
+            self.handed.insert(key.clone(), seen);
+            round.reports.push((key.clone(), Work::Dns(step.patch)));
+        }
+        (note, forwarding.is_none())
     }
 }
 

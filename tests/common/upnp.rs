@@ -255,7 +255,7 @@ impl DoubleNat {
     }
 
     /// The internet client's view: the box's address on `port`.
-    pub fn from_internet(&self, port: u16) -> SocketAddr {
+    pub fn box_port(&self, port: u16) -> SocketAddr {
         format!("{BOX_EXT}:{port}").parse().unwrap()
     }
 }
