@@ -30,15 +30,7 @@ fn targets_are(api: &ApiServer, name: &str, value: Option<&str>) -> bool {
 }
 
 fn condition(api: &ApiServer, name: &str) -> String {
-    api.get("apps", name)
-        .and_then(|s| {
-            s["status"]["conditions"]
-                .as_array()?
-                .iter()
-                .find(|c| c["type"] == "kube-port-forward-controller/router-a")
-                .map(|c| c["message"].as_str().unwrap_or_default().to_owned())
-        })
-        .unwrap_or_default()
+    condition_message(api, name, "router-a")
 }
 
 fn annotate(api: &ApiServer, name: &str, annotations: Value) {
@@ -52,27 +44,14 @@ fn annotate(api: &ApiServer, name: &str, annotations: Value) {
 
 /// The daemon following the WAN interface only (no fixed WAN address), with `extra` flags.
 fn daemon(setup: &Setup, extra: &[&str]) -> Daemon {
-    let mut args = vec![
-        "--wan-interface",
-        "wan",
-        "--finalizer",
-        FINALIZER,
-        "--condition-type",
-        "kube-port-forward-controller/router-a",
-        "--cleanup-deadline",
-        "60",
-    ];
-    args.extend_from_slice(extra);
-    let daemon = Daemon::spawn_with(
+    let args = [&["--cleanup-deadline", "60"], extra].concat();
+    Daemon::on_wan_interface(
         &setup.topology.router,
         &setup.dir,
         setup.addr,
         "router-a",
         &args,
-        &[],
-    );
-    daemon.wait_log("ready");
-    daemon
+    )
 }
 
 #[test]

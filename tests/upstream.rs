@@ -6,9 +6,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
-
-use common::apiserver::ApiServer;
 use common::daemon::Daemon;
 use common::scenario::*;
 use common::upnp::*;
@@ -16,34 +13,7 @@ use common::*;
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kube-port-forward");
-const CONDITION: &str = "kube-port-forward-controller/router-a";
 const HEALTH: &str = "127.0.0.1:9911";
-
-struct Rig {
-    nat: DoubleNat,
-    api: ApiServer,
-    addr: SocketAddr,
-    dir: TempDir,
-    _servers: Vec<Server>,
-}
-
-fn rig() -> Rig {
-    let mut nat = DoubleNat::new();
-    nat.start_igd();
-    let servers = [8080, 9000]
-        .iter()
-        .map(|p| Server::start(&nat.server, *p))
-        .collect();
-    let api = ApiServer::new();
-    let addr = api.listen(Some(&nat.router));
-    Rig {
-        nat,
-        api,
-        addr,
-        dir: TempDir::new(),
-        _servers: servers,
-    }
-}
 
 impl Rig {
     fn state_file(&self) -> String {
@@ -53,29 +23,8 @@ impl Rig {
     /// The daemon on the router's WAN interface, with `extra` flags.
     fn daemon(&self, extra: &[&str]) -> Daemon {
         let state = self.state_file();
-        let mut args = vec![
-            "--wan-interface",
-            "wan",
-            "--finalizer",
-            FINALIZER,
-            "--condition-type",
-            CONDITION,
-            "--state-file",
-            &state,
-            "--health",
-            HEALTH,
-        ];
-        args.extend_from_slice(extra);
-        let daemon = Daemon::spawn_with(
-            &self.nat.router,
-            &self.dir,
-            self.addr,
-            "router-a",
-            &args,
-            &[],
-        );
-        daemon.wait_log("ready");
-        daemon
+        let args = [&["--state-file", &state, "--health", HEALTH], extra].concat();
+        Daemon::on_wan_interface(&self.nat.router, &self.dir, self.addr, "router-a", &args)
     }
 
     /// A Service in `apps` on the server, TCP and UDP on `port`, forwarded on the same port.
@@ -97,16 +46,7 @@ impl Rig {
     }
 
     fn condition(&self, name: &str) -> String {
-        self.api
-            .get("apps", name)
-            .and_then(|s| {
-                s["status"]["conditions"]
-                    .as_array()?
-                    .iter()
-                    .find(|c| c["type"] == CONDITION)
-                    .map(|c| c["message"].as_str().unwrap_or_default().to_owned())
-            })
-            .unwrap_or_default()
+        condition_message(&self.api, name, "router-a")
     }
 
     fn status(&self, format: &str) -> String {
@@ -127,7 +67,7 @@ impl Rig {
 
 #[test]
 fn through_both_nats_leases_renewed_conflicts_told_and_mappings_gone_before_release() {
-    let rig = rig();
+    let rig = rig(&[8080, 9000]);
     // The router's firewall lets in from outside only what answers something it sent, as
     // OpenWrt's does: the IGD is found by the answer to the unicast search.
     rig.nat.router.nft(&[
@@ -255,7 +195,7 @@ fn through_both_nats_leases_renewed_conflicts_told_and_mappings_gone_before_rele
 
 #[test]
 fn the_igd_going_away_restarting_and_the_wan_address_changing() {
-    let mut rig = rig();
+    let mut rig = rig(&[8080, 9000]);
     // Without an upstream, a private WAN address is worth a warning.
     let mut plain = rig.daemon(&[]);
     plain.wait_log("the WAN address is private");

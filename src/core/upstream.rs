@@ -99,14 +99,24 @@ pub struct View {
     /// Whether the IGD's own list was read since the daemon started: until then mappings
     /// left by an earlier run may still be open upstream.
     pub listed: bool,
+    /// The number of the daemon's last request the lane has been through: mappings asked
+    /// for in a later one may be being made.
+    pub pass_done: u64,
 }
 
 impl View {
     /// Whether a Service's mappings may still be open upstream: one not asked for any more
-    /// is held for it (or for nobody known), or the IGD's list was never read. Its
-    /// finalizer waits for that (up to the cleanup deadline).
-    pub fn still_open(&self, uid: &str, wanted: &BTreeMap<Mapping, Wanted>) -> bool {
+    /// is held for it (or for nobody known), the lane has not yet been through the last
+    /// request that asked for its mappings (`asked`: that request's number), or the IGD's
+    /// list was never read. Its finalizer waits for that (up to the cleanup deadline).
+    pub fn still_open(
+        &self,
+        uid: &str,
+        asked: Option<u64>,
+        wanted: &BTreeMap<Mapping, Wanted>,
+    ) -> bool {
         !self.listed
+            || asked.is_some_and(|seq| seq > self.pass_done)
             || self.held.iter().any(|(mapping, owner)| {
                 !wanted.contains_key(mapping) && owner.as_deref().is_none_or(|o| o == uid)
             })
@@ -290,16 +300,20 @@ mod tests {
             ..View::default()
         };
         // Only what is held and no longer wanted counts, for its owner.
-        assert!(!view.still_open("uid-old", &wanted));
+        assert!(!view.still_open("uid-old", None, &wanted));
         view.held.insert(tcp(9000), Some("uid-old".into()));
-        assert!(view.still_open("uid-old", &wanted));
-        assert!(!view.still_open("uid-other", &wanted));
+        assert!(view.still_open("uid-old", None, &wanted));
+        assert!(!view.still_open("uid-other", None, &wanted));
+        // Asked for in a request the lane has not been through: it may be being made.
+        view.pass_done = 3;
+        assert!(view.still_open("uid-other", Some(4), &wanted));
+        assert!(!view.still_open("uid-other", Some(3), &wanted));
         // Left by an earlier run: anybody's, until deleted.
         view.held.insert(tcp(9001), None);
-        assert!(view.still_open("uid-other", &wanted));
+        assert!(view.still_open("uid-other", None, &wanted));
         // The IGD's list not read yet: nobody knows.
         let unread = View::default();
-        assert!(unread.still_open("uid-other", &BTreeMap::new()));
+        assert!(unread.still_open("uid-other", None, &BTreeMap::new()));
     }
 
     #[test]

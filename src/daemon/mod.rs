@@ -149,6 +149,9 @@ struct Daemon {
     warned_private: bool,
     /// What each Service was last told of its upstream mappings.
     upstream_told: HashMap<Key, String>,
+    /// The number of the last request to the upstream lane that asked for each Service's
+    /// mappings (by uid).
+    upstream_asked: HashMap<String, u64>,
     /// DNS patches handed to the cluster lane, and for which annotations and target.
     dns_handed: HashMap<Key, (dns::Annotations, Option<String>)>,
     /// The Services warned of a bad `dns-target` annotation, and for which value.
@@ -254,6 +257,7 @@ pub async fn run(
         upstream: None,
         warned_private: false,
         upstream_told: HashMap::new(),
+        upstream_asked: HashMap::new(),
         dns_handed: HashMap::new(),
         dns_warned: HashMap::new(),
         public: BTreeMap::new(),

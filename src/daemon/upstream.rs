@@ -2,7 +2,7 @@
 //! lane does the talking; here, what Services and users are told of them, and the cleanup
 //! they hold up) and the external-dns targets written on the Services forwarded.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 
@@ -36,7 +36,7 @@ impl Daemon {
         };
         let view = lane.view();
         let wanted = lane.wanted();
-        if let Err(error) = write_state(&self.settings.state_file, &view, &wanted) {
+        if let Err(error) = write_state(&self.settings.state_file, &view, &wanted.mappings) {
             tracing::warn!(%error, file = %self.settings.state_file.display(), "cannot write the upstream state for `status`");
         }
         self.lock_metrics().upstream = Some(view);
@@ -114,11 +114,20 @@ impl Daemon {
         self.public.values().flatten().copied().collect()
     }
 
-    /// Hands the upstream lane the mappings the plan asks for; returns them.
-    pub(super) fn want_upstream(&self, plan: &Plan) -> Option<BTreeMap<Mapping, Wanted>> {
+    /// Hands the upstream lane the mappings the plan asks for, and notes which request
+    /// last asked for each Service's; returns them.
+    pub(super) fn want_upstream(&mut self, plan: &Plan) -> Option<BTreeMap<Mapping, Wanted>> {
         let lane = self.upstream.as_ref()?;
         let wanted = upstream::wanted(plan.forwards.values());
-        lane.want(wanted.clone());
+        let seq = lane.want(wanted.clone());
+        for want in wanted.values() {
+            if let Some(uid) = &want.uid {
+                self.upstream_asked.insert(uid.clone(), seq);
+            }
+        }
+        let uids: HashSet<&str> = self.store.values().map(|t| t.uid()).collect();
+        self.upstream_asked
+            .retain(|uid, _| uids.contains(uid.as_str()));
         Some(wanted)
     }
 
@@ -127,7 +136,8 @@ impl Daemon {
         let (Some(lane), Some(tracked)) = (&self.upstream, self.store.get(key)) else {
             return false;
         };
-        lane.view().still_open(tracked.uid(), wanted)
+        let asked = self.upstream_asked.get(tracked.uid()).copied();
+        lane.view().still_open(tracked.uid(), asked, wanted)
     }
 
     /// Whether the IGD answers (a cleanup waiting on it is then only slow).
@@ -307,8 +317,17 @@ impl DnsPass<'_> {
             note.get_or_insert(text);
         }
         if step.patch.is_empty() {
-            self.handed.remove(key);
-            return (note, false);
+            // A target handed over to be written, not landed yet (the annotations are still
+            // as they were then): it would land after the release; the release waits.
+            let landing = forwarding.is_none()
+                && self
+                    .handed
+                    .get(key)
+                    .is_some_and(|(seen, target)| target.is_some() && *seen == tracked.dns);
+            if !landing {
+                self.handed.remove(key);
+            }
+            return (note, landing);
         }
         let seen = (tracked.dns.clone(), wanted);
         if self.handed.get(key) != Some(&seen) {

@@ -62,7 +62,7 @@ impl Default for UpstreamSettings {
 
 /// The daemon's end of the lane.
 pub struct Upstream {
-    wanted: watch::Sender<Arc<BTreeMap<Mapping, Wanted>>>,
+    wanted: watch::Sender<Arc<Asked>>,
     wan: watch::Sender<BTreeSet<Ipv4Addr>>,
     view: watch::Receiver<Arc<View>>,
 }
@@ -70,26 +70,32 @@ pub struct Upstream {
 impl Upstream {
     /// Starts the lane; `wan`: the router's WAN IPv4 addresses (SSDP searches from them).
     pub fn start(settings: UpstreamSettings, wan: BTreeSet<Ipv4Addr>) -> Upstream {
-        let (wanted, wanted_rx) = watch::channel(Arc::new(BTreeMap::new()));
+        let (wanted, wanted_rx) = watch::channel(Arc::new(Asked::default()));
         let (wan, wan_rx) = watch::channel(wan);
         let (view_tx, view) = watch::channel(Arc::new(View::default()));
         tokio::spawn(run(settings, wanted_rx, wan_rx, view_tx));
         Upstream { wanted, wan, view }
     }
 
-    /// The mappings the router's forwards ask for now.
-    pub fn want(&self, wanted: BTreeMap<Mapping, Wanted>) {
+    /// The mappings the router's forwards ask for now; returns the number of that request
+    /// (a new one for a change), which the view's `pass_done` reaches once the lane has been
+    /// through it.
+    pub fn want(&self, wanted: BTreeMap<Mapping, Wanted>) -> u64 {
         self.wanted.send_if_modified(|current| {
-            let changed = **current != wanted;
+            let changed = current.mappings != wanted;
             if changed {
-                *current = Arc::new(wanted);
+                *current = Arc::new(Asked {
+                    seq: current.seq + 1,
+                    mappings: wanted,
+                });
             }
             changed
         });
+        self.wanted.borrow().seq
     }
 
     /// The mappings asked for last.
-    pub fn wanted(&self) -> Arc<BTreeMap<Mapping, Wanted>> {
+    pub fn wanted(&self) -> Arc<Asked> {
         self.wanted.borrow().clone()
     }
 
@@ -115,6 +121,13 @@ impl Upstream {
             std::future::pending::<()>().await;
         }
     }
+}
+
+/// What the daemon asked for, numbered.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Asked {
+    pub seq: u64,
+    pub mappings: BTreeMap<Mapping, Wanted>,
 }
 
 /// Which wanted mappings a pass asks the IGD for, besides leases due for renewal and
@@ -151,7 +164,7 @@ struct Lane {
 
 async fn run(
     settings: UpstreamSettings,
-    mut wanted: watch::Receiver<Arc<BTreeMap<Mapping, Wanted>>>,
+    mut wanted: watch::Receiver<Arc<Asked>>,
     mut wan: watch::Receiver<BTreeSet<Ipv4Addr>>,
     view: watch::Sender<Arc<View>>,
 ) {
@@ -173,16 +186,25 @@ async fn run(
             let result = lane.find(local).await;
             let current = wanted.borrow_and_update().clone();
             let result = match result {
-                Ok(()) => lane.arrive(&current).await,
+                Ok(()) => lane.arrive(&current.mappings).await,
                 Err(error) => Err(error),
             };
+            lane.view.pass_done = current.seq;
             if let Err(error) = result {
                 lane.lose(error);
                 publish(&view, &mut lane);
-                let wait = backoff(lane.failures);
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    Ok(()) = wan.changed() => {}
+                let until = Instant::now() + backoff(lane.failures);
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(until) => break,
+                        Ok(()) = wan.changed() => break,
+                        Ok(()) = wanted.changed() => {
+                            // Nothing is mapped or deleted meanwhile: what is held stays
+                            // what it was, and the daemon may go by it.
+                            lane.view.pass_done = wanted.borrow_and_update().seq;
+                            publish(&view, &mut lane);
+                        }
+                    }
                 }
                 continue;
             }
@@ -190,21 +212,25 @@ async fn run(
             publish(&view, &mut lane);
             poll.reset();
         }
-        let result = tokio::select! {
+        let (current, result) = tokio::select! {
             Ok(()) = wanted.changed() => {
-                let wanted = wanted.borrow_and_update().clone();
-                lane.sync(&wanted, Pass::Changes).await
+                let current = wanted.borrow_and_update().clone();
+                let result = lane.sync(&current.mappings, Pass::Changes).await;
+                (current, result)
             }
             Ok(()) = wan.changed() => {
                 wan.borrow_and_update();
-                let wanted = wanted.borrow().clone();
-                lane.follow_local(&wanted).await
+                let current = wanted.borrow().clone();
+                let result = lane.follow_local(&current.mappings).await;
+                (current, result)
             }
             _ = poll.tick() => {
-                let wanted = wanted.borrow().clone();
-                lane.poll(&wanted).await
+                let current = wanted.borrow().clone();
+                let result = lane.poll(&current.mappings).await;
+                (current, result)
             }
         };
+        lane.view.pass_done = current.seq;
         if let Err(error) = result {
             lane.lose(error);
         }

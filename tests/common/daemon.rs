@@ -65,6 +65,30 @@ impl Daemon {
         Daemon { child, log }
     }
 
+    /// Starts `run` as router `name` following the interface `wan` (no fixed address), with
+    /// the default finalizer, its own condition type and `extra` flags; returns once ready.
+    pub fn on_wan_interface(
+        router: &Netns,
+        dir: &TempDir,
+        api: SocketAddr,
+        name: &str,
+        extra: &[&str],
+    ) -> Daemon {
+        let condition = format!("kube-port-forward-controller/{name}");
+        let mut args = vec![
+            "--wan-interface",
+            "wan",
+            "--finalizer",
+            "kube-port-forward-controller/finalizer",
+            "--condition-type",
+            &condition,
+        ];
+        args.extend_from_slice(extra);
+        let daemon = Daemon::spawn_with(router, dir, api, name, &args, &[]);
+        daemon.wait_log("ready");
+        daemon
+    }
+
     /// The daemon's process id (`ip netns exec` executes it in place).
     pub fn pid(&self) -> u32 {
         self.child.id()

@@ -68,6 +68,20 @@ pub fn refused(topology: &Topology, port: u16) -> bool {
         .is_err_and(|e| e.kind() == ErrorKind::ConnectionRefused)
 }
 
+/// The message of router `router`'s condition on `apps/name` (empty when it has none).
+pub fn condition_message(api: &ApiServer, name: &str, router: &str) -> String {
+    let type_ = format!("kube-port-forward-controller/{router}");
+    api.get("apps", name)
+        .and_then(|s| {
+            s["status"]["conditions"]
+                .as_array()?
+                .iter()
+                .find(|c| c["type"] == type_)
+                .map(|c| c["message"].as_str().unwrap_or_default().to_owned())
+        })
+        .unwrap_or_default()
+}
+
 pub fn finalizers(api: &ApiServer, name: &str) -> Vec<String> {
     api.get("apps", name)
         .and_then(|s| serde_json::from_value(s["metadata"]["finalizers"].clone()).ok())
