@@ -196,9 +196,10 @@ fn upstream() {
     create(&rig.api, "web", 8080, true);
     time_until(Instant::now(), || reachable(&rig));
     let mut back = Vec::new();
-    for _ in 0..10 {
-        // A box up for a few seconds, as a real one is before it reboots.
-        std::thread::sleep(Duration::from_secs(4));
+    for i in 0..10 {
+        // A box up for a few seconds, as a real one is before it reboots; the wait varies
+        // so the restarts do not all fall at one phase of the daemon's polls.
+        std::thread::sleep(Duration::from_millis(3000 + i * 537 % 3000));
         rig.nat.stop_igd(true);
         let start = Instant::now();
         rig.nat.start_igd_quiet();
