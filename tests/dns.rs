@@ -114,6 +114,9 @@ fn targets_follow_the_wan_are_left_when_set_by_hand_and_go_before_the_finalizer(
         annotation(api, "web", CURRENT).as_deref(),
         Some("web.example.net")
     );
+    wait_for("web's condition to say so", || {
+        condition(api, "web").contains("DNS target set by hand to web.example.net")
+    });
 
     // Opting out removes the router's targets; a value other than on/off is refused with a
     // Warning and writes none.

@@ -58,7 +58,7 @@ impl Annotations {
     }
 
     /// A target key holding a value this router did not write, if any.
-    fn by_hand(&self) -> Option<&str> {
+    pub fn by_hand(&self) -> Option<&str> {
         self.targets
             .iter()
             .flatten()

@@ -130,8 +130,11 @@ impl Daemon {
             && old.out_of_scope == new.out_of_scope
             && old.uid == new.uid
             // A Service waiting for its DNS targets to go before its release: their going
-            // lets the release proceed (other DNS changes are rechecked alone).
+            // lets the release proceed. A target set by hand and the opt-out change what
+            // the Service is told. The daemon's own writes are rechecked alone.
             && (old.dns == new.dns || !self.dns_waiting.contains(new.uid()))
+            && old.dns.by_hand() == new.dns.by_hand()
+            && old.dns.opt == new.dns.opt
             && (old.has_finalizer(finalizer) == new.has_finalizer(finalizer)
                 || self.forwarding.contains(new.uid()))
     }

@@ -192,50 +192,59 @@ impl Daemon {
             .iter()
             .filter_map(|k| self.store.get(k).map(|t| t.uid.clone()))
             .collect();
-        if let Some(lane) = &self.upstream {
-            let view = lane.view();
-            let mut told = std::mem::take(&mut self.upstream_told);
-            for (key, tracked) in &self.store {
-                let Some(own) = mappings.get(tracked.uid()) else {
-                    continue;
-                };
-                let states: Vec<(Mapping, &MappingState)> = own
-                    .iter()
-                    .map(|m| (*m, view.mappings.get(m).unwrap_or(&MappingState::Pending)))
-                    .collect();
-                let Some((text, warning)) = upstream::service_note(&states, &view) else {
-                    continue;
-                };
-                beyond
-                    .notes
-                    .entry(key.clone())
-                    .or_default()
-                    .push(text.clone());
-                // Not asked yet: nothing to tell.
-                let asked = view.error.is_some()
-                    || states.iter().all(|(_, s)| **s != MappingState::Pending);
-                if asked && told.get(key) != Some(&text) {
-                    let refused = states
-                        .iter()
-                        .any(|(_, s)| matches!(s, MappingState::Refused { .. }));
-                    let (type_, reason) = match (warning, refused) {
-                        (false, _) => (EventType::Normal, "UpstreamMapped"),
-                        (true, true) => (EventType::Warning, "UpstreamRefused"),
-                        (true, false) => (EventType::Warning, "UpstreamUnreachable"),
-                    };
-                    let note = format!("router {}: {text}", self.settings.instance);
-                    self.event(key, type_, reason, "Upstream", note, round);
-                    told.insert(key.clone(), text);
-                }
-            }
-            told.retain(|key, _| self.store.contains_key(key));
-            self.upstream_told = told;
-        }
+        self.upstream_notes(&mappings, &mut beyond, round);
         beyond
     }
-}
 
-impl Daemon {
+    /// What each Service with mappings is told of them: a note for its condition, and an
+    /// event when that changed (not before the lane has asked the IGD).
+    fn upstream_notes(
+        &mut self,
+        mappings: &HashMap<&str, Vec<Mapping>>,
+        beyond: &mut Beyond,
+        round: &mut Round,
+    ) {
+        let Some(lane) = &self.upstream else {
+            return;
+        };
+        let view = lane.view();
+        let mut told = std::mem::take(&mut self.upstream_told);
+        for (key, tracked) in &self.store {
+            let Some(own) = mappings.get(tracked.uid()) else {
+                continue;
+            };
+            let states: Vec<(Mapping, &MappingState)> = own
+                .iter()
+                .map(|m| (*m, view.mappings.get(m).unwrap_or(&MappingState::Pending)))
+                .collect();
+            let Some((text, warning)) = upstream::service_note(&states, &view) else {
+                continue;
+            };
+            beyond
+                .notes
+                .entry(key.clone())
+                .or_default()
+                .push(text.clone());
+            let asked =
+                view.error.is_some() || states.iter().all(|(_, s)| **s != MappingState::Pending);
+            if asked && told.get(key) != Some(&text) {
+                let refused = states
+                    .iter()
+                    .any(|(_, s)| matches!(s, MappingState::Refused { .. }));
+                let (type_, reason) = match (warning, refused) {
+                    (false, _) => (EventType::Normal, "UpstreamMapped"),
+                    (true, true) => (EventType::Warning, "UpstreamRefused"),
+                    (true, false) => (EventType::Warning, "UpstreamUnreachable"),
+                };
+                let note = format!("router {}: {text}", self.settings.instance);
+                self.event(key, type_, reason, "Upstream", note, round);
+                told.insert(key.clone(), text);
+            }
+        }
+        told.retain(|key, _| self.store.contains_key(key));
+        self.upstream_told = told;
+    }
+
     /// The DNS targets of Services whose annotations changed between rounds (the lane's own
     /// writes, mostly), against the last round's forwards and addresses.
     pub(super) fn recheck_dns(&mut self, keys: &BTreeSet<Key>, round: &mut Round) {
