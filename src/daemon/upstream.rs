@@ -164,15 +164,13 @@ impl Daemon {
             }
         }
         let public = self.public_addresses();
-        let mut handed = std::mem::take(&mut self.dns_handed);
-        let mut warned = std::mem::take(&mut self.dns_warned);
         let mut pass = DnsPass {
             instance: &self.settings.instance,
             enabled: self.settings.dns_targets,
             public: &public,
             families: &self.dns_families,
-            handed: &mut handed,
-            warned: &mut warned,
+            handed: &mut self.dns_handed,
+            warned: &mut self.dns_warned,
         };
         for (key, tracked) in &self.store {
             let (note, waits) = pass.service(key, tracked, round);
@@ -183,10 +181,9 @@ impl Daemon {
                 beyond.dns_pending.insert(key.clone());
             }
         }
-        handed.retain(|key, _| self.store.contains_key(key));
-        warned.retain(|key, _| self.store.contains_key(key));
-        self.dns_handed = handed;
-        self.dns_warned = warned;
+        let store = &self.store;
+        self.dns_handed.retain(|key, _| store.contains_key(key));
+        self.dns_warned.retain(|key, _| store.contains_key(key));
         self.dns_waiting = beyond
             .dns_pending
             .iter()

@@ -217,9 +217,7 @@ impl DoubleNat {
     /// Seconds since the IGD started, as it says.
     pub fn uptime(&self) -> Option<u64> {
         let answer = self.soap("GetStatusInfo", "")?;
-        let start = answer.find("<NewUptime>")? + "<NewUptime>".len();
-        let end = answer[start..].find('<')? + start;
-        answer[start..end].parse().ok()
+        element(&answer, "NewUptime")?.parse().ok()
     }
 
     /// The IGD's mappings: (protocol, external port, internal client, remaining lease).
@@ -235,12 +233,7 @@ impl DoubleNat {
             if !answer.starts_with("HTTP/1.1 200") {
                 break;
             }
-            let field = |name: &str| {
-                let open = format!("<{name}>");
-                let start = answer.find(&open)? + open.len();
-                let end = answer[start..].find('<')? + start;
-                Some(answer[start..end].to_owned())
-            };
+            let field = |name: &str| element(&answer, name);
             found.push((
                 field("NewProtocol").unwrap_or_default(),
                 field("NewExternalPort")
@@ -290,6 +283,15 @@ impl DoubleNat {
     pub fn box_port(&self, port: u16) -> SocketAddr {
         format!("{BOX_EXT}:{port}").parse().unwrap()
     }
+}
+
+/// The text of `<name>…</name>` in a SOAP answer (the tests read the IGD on their own, not
+/// through the daemon's client).
+fn element(answer: &str, name: &str) -> Option<String> {
+    let open = format!("<{name}>");
+    let start = answer.find(&open)? + open.len();
+    let end = answer[start..].find('<')? + start;
+    Some(answer[start..end].to_owned())
 }
 
 impl Drop for DoubleNat {
