@@ -11,7 +11,7 @@ use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
 use common::daemon::Daemon;
-use common::scenario::get;
+use common::scenario::{self, get};
 use common::*;
 use serde_json::json;
 
@@ -188,6 +188,85 @@ fn health_metrics_and_systemd_notifications() {
 /// Under systemd with stderr on the journal, audit lines reach journald as fields. The
 /// journal here is a socket the test binds, mounted where journald's would be, inside the
 /// router namespace's own mount namespace (so the host's `/run` is left alone).
+/// The router's own services win over forwards, also those started after the daemon: a
+/// listener started before a Service asks for its port keeps it (the sockets are read
+/// right before a port opens), and one that starts on a port already forwarded takes it
+/// back within a poll, told to the Service; when it stops, the forward comes back. The
+/// resync is an hour away, so none of it waits for one.
+#[test]
+fn the_routers_own_late_listeners_win_over_forwards() {
+    let s = setup();
+    let condition = ["--condition-type", "kube-port-forward-controller/r"];
+    let daemon = Daemon::spawn(
+        &s.topology.router,
+        &s.dir,
+        s.addr,
+        "r",
+        &[&NO_RESYNC[..], &condition].concat(),
+    );
+    daemon.wait_log("ready");
+    let on_wan = |port: u16| {
+        let to: SocketAddr = format!("{ROUTER_WAN4}:{port}").parse().unwrap();
+        tcp_greeting(&s.topology.client, to).ok()
+    };
+    let mapped = |name: &str, port: u16| {
+        let mut service = service(name);
+        service["metadata"]["annotations"]["kube-port-forward-controller/mapping"] =
+            json!(format!("{port}:http"));
+        s.api.create(service);
+        s.api.set_lb_ips("apps", name, &[SERVER4]);
+    };
+    let warned = |name: &str, port: u16| {
+        s.api.events().iter().any(|e| {
+            e["type"] == "Warning"
+                && e["regarding"]["name"] == name
+                && e["note"]
+                    .as_str()
+                    .is_some_and(|n| n.contains(&format!("router itself serves {port}/TCP")))
+        })
+    };
+
+    // Started after the daemon, before the Service: never forwarded.
+    let early = Server::start(&s.topology.router, 2222);
+    mapped("late", 2222);
+    wait_for("a Warning on late naming the router's port", || {
+        warned("late", 2222)
+    });
+    assert_eq!(on_wan(2222).as_deref(), Some("hello 2222"));
+    assert!(
+        !s.topology
+            .router
+            .nft(&["list", "table", "inet", "kube_port_forward"])
+            .contains("2222"),
+        "no element for 2222"
+    );
+
+    // Started on a port already forwarded: the router's service takes it back.
+    mapped("web", 3333);
+    wait_for("web forwarded", || {
+        on_wan(3333).as_deref() == Some("hello 8080")
+    });
+    let router_service = Server::start(&s.topology.router, 3333);
+    wait_for("the router's own service to answer on 3333", || {
+        on_wan(3333).as_deref() == Some("hello 3333")
+    });
+    wait_for("a Warning on web naming the router's port", || {
+        warned("web", 3333)
+    });
+    wait_for("web's condition to say why", || {
+        scenario::condition_message(&s.api, "web", "r").contains("router itself serves 3333/TCP")
+    });
+    daemon.wait_log("action=\"router-port\"");
+
+    // The router's service stops: the forward comes back.
+    drop(router_service);
+    wait_for("web forwarded again", || {
+        on_wan(3333).as_deref() == Some("hello 8080")
+    });
+    assert_eq!(on_wan(2222).as_deref(), Some("hello 2222"));
+    drop(early);
+}
+
 #[test]
 fn audit_lines_go_to_journald_as_fields() {
     use std::os::unix::fs::MetadataExt;

@@ -45,6 +45,11 @@ impl Rig {
         tcp_greeting(&self.nat.internet, self.nat.box_port(port)).ok()
     }
 
+    /// What the internet client's datagram to the box's `port` gets back.
+    fn internet_echo(&self, port: u16) -> Option<String> {
+        udp_echo(&self.nat.internet, self.nat.box_port(port), "ping").ok()
+    }
+
     fn condition(&self, name: &str) -> String {
         condition_message(&self.api, name, "router-a")
     }
@@ -89,12 +94,17 @@ fn through_both_nats_leases_renewed_conflicts_told_and_mappings_gone_before_rele
     daemon.wait_log("IGD found");
     rig.create("web", 8080);
 
-    // The internet reaches the Service through the box and the router, TCP and UDP.
-    wait_for("the internet client to reach web through both NATs", || {
-        rig.internet_greeting(8080).as_deref() == Some("hello 8080")
-    });
-    let echo = udp_echo(&rig.nat.internet, rig.nat.box_port(8080), "ping").unwrap();
-    assert_eq!(echo, "echo 8080 ping");
+    // The internet reaches the Service through the box and the router, TCP and UDP: the two
+    // mappings are made one after the other, and the IGD installs each one's rules in turn,
+    // so each path is waited for on its own.
+    wait_for(
+        "the internet client to reach web over TCP through both NATs",
+        || rig.internet_greeting(8080).as_deref() == Some("hello 8080"),
+    );
+    wait_for(
+        "the internet client to reach web over UDP through both NATs",
+        || rig.internet_echo(8080).as_deref() == Some("echo 8080 ping"),
+    );
     assert!(rig.nat.maps("TCP", 8080, ROUTER_WAN) && rig.nat.maps("UDP", 8080, ROUTER_WAN));
 
     // What the IGD said: condition, event, audit line, status, metrics, DNS target.
@@ -107,6 +117,16 @@ fn through_both_nats_leases_renewed_conflicts_told_and_mappings_gone_before_rele
     });
     let log = daemon.log();
     assert!(log.contains("upstream mapping made") && log.contains("mapping=8080/TCP"));
+    // The state file and the metrics follow the lane's report, which may come a moment
+    // after the IGD made the mapping.
+    let both_mapped = |status: &Value| {
+        status["forwards"].as_array().is_some_and(|forwards| {
+            forwards.len() == 2 && forwards.iter().all(|f| f["upstream"]["state"] == "mapped")
+        })
+    };
+    wait_for("status to show both mappings", || {
+        serde_json::from_str(&rig.status("json")).is_ok_and(|s: Value| both_mapped(&s))
+    });
     let text = rig.status("text");
     assert!(
         text.contains(&format!("external address {EXTERNAL}")) && text.contains("UPSTREAM"),
@@ -114,17 +134,16 @@ fn through_both_nats_leases_renewed_conflicts_told_and_mappings_gone_before_rele
     );
     let status: Value = serde_json::from_str(&rig.status("json")).unwrap();
     assert_eq!(status["upstream"]["external"], EXTERNAL);
-    assert!(
-        status["forwards"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|f| f["upstream"]["state"] == "mapped"),
-        "{status:#}"
-    );
-    let metrics = get(&rig.nat.router, 9911, "/metrics").unwrap().1;
+    let metrics = || {
+        get(&rig.nat.router, 9911, "/metrics")
+            .map(|m| m.1)
+            .unwrap_or_default()
+    };
+    wait_for("the metrics to count both mappings", || {
+        metrics().contains("kube_port_forward_upstream_mappings{state=\"mapped\"} 2")
+    });
+    let metrics = metrics();
     assert!(metrics.contains("kube_port_forward_upstream_up 1"));
-    assert!(metrics.contains("kube_port_forward_upstream_mappings{state=\"mapped\"} 2"));
     assert!(metrics.contains(&format!(
         "kube_port_forward_upstream_external_address_info{{address=\"{EXTERNAL}\"}} 1"
     )));
@@ -163,10 +182,10 @@ fn through_both_nats_leases_renewed_conflicts_told_and_mappings_gone_before_rele
         rig.has_event("UpstreamRefused", "game", refused)
     });
     daemon.wait_log("the IGD refused an upstream mapping");
-    assert!(
+    wait_for("status to show the refusal", || {
         rig.status("text")
             .contains("refused 718 ConflictInMappingEntry")
-    );
+    });
     assert!(rig.nat.neighbour_unmaps(9000));
     wait_for("game to be mapped once the port is free", || {
         rig.internet_greeting(9000).as_deref() == Some("hello 9000")
@@ -247,7 +266,9 @@ fn the_igd_going_away_restarting_and_the_wan_address_changing() {
     wait_for("web mapped again", || {
         rig.condition("web").contains("upstream IGD maps 8080/TCP")
     });
-    assert_eq!(rig.internet_greeting(8080).as_deref(), Some("hello 8080"));
+    wait_for("web reachable through both NATs again", || {
+        rig.internet_greeting(8080).as_deref() == Some("hello 8080")
+    });
 
     // The box reboots (its mappings are lost) between two polls: its uptime going back
     // tells (or, if a poll fell in the gap, its not answering); everything is mapped again.
@@ -280,8 +301,10 @@ fn the_igd_going_away_restarting_and_the_wan_address_changing() {
     wait_for("web reachable again", || {
         rig.internet_greeting(8080).as_deref() == Some("hello 8080")
     });
-    let status: Value = serde_json::from_str(&rig.status("json")).unwrap();
-    assert_eq!(status["upstream"]["internal"], "192.168.1.4");
+    wait_for("status to show the new internal address", || {
+        serde_json::from_str(&rig.status("json"))
+            .is_ok_and(|s: Value| s["upstream"]["internal"] == "192.168.1.4")
+    });
 }
 
 fn table_forwards_in(router: &Netns) -> usize {

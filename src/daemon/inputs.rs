@@ -17,9 +17,11 @@ use crate::core::decide::Store;
 use crate::core::node::Nodes;
 use crate::core::policy::NodePorts;
 use crate::core::tracked::Tracked;
+use crate::kernel::Engine;
 use crate::router::health;
 use crate::router::links::Addresses;
-use crate::router::{policy_file, sockets};
+use crate::router::policy_file;
+use crate::router::sockets::{self, Bound};
 
 impl Daemon {
     /// Reads the interfaces' addresses into the WAN sets and the policy's router addresses,
@@ -30,26 +32,48 @@ impl Daemon {
         self.follow_served_ports() || addresses_changed
     }
 
-    /// The ports the router itself serves where WAN clients reach: forwards may not take
-    /// them unless the owner names them.
+    /// Reads the router's own sockets now: the ports it serves where WAN clients reach,
+    /// which forwards may not take unless the owner names them. Returns whether they
+    /// changed; a failed read keeps the known ones.
     pub(super) fn follow_served_ports(&mut self) -> bool {
-        let served = match sockets::served(&self.settings.table.wan_addresses) {
-            Ok(served) => served,
+        match self.served.read_now() {
+            Ok(sockets) => self.take_sockets(&sockets),
             Err(error) => {
                 tracing::error!(%error, "cannot read the ports the router serves; keeping the known ones");
-                return false;
+                false
             }
-        };
+        }
+    }
+
+    /// The router's sockets as last read: returns whether the ports it serves on its WAN
+    /// side changed. One that a forward holds is said at once; the round that follows closes
+    /// the forward and tells its Service.
+    pub(super) fn take_sockets(&mut self, sockets: &BTreeSet<Bound>) -> bool {
+        let served = sockets::served_on(sockets, &self.settings.table.wan_addresses);
         if served == self.settings.policy.router_ports {
             return false;
         }
         let list: Vec<String> = served.iter().map(|(p, n)| format!("{n}/{p}")).collect();
         tracing::info!(ports = %list.join(","), "ports the router serves on its WAN side");
+        if !self.settings.policy.explicit_ports
+            && let Some(applied) = self.engine.as_ref().and_then(Engine::applied)
+        {
+            for key in applied.forwards.keys() {
+                let port = (key.protocol, key.external_port);
+                if served.contains(&port) && !self.settings.policy.router_ports.contains(&port) {
+                    tracing::warn!(
+                        action = "router-port",
+                        forward = %key,
+                        "the router itself now serves this forward's port: the router's service wins, the forward closes"
+                    );
+                }
+            }
+        }
         self.settings.policy.router_ports = served;
         true
     }
 
-    fn follow_interfaces(&mut self) -> bool {
+    pub(super) fn follow_interfaces(&mut self) -> bool {
         let addresses = match Addresses::read(&self.settings.table.wan_interfaces) {
             Ok(addresses) => addresses,
             Err(error) => {

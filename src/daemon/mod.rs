@@ -9,6 +9,7 @@
 mod backends;
 mod inputs;
 mod reconcile;
+mod sources;
 mod upstream;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -16,24 +17,24 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use futures::{FutureExt, StreamExt};
 use tokio::time::Instant;
 
 use crate::cluster::client::{self, ClientError};
 use crate::cluster::lane::{Kind, Lane};
-use crate::cluster::{Cluster, Key, watch};
+use crate::cluster::{Cluster, Key};
 use crate::core::decide::{Down, Store, Summary};
 use crate::core::dns;
 use crate::core::model::{Family, ForwardKey};
 use crate::core::names::valid_finalizer;
 use crate::core::node::Nodes;
 use crate::core::policy::{NodePorts, Policy};
-use crate::kernel::monitor::{TableEvents, Touched};
+use crate::kernel::monitor::Touched;
 use crate::kernel::{Engine, Kernel, NftCli, TableConfig};
 use crate::router::health::{self, Metrics};
-use crate::router::links::LinkEvents;
 use crate::router::probe::{ProbeSettings, Prober};
+use crate::router::served::ServedPorts;
 use crate::router::upstream::{Upstream, UpstreamSettings};
+use sources::{Sources, Wake};
 
 pub const DEFAULT_FINALIZER: &str = "kube-port-forward-controller/finalizer";
 pub const DEFAULT_CONDITION: &str = "kube-port-forward-controller/Forwarded";
@@ -145,6 +146,8 @@ struct Daemon {
     health_events: HashMap<Key, Instant>,
     /// The IGD's lane, when an upstream is configured.
     upstream: Option<Upstream>,
+    /// The router's own sockets, followed: their ports are not forwarded.
+    served: ServedPorts,
     /// The private-WAN warning was given.
     warned_private: bool,
     /// What each Service was last told of its upstream mappings.
@@ -175,42 +178,6 @@ pub async fn run(
     }
     let client =
         client::client(settings.kubeconfig.as_deref(), settings.context.as_deref()).await?;
-    let scopes: Vec<Option<String>> = if settings.namespaces.is_empty() {
-        vec![None]
-    } else {
-        settings.namespaces.iter().cloned().map(Some).collect()
-    };
-    let mut events = watch::streams(
-        &client,
-        &scopes,
-        settings.selector.as_deref(),
-        settings.policy.namespace_selector.as_ref(),
-        settings.policy.node_ports != NodePorts::Off,
-    );
-    let watch_namespaces = settings.policy.namespace_selector.is_some();
-    let watch_nodes = settings.policy.node_ports != NodePorts::Off;
-    // The interfaces' addresses now, then every change the kernel announces: the WAN sets
-    // follow the WAN interfaces, and the policy the router's own addresses. Following WAN
-    // interfaces is a promise the daemon cannot keep without the subscription, so failing
-    // to subscribe then stops it.
-    let follow = !settings.table.wan_interfaces.is_empty();
-    let mut links = match LinkEvents::subscribe() {
-        Ok(links) => Some(links),
-        Err(error) if follow => return Err(DaemonError::Links(error)),
-        Err(error) => {
-            tracing::warn!(%error, "cannot follow address changes; the router's own addresses are those at start");
-            None
-        }
-    };
-    // Self-healing: deletions in the table, as the kernel announces them. Without it the
-    // table still comes back at the next resync.
-    let mut tables = match TableEvents::subscribe(&settings.table.table) {
-        Ok(tables) => Some(tables),
-        Err(error) => {
-            tracing::warn!(%error, "cannot subscribe to nf_tables changes; a deleted table comes back only at the next resync");
-            None
-        }
-    };
     let metrics = health::Shared::default();
     if let Some(address) = settings.health {
         let listener = tokio::net::TcpListener::bind(address)
@@ -218,173 +185,16 @@ pub async fn run(
             .map_err(|error| DaemonError::Health(address, error))?;
         tokio::spawn(health::serve(listener, metrics.clone(), STALL));
     }
-    let (lane, mut lane_done) = Lane::start(Cluster::new(
+    let (lane, lane_done) = Lane::start(Cluster::new(
         client.clone(),
         settings.finalizer.clone(),
         settings.condition_type.clone(),
         settings.instance.clone(),
     ));
-    let mut daemon = Daemon {
-        client,
-        lane,
-        holders_known: false,
-        strays_swept: false,
-        handed: HashMap::new(),
-        forwarding: HashSet::new(),
-        recheck: BTreeSet::new(),
-        buffers: vec![None; scopes.len()],
-        synced: vec![false; scopes.len()],
-        namespace_buffer: None,
-        namespaces_synced: !watch_namespaces,
-        nodes_synced: !watch_nodes,
-        node_buffer: None,
-        scopes,
-        store: Store::new(),
-        engine: Some(Engine::new(Kernel::new(settings.nft.clone()))),
-        published: HashMap::new(),
-        cleanup_since: HashMap::new(),
-        ready: false,
-        failures: 0,
-        fixed_wan: settings.table.wan_addresses.clone(),
-        // The WAN flags; the interfaces' addresses are read again at every change.
-        fixed_router: settings.table.wan_addresses.clone(),
-        verify_outside_change: false,
-        prober: Prober::new(settings.probes, metrics.clone()),
-        down: Down::new(),
-        kernel_down: None,
-        health_told: HashMap::new(),
-        health_events: HashMap::new(),
-        upstream: None,
-        warned_private: false,
-        upstream_told: HashMap::new(),
-        upstream_asked: HashMap::new(),
-        dns_handed: HashMap::new(),
-        dns_warned: HashMap::new(),
-        public: BTreeMap::new(),
-        dns_families: HashMap::new(),
-        dns_waiting: BTreeSet::new(),
-        metrics,
-        settings,
-    };
-    if links.is_some() {
-        daemon.follow_addresses();
-    }
-    match daemon.settings.upstream.clone() {
-        Some(upstream) => daemon.upstream = Some(Upstream::start(upstream, daemon.wan_ipv4())),
-        // What an earlier run with an upstream wrote would read as this one's.
-        None => {
-            let _ = std::fs::remove_file(&daemon.settings.state_file);
-        }
-    }
-    daemon.warn_private_wan();
-    tracing::info!(
-        finalizer = %daemon.settings.finalizer,
-        table = %daemon.settings.table.table,
-        "starting; the kernel table stays as it is until the first complete list"
-    );
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(
-        "waiting for the first complete list of Services",
-    )]);
-    let mut resync = tokio::time::interval(daemon.settings.resync);
-    resync.tick().await;
-    let mut retry_at: Option<Instant> = None;
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-    let mut heartbeat = tokio::time::interval(HEARTBEAT);
-    if let Some(period) = sd_notify::watchdog_enabled() {
-        tokio::spawn(feed_watchdog(daemon.metrics.clone(), period));
-    }
-    tokio::pin!(shutdown);
-    loop {
-        let mut dirty = false;
-        // Set by a retry or a resync: apply even if the forwards look unchanged.
-        let mut force = false;
-        tokio::select! {
-            _ = &mut shutdown => break,
-            input = events.next() => {
-                let Some(input) = input else { break };
-                dirty |= daemon.take(input);
-                // Take what else is ready before reconciling, so a burst costs one apply.
-                while let Some(Some(input)) = events.next().now_or_never() {
-                    dirty |= daemon.take(input);
-                }
-            }
-            _ = sleep_until(retry_at), if retry_at.is_some() => {
-                retry_at = None;
-                dirty = true;
-                force = true;
-            }
-            Some(()) = recv(&mut hangup) => {
-                daemon.reload_policy();
-                dirty = true;
-                force = true;
-            }
-            _ = resync.tick() => {
-                if let Some(engine) = daemon.engine.as_mut() {
-                    engine.forget();
-                }
-                daemon.follow_served_ports();
-                dirty = true;
-                force = true;
-            }
-            () = changed(&mut links) => {
-                dirty |= daemon.follow_addresses();
-            }
-            () = upstream_changed(&mut daemon.upstream) => {
-                dirty |= daemon.upstream_changed();
-            }
-            touched = touched(&mut tables) => {
-                // The engine's own commits are announced too: it knows their generations.
-                // Anyone else's change is read and compared, and a difference undone.
-                let own = match touched {
-                    Touched::At(generation) => daemon.engine.as_ref().is_some_and(|e| e.knows(generation)),
-                    Touched::Unknown => false,
-                };
-                if !own {
-                    tracing::debug!(?touched, "nf_tables announced a change in the table; reading it");
-                    if let Some(engine) = daemon.engine.as_mut() {
-                        engine.forget();
-                    }
-                    daemon.verify_outside_change = true;
-                    dirty = true;
-                    force = true;
-                }
-            }
-            Some(done) = lane_done.recv() => {
-                dirty |= daemon.lane_done(done);
-                while let Ok(done) = lane_done.try_recv() {
-                    dirty |= daemon.lane_done(done);
-                }
-            }
-            Some(transition) = daemon.prober.next() => {
-                dirty |= daemon.health_changed(transition.check, transition.up, &transition.detail);
-                while let Some(Some(t)) = daemon.prober.next().now_or_never() {
-                    dirty |= daemon.health_changed(t.check, t.up, &t.detail);
-                }
-            }
-            _ = heartbeat.tick() => daemon.progress(),
-        }
-        let synced =
-            daemon.namespaces_synced && daemon.nodes_synced && daemon.synced.iter().all(|s| *s);
-        if dirty && synced {
-            // Watching every Service of every namespace, nothing can be outside the scope.
-            let scoped =
-                daemon.settings.selector.is_some() || !daemon.settings.namespaces.is_empty();
-            if scoped && !daemon.strays_swept && (force || !daemon.ready) {
-                daemon.sweep_strays().await;
-            }
-            daemon.recheck.clear();
-            match daemon.reconcile(force).await? {
-                Some(delay) => retry_at = Some(Instant::now() + delay),
-                None => retry_at = None,
-            }
-        } else if synced && daemon.ready && !daemon.recheck.is_empty() {
-            let keys = std::mem::take(&mut daemon.recheck);
-            daemon.recheck(keys);
-        }
-    }
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-    tracing::info!("stopped; the kernel table stays as it is");
-    Ok(())
+    let mut daemon = Daemon::new(settings, client, lane, metrics);
+    let sources = Sources::subscribe(&daemon.client, &daemon.settings, &daemon.scopes, lane_done)?;
+    daemon.start(sources.links.is_some());
+    daemon.serve(sources, shutdown).await
 }
 
 /// Tells systemd the daemon is alive while its loop turns or a round makes progress, and
@@ -402,38 +212,201 @@ async fn feed_watchdog(metrics: health::Shared, period: Duration) {
     }
 }
 
-async fn changed(links: &mut Option<LinkEvents>) {
-    match links {
-        Some(links) => links.changed().await,
-        None => std::future::pending().await,
+impl Daemon {
+    fn new(
+        settings: Settings,
+        client: kube::Client,
+        lane: Lane,
+        metrics: health::Shared,
+    ) -> Daemon {
+        let scopes: Vec<Option<String>> = if settings.namespaces.is_empty() {
+            vec![None]
+        } else {
+            settings.namespaces.iter().cloned().map(Some).collect()
+        };
+        Daemon {
+            client,
+            lane,
+            holders_known: false,
+            strays_swept: false,
+            handed: HashMap::new(),
+            forwarding: HashSet::new(),
+            recheck: BTreeSet::new(),
+            buffers: vec![None; scopes.len()],
+            synced: vec![false; scopes.len()],
+            namespace_buffer: None,
+            namespaces_synced: settings.policy.namespace_selector.is_none(),
+            nodes_synced: settings.policy.node_ports == NodePorts::Off,
+            node_buffer: None,
+            scopes,
+            store: Store::new(),
+            engine: Some(Engine::new(Kernel::new(settings.nft.clone()))),
+            published: HashMap::new(),
+            cleanup_since: HashMap::new(),
+            ready: false,
+            failures: 0,
+            fixed_wan: settings.table.wan_addresses.clone(),
+            // The WAN flags; the interfaces' addresses are read again at every change.
+            fixed_router: settings.table.wan_addresses.clone(),
+            verify_outside_change: false,
+            prober: Prober::new(settings.probes, metrics.clone()),
+            down: Down::new(),
+            kernel_down: None,
+            health_told: HashMap::new(),
+            health_events: HashMap::new(),
+            upstream: None,
+            served: ServedPorts::start(),
+            warned_private: false,
+            upstream_told: HashMap::new(),
+            upstream_asked: HashMap::new(),
+            dns_handed: HashMap::new(),
+            dns_warned: HashMap::new(),
+            public: BTreeMap::new(),
+            dns_families: HashMap::new(),
+            dns_waiting: BTreeSet::new(),
+            metrics,
+            settings,
+        }
     }
-}
 
-async fn upstream_changed(upstream: &mut Option<Upstream>) {
-    match upstream {
-        Some(upstream) => upstream.changed().await,
-        None => std::future::pending().await,
+    /// What the daemon knows before the first list: the interfaces' addresses (when they are
+    /// followed), the ports the router serves, the IGD's lane.
+    fn start(&mut self, following_links: bool) {
+        if following_links {
+            self.follow_interfaces();
+        }
+        self.follow_served_ports();
+        match self.settings.upstream.clone() {
+            Some(upstream) => self.upstream = Some(Upstream::start(upstream, self.wan_ipv4())),
+            // What an earlier run with an upstream wrote would read as this one's.
+            None => {
+                let _ = std::fs::remove_file(&self.settings.state_file);
+            }
+        }
+        self.warn_private_wan();
+        tracing::info!(
+            finalizer = %self.settings.finalizer,
+            table = %self.settings.table.table,
+            "starting; the kernel table stays as it is until the first complete list"
+        );
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(
+            "waiting for the first complete list of Services",
+        )]);
+        if let Some(period) = sd_notify::watchdog_enabled() {
+            tokio::spawn(feed_watchdog(self.metrics.clone(), period));
+        }
     }
-}
 
-async fn touched(tables: &mut Option<TableEvents>) -> Touched {
-    match tables {
-        Some(tables) => tables.table_touched().await,
-        None => std::future::pending().await,
+    /// The loop: takes what woke it, then runs a round if the plan's inputs changed.
+    async fn serve(
+        mut self,
+        mut sources: Sources,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), DaemonError> {
+        tokio::pin!(shutdown);
+        loop {
+            let wake = sources
+                .next(
+                    shutdown.as_mut(),
+                    &mut self.prober,
+                    &mut self.upstream,
+                    &mut self.served,
+                )
+                .await;
+            // `force`, set by a retry, a reload or a resync: apply even if the forwards
+            // look unchanged.
+            let (dirty, force) = match wake {
+                Wake::Stop => break,
+                Wake::Watch(inputs) => (
+                    inputs.into_iter().fold(false, |d, i| self.take(i) | d),
+                    false,
+                ),
+                Wake::Retry => (true, true),
+                Wake::Hangup => {
+                    self.reload_policy();
+                    (true, true)
+                }
+                Wake::Resync => {
+                    if let Some(engine) = self.engine.as_mut() {
+                        engine.forget();
+                    }
+                    self.follow_served_ports();
+                    (true, true)
+                }
+                Wake::Links => (self.follow_addresses(), false),
+                Wake::Upstream => (self.upstream_changed(), false),
+                Wake::Table(touched) => self.table_touched(touched),
+                Wake::Lane(all) => (
+                    all.into_iter()
+                        .fold(false, |d, done| self.lane_done(done) | d),
+                    false,
+                ),
+                Wake::Health(all) => {
+                    let dirty = all.into_iter().fold(false, |d, t| {
+                        self.health_changed(t.check, t.up, &t.detail) | d
+                    });
+                    (dirty, false)
+                }
+                Wake::Sockets(sockets) => (self.take_sockets(&sockets), false),
+                Wake::Heartbeat => {
+                    self.progress();
+                    (false, false)
+                }
+            };
+            if let Some(retry) = self.settle(dirty, force).await? {
+                sources.retry_at = retry.map(|delay| Instant::now() + delay);
+            }
+        }
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+        tracing::info!("stopped; the kernel table stays as it is");
+        Ok(())
     }
-}
 
-async fn recv(signal: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
-    match signal {
-        Some(signal) => signal.recv().await,
-        None => std::future::pending().await,
+    /// nf_tables announced a change in the table. The engine's own commits are announced
+    /// too: it knows their generations. Anyone else's change is read and compared, and a
+    /// difference undone.
+    fn table_touched(&mut self, touched: Touched) -> (bool, bool) {
+        let own = match touched {
+            Touched::At(generation) => self.engine.as_ref().is_some_and(|e| e.knows(generation)),
+            Touched::Unknown => false,
+        };
+        if own {
+            return (false, false);
+        }
+        tracing::debug!(
+            ?touched,
+            "nf_tables announced a change in the table; reading it"
+        );
+        if let Some(engine) = self.engine.as_mut() {
+            engine.forget();
+        }
+        self.verify_outside_change = true;
+        (true, true)
     }
-}
 
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
+    /// After what woke the loop: a round once every watch has listed, if the plan's inputs
+    /// changed; else the Services whose finalizers or conditions alone changed are checked.
+    /// Returns, for a round that ran, when to run again.
+    async fn settle(
+        &mut self,
+        dirty: bool,
+        force: bool,
+    ) -> Result<Option<Option<Duration>>, DaemonError> {
+        let synced = self.namespaces_synced && self.nodes_synced && self.synced.iter().all(|s| *s);
+        if dirty && synced {
+            // Watching every Service of every namespace, nothing can be outside the scope.
+            let scoped = self.settings.selector.is_some() || !self.settings.namespaces.is_empty();
+            if scoped && !self.strays_swept && (force || !self.ready) {
+                self.sweep_strays().await;
+            }
+            self.recheck.clear();
+            return self.reconcile(force).await.map(Some);
+        }
+        if synced && self.ready && !self.recheck.is_empty() {
+            let keys = std::mem::take(&mut self.recheck);
+            self.recheck(keys);
+        }
+        Ok(None)
     }
 }
 

@@ -13,6 +13,7 @@ use crate::cluster::Key;
 use crate::cluster::lane::{Kind, Round, Work};
 use crate::cluster::report::{changes_by_service, condition_of};
 use crate::core::decide::{self, Summary};
+use crate::core::plan::Plan;
 use crate::kernel::{Applied, Engine, Kernel, Ruleset};
 use crate::router::audit;
 
@@ -52,13 +53,24 @@ impl Daemon {
                 );
             }
         }
-        let decision = decide::decide(
+        let mut decision = decide::decide(
             &self.store,
             &self.settings.finalizer,
             &self.settings.policy,
             &holders,
             &self.down,
         );
+        // A port is never opened over a socket the router listens on: its sockets are read
+        // again right before, and a service started since the last read wins.
+        if self.opens_ports(&decision.plan) && self.follow_served_ports() {
+            decision = decide::decide(
+                &self.store,
+                &self.settings.finalizer,
+                &self.settings.policy,
+                &holders,
+                &self.down,
+            );
+        }
         self.follow_checks(&decision.plan);
         // A cleanup deadline runs only while the Service waits for its release: one that is
         // asked for again, or was released, starts afresh next time.
@@ -258,6 +270,15 @@ impl Daemon {
         self.published.retain(|key, _| self.store.contains_key(key));
         self.send(round);
         Ok(retry)
+    }
+
+    /// Whether `plan` has a forward on a port the table does not forward now (or the table
+    /// is not known).
+    fn opens_ports(&self, plan: &Plan) -> bool {
+        let applied = self.engine.as_ref().and_then(Engine::applied);
+        plan.forwards
+            .keys()
+            .any(|key| applied.is_none_or(|applied| !applied.forwards.contains_key(key)))
     }
 
     /// Hands a round to the cluster lane.

@@ -8,5 +8,6 @@ pub mod igd;
 pub mod links;
 pub mod policy_file;
 pub mod probe;
+pub mod served;
 pub mod sockets;
 pub mod upstream;
