@@ -226,12 +226,28 @@ fn the_routers_own_late_listeners_win_over_forwards() {
         })
     };
 
-    // Started after the daemon, before the Service: never forwarded.
+    // Address changes also make the daemon read the sockets: once IPv6 has finished its
+    // duplicate address detection, none come, and only the reads under test are left.
+    wait_for("the router's addresses to settle", || {
+        s.topology
+            .router
+            .ip(&["-6", "addr", "show", "tentative"])
+            .trim()
+            .is_empty()
+    });
+
+    // Started after the daemon, before the Service: never forwarded, not even for a moment.
     let early = Server::start(&s.topology.router, 2222);
     mapped("late", 2222);
     wait_for("a Warning on late naming the router's port", || {
         warned("late", 2222)
     });
+    let log = daemon.log();
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("action=\"open\"") && l.contains("external_port=2222")),
+        "2222 was opened over the router's listener:\n{log}"
+    );
     assert_eq!(on_wan(2222).as_deref(), Some("hello 2222"));
     assert!(
         !s.topology

@@ -7,8 +7,9 @@ use crate::core::model::Protocol;
 use crate::core::names::{is_dns_label, is_kubernetes_time};
 use crate::core::service::{Service, ServicePort};
 
-/// Namespace, name, uid, port names and creationTimestamp reach the kernel (in element comments) and
-/// the logs, so they must be what the API server allows, whatever a manifest says.
+/// Namespace, name, uid, port names and creationTimestamp reach the kernel (in element
+/// comments) and the logs, so they must be what the API server allows, whatever a manifest
+/// says.
 pub(super) fn check_identity(service: &Service) -> Result<(), (String, String)> {
     if !is_dns_label(&service.namespace) {
         return Err((
