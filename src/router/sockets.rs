@@ -240,14 +240,15 @@ fn answer(body: &[u8], protocol: Protocol) -> Option<Bound> {
     })
 }
 
-/// The same from `/proc/net`, for kernels without `inet_diag`.
+/// The same from `/proc/net`, for kernels without `inet_diag`: the calling thread's, which is
+/// in the namespace its sockets are (`/proc/self` is the process's first thread's).
 pub fn from_proc() -> io::Result<BTreeSet<Bound>> {
     let mut sockets = BTreeSet::new();
     for (file, protocol, state) in [
-        ("/proc/net/tcp", Protocol::Tcp, TCP_LISTEN),
-        ("/proc/net/tcp6", Protocol::Tcp, TCP_LISTEN),
-        ("/proc/net/udp", Protocol::Udp, TCP_CLOSE),
-        ("/proc/net/udp6", Protocol::Udp, TCP_CLOSE),
+        ("/proc/thread-self/net/tcp", Protocol::Tcp, TCP_LISTEN),
+        ("/proc/thread-self/net/tcp6", Protocol::Tcp, TCP_LISTEN),
+        ("/proc/thread-self/net/udp", Protocol::Udp, TCP_CLOSE),
+        ("/proc/thread-self/net/udp6", Protocol::Udp, TCP_CLOSE),
     ] {
         match std::fs::read_to_string(file) {
             Ok(text) => sockets.extend(parse(&text, protocol, state)),
