@@ -327,10 +327,10 @@ impl Daemon {
                     (true, true)
                 }
                 Wake::Resync => {
+                    // The round reads the router's sockets before it opens a port.
                     if let Some(engine) = self.engine.as_mut() {
                         engine.forget();
                     }
-                    self.follow_served_ports();
                     (true, true)
                 }
                 Wake::Links => (self.follow_addresses(), false),

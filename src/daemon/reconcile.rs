@@ -12,8 +12,8 @@ use super::{Daemon, DaemonError};
 use crate::cluster::Key;
 use crate::cluster::lane::{Kind, Round, Work};
 use crate::cluster::report::{changes_by_service, condition_of};
-use crate::core::decide::{self, Summary};
-use crate::core::plan::Plan;
+use crate::core::decide::{self, Decision, Summary};
+use crate::core::plan::{Holders, Plan};
 use crate::kernel::{Applied, Engine, Kernel, Ruleset};
 use crate::router::audit;
 
@@ -38,13 +38,7 @@ impl Daemon {
         if let Some(recorded) = self.kernel_down.take() {
             // The backends the table recorded as down before a restart stay down until their
             // checks pass, so a restart does not send clients to a dead backend.
-            let first = decide::decide(
-                &self.store,
-                &self.settings.finalizer,
-                &self.settings.policy,
-                &holders,
-                &self.down,
-            );
+            let first = self.decide(&holders);
             for forward in first.plan.forwards.values() {
                 self.down.extend(
                     forward
@@ -53,23 +47,11 @@ impl Daemon {
                 );
             }
         }
-        let mut decision = decide::decide(
-            &self.store,
-            &self.settings.finalizer,
-            &self.settings.policy,
-            &holders,
-            &self.down,
-        );
+        let mut decision = self.decide(&holders);
         // A port is never opened over a socket the router listens on: its sockets are read
         // again right before, and a service started since the last read wins.
         if self.opens_ports(&decision.plan) && self.follow_served_ports() {
-            decision = decide::decide(
-                &self.store,
-                &self.settings.finalizer,
-                &self.settings.policy,
-                &holders,
-                &self.down,
-            );
+            decision = self.decide(&holders);
         }
         self.follow_checks(&decision.plan);
         // A cleanup deadline runs only while the Service waits for its release: one that is
@@ -270,6 +252,18 @@ impl Daemon {
         self.published.retain(|key, _| self.store.contains_key(key));
         self.send(round);
         Ok(retry)
+    }
+
+    /// What the core decides from the Services, the policy, who holds which port and which
+    /// backends are down.
+    fn decide(&self, holders: &Holders) -> Decision {
+        decide::decide(
+            &self.store,
+            &self.settings.finalizer,
+            &self.settings.policy,
+            holders,
+            &self.down,
+        )
     }
 
     /// Whether `plan` has a forward on a port the table does not forward now (or the table
