@@ -1,41 +1,34 @@
 #!/bin/sh
-# Builds kube-port-forward_VERSION_x86_64.ipk on this machine, without the OpenWrt SDK: a
-# static x86_64 release binary plus the feed package's files, laid out as opkg expects
-# (an outer tar.gz of debian-binary, control.tar.gz and data.tar.gz, as OpenWrt's
-# ipkg-build makes). For other architectures, and for .apk (OpenWrt 25.12), use the feed
-# Makefile in kube-port-forward/ with the SDK.
+# Packages a kube-port-forward binary as kube-port-forward_VERSION_ARCH.ipk, without the
+# OpenWrt SDK: the binary plus the feed package's files, laid out as opkg expects (an outer
+# tar.gz of debian-binary, control.tar.gz and data.tar.gz, as OpenWrt's ipkg-build makes).
+# build-all.sh builds the static musl binaries for every router CPU and calls this for each.
 #
-#   openwrt-pkg/build-ipk.sh [--binary PATH] [OUTPUT_DIR]
+#   openwrt-pkg/build-ipk.sh --arch ARCH --binary PATH [OUTPUT_DIR]
 #
-# --binary packages an existing binary instead of building the static one (the package
-# structure test does this). Without it the binary is built with glibc linked statically
-# (this machine has no musl Rust target) and non-PIE, which drops 0.3 MB of relocations:
-# see README, "Binary size".
+# ARCH is OpenWrt's package architecture (x86_64, aarch64_cortex-a53, mipsel_24kc, ...).
 set -eu
 
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(dirname "$here")
 pkg="$here/kube-port-forward"
+arch=""
 binary=""
-if [ "${1:-}" = "--binary" ]; then
-	binary="$2"
-	shift 2
+while [ $# -gt 0 ]; do
+	case "$1" in
+	--arch) arch="$2" && shift 2 ;;
+	--binary) binary="$2" && shift 2 ;;
+	*) break ;;
+	esac
+done
+if [ -z "$arch" ] || [ ! -f "$binary" ]; then
+	echo "usage: $0 --arch ARCH --binary PATH [OUTPUT_DIR]" >&2
+	exit 2
 fi
 out=$(mkdir -p "${1:-$root/target/ipk}" && cd "${1:-$root/target/ipk}" && pwd)
 
 version=$(sed -n 's/^PKG_VERSION:=//p' "$pkg/Makefile")
 release=$(sed -n 's/^PKG_RELEASE:=//p' "$pkg/Makefile")
-arch=x86_64
-
-if [ -z "$binary" ]; then
-	target=x86_64-unknown-linux-gnu
-	(
-		cd "$root"
-		RUSTFLAGS="-C target-feature=+crt-static -C relocation-model=static" \
-			cargo build --release --locked --target "$target"
-	)
-	binary="$root/target/$target/release/kube-port-forward"
-fi
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -87,7 +80,7 @@ chmod 0755 "$control/prerm" "$control/postinst" "$control/postrm"
 echo "2.0" > "$work/debian-binary"
 
 tarball() { # DIR OUTPUT: a gzip tar of DIR's contents, owned by root, reproducible order
-	tar --sort=name --owner=0 --group=0 --numeric-owner --mtime=@0 -C "$1" -czf "$2" .
+	tar --sort=name --owner=0 --group=0 --numeric-owner --mtime=@0 -C "$1" -cf - . | gzip -9n > "$2"
 }
 tarball "$data" "$work/data.tar.gz"
 tarball "$control" "$work/control.tar.gz"
