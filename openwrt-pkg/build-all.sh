@@ -54,7 +54,9 @@ eval "$("$root/openwrt-pkg/cross-toolchain.sh")"
 #   +crt-static: the mips targets link dynamically by default; static everywhere.
 #   relocation-model=static: a fixed-address executable (no PIE/PIC): no relocations to
 #     carry, and on MIPS no call through the GOT for every function.
-rustflags="-C link-self-contained=no -C target-feature=+crt-static -C relocation-model=static"
+#   force-unwind-tables=no: with panic=abort nothing unwinds; build-std compiles the
+#     standard library with it too, so its tables go as well.
+rustflags="-C link-self-contained=no -C target-feature=+crt-static -C relocation-model=static -C force-unwind-tables=no"
 
 built=""
 for arch in $arches; do

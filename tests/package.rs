@@ -61,6 +61,8 @@ fn the_ipk_has_opkgs_layout_fields_conffiles_and_clean_scripts() {
         "sh",
         &[
             repo("openwrt-pkg/build-ipk.sh").to_str().unwrap(),
+            "--arch",
+            "x86_64",
             "--binary",
             BIN,
             out.to_str().unwrap(),
@@ -185,6 +187,8 @@ fn the_ipk_has_opkgs_layout_fields_conffiles_and_clean_scripts() {
         control.join("postrm"),
         data.join("etc/init.d/kube-port-forward"),
         repo("openwrt-pkg/build-ipk.sh"),
+        repo("openwrt-pkg/build-all.sh"),
+        repo("openwrt-pkg/cross-toolchain.sh"),
         repo("deploy/mint-kubeconfig.sh"),
     ] {
         assert_eq!(

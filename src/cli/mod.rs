@@ -426,8 +426,12 @@ pub enum CommandError {
     Upstream(String),
     #[error("cannot read the ports the router serves (/proc/net)")]
     Sockets(#[source] std::io::Error),
-    #[error("listing Services failed")]
-    Kube(#[source] kube::Error),
+    #[error("listing Services at {server} failed")]
+    Kube {
+        server: String,
+        #[source]
+        source: kube::Error,
+    },
 }
 
 impl CommandError {
@@ -435,7 +439,7 @@ impl CommandError {
         match self {
             CommandError::Kernel(_)
             | CommandError::Runtime(_)
-            | CommandError::Kube(_)
+            | CommandError::Kube { .. }
             | CommandError::Sockets(_)
             | CommandError::Client(ClientError::Build(_))
             | CommandError::Daemon(
@@ -684,7 +688,8 @@ async fn release_finalizers(
     cluster: ClusterArgs,
     finalizer: String,
 ) -> Result<usize, CommandError> {
-    let client = client::client(cluster.kubeconfig.as_deref(), cluster.context.as_deref()).await?;
+    let (client, server) =
+        client::client(cluster.kubeconfig.as_deref(), cluster.context.as_deref()).await?;
     finalizer::release_everywhere(
         &client,
         cluster.namespaces,
@@ -692,7 +697,7 @@ async fn release_finalizers(
         &finalizer,
     )
     .await
-    .map_err(CommandError::Kube)
+    .map_err(|source| CommandError::Kube { server, source })
 }
 
 #[cfg(test)]

@@ -17,11 +17,13 @@ pub enum ClientError {
     Build(#[source] kube::Error),
 }
 
-/// Builds the Kubernetes client from the kubeconfig named, or the usual places.
+/// Builds the Kubernetes client from the kubeconfig named, or the usual places; returns it
+/// with the API server's URL, which messages name (a host name that does not resolve, a
+/// server that does not answer).
 pub async fn client(
     kubeconfig: Option<&Path>,
     context: Option<&str>,
-) -> Result<kube::Client, ClientError> {
+) -> Result<(kube::Client, String), ClientError> {
     let options = kube::config::KubeConfigOptions {
         context: context.map(str::to_owned),
         ..Default::default()
@@ -57,7 +59,9 @@ pub async fn client(
         }
         None => kube::Config::infer().await.map_err(ClientError::Infer)?,
     };
-    kube::Client::try_from(config).map_err(ClientError::Build)
+    let server = config.cluster_url.to_string();
+    let client = kube::Client::try_from(config).map_err(ClientError::Build)?;
+    Ok((client, server))
 }
 
 /// A kubeconfig holds credentials: say so when other users can read it. Only the path and

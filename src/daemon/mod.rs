@@ -176,8 +176,9 @@ pub async fn run(
     if !valid_finalizer(&settings.finalizer) {
         return Err(DaemonError::Finalizer(settings.finalizer.clone()));
     }
-    let client =
+    let (client, server) =
         client::client(settings.kubeconfig.as_deref(), settings.context.as_deref()).await?;
+    tracing::info!(%server, "watching the cluster");
     let metrics = health::Shared::default();
     if let Some(address) = settings.health {
         let listener = tokio::net::TcpListener::bind(address)
