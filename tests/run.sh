@@ -59,6 +59,6 @@ KPF_ROUTER_BUILDS=$builds cargo test --release --test cross -- --ignored
     export RUSTFLAGS="-C link-self-contained=no -C target-feature=+crt-static"
     for triple in aarch64-unknown-linux-musl mips-unknown-linux-musl; do
         echo "tests/run.sh: unit tests on $triple under qemu-user"
-        cargo zigbuild test --locked --lib --target "$triple" -Zbuild-std
+        cargo-zigbuild test --locked --lib --target "$triple" -Zbuild-std
     done
 )
