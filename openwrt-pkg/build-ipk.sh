@@ -42,12 +42,14 @@ install -m 0600 "$pkg/files/kube-port-forward.config" "$data/etc/config/kube-por
 install -m 0644 "$pkg/files/30-kube-port-forward.nft" \
 	"$data/usr/share/nftables.d/chain-pre/forward/30-kube-port-forward.nft"
 chmod 0700 "$data/etc/kube-port-forward"
+mkdir -p "$data/lib/upgrade/keep.d"
+install -m 0644 "$pkg/files/kube-port-forward.keep" "$data/lib/upgrade/keep.d/kube-port-forward"
 
 size=$(du -sk "$data" | cut -f1)
 cat > "$control/control" <<CONTROL
 Package: kube-port-forward
 Version: $version-r$release
-Depends: nftables-json, kmod-nft-nat, kmod-nf-conntrack-netlink
+Depends: nftables-json, kmod-nft-nat, kmod-nf-conntrack-netlink, ca-bundle
 Source: openwrt-pkg/kube-port-forward
 SourceName: kube-port-forward
 License: Apache-2.0
@@ -66,12 +68,13 @@ sed -n '/^define Package\/kube-port-forward\/prerm$/,/^endef$/p' "$pkg/Makefile"
 	| sed '1d;$d' | sed 's/\$\$/$/g' > "$control/prerm"
 sed -n '/^define Package\/kube-port-forward\/postrm$/,/^endef$/p' "$pkg/Makefile" \
 	| sed '1d;$d' | sed 's/\$\$/$/g' > "$control/postrm"
-# The feed's postinst, after what the SDK's default_postinst does there: enable at boot (it
-# starts only once enabled in /etc/config/kube-port-forward).
+# The feed's postinst, after what the SDK's default_postinst does there: enable at boot on a
+# first install (it starts only once enabled in /etc/config/kube-port-forward); an upgrade
+# keeps what the user chose.
 {
 	cat <<'ENABLE'
 #!/bin/sh
-[ -n "${IPKG_INSTROOT}" ] || /etc/init.d/kube-port-forward enable
+[ -n "${IPKG_INSTROOT}" ] || [ "${PKG_UPGRADE}" = 1 ] || /etc/init.d/kube-port-forward enable
 ENABLE
 	sed -n '/^define Package\/kube-port-forward\/postinst$/,/^endef$/p' "$pkg/Makefile" \
 		| sed '1,2d;$d' | sed 's/\$\$/$/g'

@@ -123,7 +123,12 @@ fn the_ipk_has_opkgs_layout_fields_conffiles_and_clean_scripts() {
     let depends: Vec<&str> = fields["Depends"].split(", ").collect();
     assert_eq!(
         depends,
-        ["nftables-json", "kmod-nft-nat", "kmod-nf-conntrack-netlink"]
+        [
+            "nftables-json",
+            "kmod-nft-nat",
+            "kmod-nf-conntrack-netlink",
+            "ca-bundle"
+        ]
     );
     assert!(fields["Installed-Size"].parse::<u64>().unwrap() > 0);
 
@@ -134,7 +139,12 @@ fn the_ipk_has_opkgs_layout_fields_conffiles_and_clean_scripts() {
         makefile_block("conffiles")
     );
     assert!(conffiles.contains("/etc/config/kube-port-forward"));
-    assert!(conffiles.contains("/etc/kube-port-forward/kubeconfig"));
+    // The kubeconfig is not the package's file (opkg would complain of a missing conffile):
+    // sysupgrade keeps the folder it lives in.
+    assert_eq!(
+        std::fs::read_to_string(data.join("lib/upgrade/keep.d/kube-port-forward")).unwrap(),
+        "/etc/kube-port-forward/\n"
+    );
     let prerm = std::fs::read_to_string(control.join("prerm")).unwrap();
     let from_makefile: Vec<String> = makefile_block("prerm")
         .iter()
@@ -159,6 +169,22 @@ fn the_ipk_has_opkgs_layout_fields_conffiles_and_clean_scripts() {
         "{postinst}"
     );
     assert!(postinst.contains("/etc/init.d/kube-port-forward enable"));
+    // An upgrade keeps the Services' finalizers and the table, and an enabled daemon is
+    // restarted onto the new binary; a removal releases, then disables.
+    let upgrade = "[ \"${PKG_UPGRADE}\" = 1 ] && exit 0";
+    let uninstall = prerm.find("kube-port-forward uninstall").unwrap();
+    assert!(
+        prerm.find(upgrade).is_some_and(|i| i < uninstall),
+        "{prerm}"
+    );
+    assert!(
+        prerm.ends_with("/etc/init.d/kube-port-forward disable\n"),
+        "{prerm}"
+    );
+    assert!(
+        postinst.contains("enabled && /etc/init.d/kube-port-forward restart"),
+        "{postinst}"
+    );
     for script in [&postinst, &postrm] {
         let reload = script
             .find("/etc/init.d/firewall reload")
@@ -178,6 +204,7 @@ fn the_ipk_has_opkgs_layout_fields_conffiles_and_clean_scripts() {
             "usr/share/nftables.d/chain-pre/forward/30-kube-port-forward.nft",
             0o644,
         ),
+        ("lib/upgrade/keep.d/kube-port-forward", 0o644),
     ] {
         assert_eq!(mode(&data.join(path)), expected, "{path}");
     }
@@ -250,11 +277,12 @@ fn init_harness(uci: &[(&str, &str)], dir: &TempDir, tail: &str) -> String {
          config_load() { :; }\n\
          config_get() { eval \"$1=\\${UCI_$2_$3:-$4}\"; }\n\
          config_get_bool() { config_get \"$@\"; }\n\
+         logger() { echo \"<logd $*>\"; }\n\
          procd_open_instance() { echo '<open>'; }\n\
          procd_close_instance() { echo '<close>'; }\n\
          procd_add_reload_trigger() { echo \"<reload-trigger $*>\"; }\n\
          procd_add_interface_trigger() { echo \"<interface-trigger $*>\"; }\n\
-         procd_set_param() { [ \"$1\" = command ] && shift && for a; do printf '%s\\n' \"$a\"; done; return 0; }\n\
+         procd_set_param() { [ \"$1\" = file ] && echo \"<file $2>\"; [ \"$1\" = command ] && shift && for a; do printf '%s\\n' \"$a\"; done; return 0; }\n\
          procd_append_param() { [ \"$1\" = command ] && shift && for a; do printf '%s\\n' \"$a\"; done; return 0; }\n",
     );
     for (option, value) in uci {
@@ -295,7 +323,11 @@ fn init_command(uci: &[(&str, &str)], dir: &TempDir) -> Vec<String> {
         .iter()
         .position(|l| l == "<close>")
         .expect("an opened instance is closed");
-    lines[open + 1..close].to_vec()
+    lines[open + 1..close]
+        .iter()
+        .filter(|l| !l.starts_with('<'))
+        .cloned()
+        .collect()
 }
 
 #[test]
@@ -312,7 +344,7 @@ fn every_uci_option_becomes_a_flag_the_daemon_accepts() {
         ("wan_network", "wan wan6"),
         ("wan_device", "pppoe-wan"),
         ("wan_address", "198.51.100.7"),
-        ("reflection", "0"),
+        ("reflection", "off"),
         ("ct_mark", "0x00100000"),
         ("health", "127.0.0.1:9477"),
         ("allow_namespace", "apps"),
@@ -342,7 +374,7 @@ fn every_uci_option_becomes_a_flag_the_daemon_accepts() {
         "--wan-interface pppoe-wan",
         "--namespace apps --namespace web",
         "--allow-ports 443,8000-8999",
-        "--reflection 0",
+        "--reflection false",
         "--ct-mark 0x00100000",
         "--node-ports annotated",
         "--check-interval 5 --check-timeout 0.5 --check-fall 3 --check-rise 1",
@@ -389,6 +421,13 @@ fn a_disabled_or_unconfigured_service_does_not_start_and_says_why() {
         let (lines, stderr) = init_run(&uci, &dir, "start_service");
         assert!(!lines.iter().any(|l| l == "<open>"), "{uci:?}: {lines:?}");
         assert!(stderr.contains(reason), "{uci:?}: {stderr}");
+        // Also in logd: from a trigger, procd discards the script's stderr.
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("<logd -t kube-port-forward") && l.contains(reason)),
+            "{uci:?}: {lines:?}"
+        );
     }
     // The same with a device named directly starts it.
     let uci = [
@@ -400,6 +439,41 @@ fn a_disabled_or_unconfigured_service_does_not_start_and_says_why() {
     let command = init_command(&uci, &dir).join(" ");
     assert!(command.contains("--wan-interface eth9 "), "{command}");
     assert!(command.contains("--table kube_port_forward"), "{command}");
+}
+
+#[test]
+fn a_policy_file_replaces_the_policy_options_and_reload_follows_it_and_the_kubeconfig() {
+    let dir = TempDir::new();
+    let kubeconfig = dir.write("kubeconfig", "not: [a kubeconfig");
+    let policy = dir.write("policy.yaml", "ports: 80,443\n");
+    // The shipped config's own policy options stay set beside the file.
+    let uci = [
+        ("enabled", "1"),
+        ("kubeconfig", kubeconfig.as_str()),
+        ("wan_device", "eth1"),
+        ("policy_file", policy.as_str()),
+        ("node_ports", "off"),
+        ("allow_ports", "443"),
+        ("allow_target", "192.168.1.0/24"),
+        ("allow_external_ips", "1"),
+    ];
+    let command = init_command(&uci, &dir);
+    let line = command.join(" ");
+    assert!(line.contains(&format!("--policy {policy}")), "{line}");
+    for flag in ["--node-ports", "--allow-"] {
+        assert!(!line.contains(flag), "{flag} beside --policy: {line}");
+    }
+    let output = Command::new(BIN).args(&command[1..]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("cannot read kubeconfig {kubeconfig}")),
+        "the flags were not all accepted:\n{stderr}"
+    );
+    // procd restarts the instance on `reload` when either file changed.
+    let (lines, _) = init_run(&uci, &dir, "start_service");
+    for file in [&kubeconfig, &policy] {
+        assert!(lines.contains(&format!("<file {file}>")), "{lines:?}");
+    }
 }
 
 #[test]
@@ -439,6 +513,15 @@ fn uninstall_releases_on_the_daemons_context() {
         assert!(line.contains(expected), "{line}");
         assert_eq!(line.contains("--context"), context.is_some(), "{line}");
     }
+    // The cluster cannot be reached: the package stays, and so does a running daemon (opkg
+    // stopped and disabled the service before its prerm ran).
+    let tail = "PROG=false\nnft() { :; }\nenable() { echo '<enable>'; }\nstart() { echo '<start>'; }\nuninstall";
+    let (lines, stderr) = init_run(&[("kubeconfig", kubeconfig.as_str())], &dir, tail);
+    assert!(stderr.contains("cannot release the finalizers"), "{stderr}");
+    assert!(
+        lines.ends_with(&["<enable>".to_owned(), "<start>".to_owned()]),
+        "{lines:?}"
+    );
 }
 
 #[test]
@@ -618,8 +701,13 @@ fn uninstall_releases_the_finalizers_and_the_table_or_fails_and_keeps_both() {
         &common::apiserver::ApiServer::kubeconfig(addr),
     );
     let uci = [("kubeconfig", kubeconfig.as_str())];
-    // The package's binary is this build's; `uninstall`'s exit status is the prerm's.
-    let script = init_harness(&uci, &dir, &format!("PROG={BIN}\nuninstall"));
+    // The package's binary is this build's; `uninstall`'s exit status is the prerm's. The
+    // daemon started again after a failed release is rc.common's business, stubbed here.
+    let script = init_harness(
+        &uci,
+        &dir,
+        &format!("PROG={BIN}\nenable() {{ :; }}\nstart() {{ :; }}\nuninstall"),
+    );
     let uninstall = || {
         Command::new("ip")
             .args(["netns", "exec", &router.name, "sh", &script])
