@@ -7,12 +7,13 @@
 #
 # The machine: Debian bookworm arm64 (minbase, nftables, iproute2, socat, Debian's arm64
 # kernel) made by debootstrap, its second stage run in a chroot through qemu-aarch64-static
-# and binfmt_misc, written into an ext4 image by `mke2fs -d` (no loop device, no mount). It
+# and binfmt_misc (mounted and registered for the build if the host has neither, then
+# removed again), written into an ext4 image by `mke2fs -d` (no loop device, no mount). It
 # boots under qemu-system-aarch64 (software emulation, cortex-a53) with Debian's own kernel
 # and initrd, the image as a virtio disk opened with -snapshot (every run starts from the
 # same image), user-mode networking (the host's 127.0.0.1 is 10.0.2.2 in the guest) and a
 # 9p share holding the guest script, the ipk and the results. All of it is cached in
-# target/aarch64-vm/ and reused; delete that folder to build it anew.
+# target/aarch64-vm/ (or $KPF_VM_CACHE) and reused; delete that folder to build it anew.
 #
 # The package is installed as opkg would: data.tar.gz of the ipk unpacked into /. The guest
 # is Debian, not OpenWrt: the procd init script, the UCI config and the firewall4 include
@@ -21,6 +22,8 @@
 #   apply     `kube-port-forward apply -f` of examples/, then `status` shows the forwards
 #   datapath  client / router / server namespaces: a TCP connection to the router's WAN
 #             port reaches a server listening on the LoadBalancer address
+#   daemon-no-ca  the daemon's start with no CA bundle on the system (/etc/ssl/certs moved
+#             aside), for a kubeconfig that needs none
 #   daemon    `kube-port-forward run` against the test API server of tests/common, run on
 #             the host by the ignored test tests/aarch64_vm.rs and reached by a host name:
 #             a Service appears, its forward carries a connection, the Service is deleted,
@@ -34,11 +37,12 @@ repo=$(pwd)
 DEFAULT_IPK=/work/main/target/openwrt/kube-port-forward_0.1.0-r1_aarch64_generic.ipk
 SUITE=bookworm
 MIRROR=${MIRROR:-http://deb.debian.org/debian}
-PACKAGES=nftables,iproute2,socat,linux-image-arm64,kmod,procps
+# ca-certificates: OpenWrt images have ca-bundle, and the daemon needs one (daemon-no-ca).
+PACKAGES=nftables,iproute2,socat,linux-image-arm64,kmod,procps,ca-certificates
 # How long the guest's steps may take once it has booted.
 RUN_DEADLINE=${RUN_DEADLINE:-1800}
 
-cache=$repo/target/aarch64-vm
+cache=${KPF_VM_CACHE:-$repo/target/aarch64-vm}
 rootfs=$cache/rootfs
 image=$cache/root.img
 run=$cache/run
@@ -124,18 +128,30 @@ build_image() {
     rm -rf "$rootfs" "$image" "$cache/vmlinuz" "$cache/initrd.img"
     mkdir -p "$cache"
     echo "== debootstrap $SUITE arm64 into $rootfs (minutes: the second stage is emulated)"
-    nice debootstrap --arch arm64 --variant minbase --include "$PACKAGES" \
-        "$SUITE" "$rootfs" "$MIRROR" >"$cache/debootstrap.log" 2>&1 || {
+    if ! nice debootstrap --foreign --arch arm64 --variant minbase --include "$PACKAGES" \
+        "$SUITE" "$rootfs" "$MIRROR" >"$cache/debootstrap.log" 2>&1; then
+        tail -30 "$cache/debootstrap.log"
+        return 1
+    fi
+    # Debian's initrd with just what this machine needs to mount its root: the default
+    # (MODULES=most) has mkinitramfs look at every module through qemu-user, twice, which
+    # took 20 of the 30 minutes of the first build.
+    mkdir -p "$rootfs/etc/initramfs-tools/conf.d"
+    echo MODULES=list >"$rootfs/etc/initramfs-tools/conf.d/kpf-vm"
+    printf '%s\n' virtio_pci virtio_blk ext4 crc32c_generic >>"$rootfs/etc/initramfs-tools/modules"
+    if ! nice chroot "$rootfs" /debootstrap/debootstrap --second-stage \
+        >>"$cache/debootstrap.log" 2>&1; then
         tail -30 "$cache/debootstrap.log" "$rootfs/debootstrap/debootstrap.log" 2>/dev/null
         return 1
-    }
+    fi
     # No init system: the kernel starts this, which mounts the share and runs the guest
     # script from it (so the script can change without a new image).
     cat >"$rootfs/sbin/kpf-init" <<'EOF'
 #!/bin/sh
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev 2>/dev/null
+# The initrd has mounted these already, and moved them here.
+mountpoint -q /proc || mount -t proc proc /proc
+mountpoint -q /sys || mount -t sysfs sysfs /sys
+mountpoint -q /dev || mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /run
 mount -t tmpfs tmpfs /tmp
 hostname kpf-aarch64
@@ -164,113 +180,119 @@ EOF
     record "image build" "$start" ok
 }
 
-start_all=$(now)
-need bc:bc qemu-system-aarch64:qemu-system-arm
-if [ -e "$cache/image.ok" ]; then
-    timings+=("$(printf '%-28s %-5s %9s' "image build" cached -)")
-else
-    build_image
-fi
-if [ "$image_only" = 1 ]; then
-    printf '%s\n' "${timings[@]}"
-    exit 0
-fi
-[ -f "$ipk" ] || { echo "no package at $ipk (openwrt-pkg/build-all.sh makes it)" >&2; exit 2; }
-
-# The host test is built before the guest boots: the emulation wants both cores.
-start=$(now)
-echo "== building the host test (tests/aarch64_vm.rs)"
-CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$repo/target} nice cargo test --release \
-    --test aarch64_vm --no-run >"$cache/host-build.log" 2>&1 || {
-    tail -30 "$cache/host-build.log"
-    exit 1
-}
-record "host test build" "$start" ok
-
-rm -rf "$run"
-mkdir -p "$run/examples"
-cp bench/aarch64-vm/guest.sh "$run/guest.sh"
-cp examples/*.yaml "$run/examples/"
-cp "$ipk" "$run/package.ipk"
-
-# `wait_for SECONDS WHAT COMMAND...`: polls until COMMAND succeeds, or the guest stops.
-wait_for() {
-    local deadline=$(($(date +%s) + $1)) what=$2
-    shift 2
-    until "$@"; do
-        if ! kill -0 "$qemu_pid" 2>/dev/null; then
-            echo "the guest stopped before $what" >&2
-            return 1
-        fi
-        if [ "$(date +%s)" -ge "$deadline" ]; then
-            echo "timed out waiting for $what" >&2
-            return 1
-        fi
-        sleep 0.5
-    done
-}
-
-echo "== booting the guest (console: $cache/console.log)"
-start=$(now)
-qemu-system-aarch64 -M virt -cpu cortex-a53 -smp 2 -m 1024 -nographic -no-reboot \
-    -kernel "$cache/vmlinuz" -initrd "$cache/initrd.img" \
-    -append "root=/dev/vda rw console=ttyAMA0 init=/sbin/kpf-init panic=-1 quiet" \
-    -drive "file=$image,if=virtio,format=raw,snapshot=on" \
-    -netdev user,id=net0 -device virtio-net-pci,netdev=net0 \
-    -fsdev "local,id=share,path=$run,security_model=none" \
-    -device virtio-9p-pci,fsdev=share,mount_tag=share \
-    </dev/null >"$cache/console.log" 2>&1 &
-qemu_pid=$!
-
-echo "== host test: API server for the guest (log: $cache/host-test.log)"
-KPF_VM_SHARE=$run CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$repo/target} cargo test --release \
-    --test aarch64_vm -- --ignored --nocapture >"$cache/host-test.log" 2>&1 &
-host_test=$!
-
-booted=ok
-wait_for 900 "the guest to boot" test -e "$run/booted" || booted=FAIL
-record "boot to ready" "$start" "$booted"
-if [ "$booted" = ok ]; then
-    echo "== guest ready; steps running"
-    wait_for "$RUN_DEADLINE" "the guest's steps" test -e "$run/guest-done" || true
-fi
-# The guest powers itself off once done; it is stopped if it has not within a minute.
-deadline=$(($(date +%s) + 60))
-while kill -0 "$qemu_pid" 2>/dev/null && [ "$(date +%s)" -lt "$deadline" ]; do sleep 0.5; done
-kill "$qemu_pid" 2>/dev/null || true
-wait "$qemu_pid" 2>/dev/null || true
-if [ ! -e "$run/forward-removed" ] && [ ! -e "$run/host-failed" ]; then
-    # The host test would wait on for a guest that has gone.
-    echo "the guest is gone" >"$run/guest-failed"
-fi
-host_verdict=ok
-wait "$host_test" || host_verdict=FAIL
-
-failed=0
-[ "$booted" = ok ] || failed=1
-for name in network install apply datapath daemon; do
-    line=$(awk -v n="$name" '$1 == n' "$run/results" 2>/dev/null)
-    if [ -z "$line" ]; then
-        timings+=("$(printf '%-28s %-5s %9s' "guest: $name" "-" "not run")")
-        failed=1
-        continue
+# The whole run is one function, read before it starts: editing this file while it runs
+# (the image build takes a while) cannot change what it does.
+main() {
+    start_all=$(now)
+    need bc:bc qemu-system-aarch64:qemu-system-arm
+    if [ -e "$cache/image.ok" ]; then
+        timings+=("$(printf '%-28s %-5s %9s' "image build" cached -)")
+    else
+        build_image
     fi
-    read -r _ verdict seconds <<<"$line"
-    timings+=("$(printf '%-28s %-5s %7.1f s' "guest: $name" "$verdict" "$seconds")")
-    [ "$verdict" = ok ] || failed=1
-done
-timings+=("$(printf '%-28s %-5s' "host: API server test" "$host_verdict")")
-[ "$host_verdict" = ok ] || failed=1
-record "whole run" "$start_all" "$([ "$failed" = 0 ] && echo ok || echo FAIL)"
+    if [ "$image_only" = 1 ]; then
+        printf '%s\n' "${timings[@]}"
+        exit 0
+    fi
+    [ -f "$ipk" ] || { echo "no package at $ipk (openwrt-pkg/build-all.sh makes it)" >&2; exit 2; }
 
-echo
-echo "== guest console (KPF-GUEST lines)"
-grep -a 'KPF-GUEST' "$cache/console.log" || tail -40 "$cache/console.log"
-if [ "$host_verdict" != ok ]; then
-    echo "== host test"
-    tail -30 "$cache/host-test.log"
-fi
-echo
-echo "== summary ($(uname -m) host, guest aarch64 under TCG; outputs in $run)"
-printf '%s\n' "${timings[@]}"
-exit "$failed"
+    # The host test is built before the guest boots: the emulation wants both cores.
+    start=$(now)
+    echo "== building the host test (tests/aarch64_vm.rs)"
+    CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$repo/target} nice cargo test --release \
+        --test aarch64_vm --no-run >"$cache/host-build.log" 2>&1 || {
+        tail -30 "$cache/host-build.log"
+        exit 1
+    }
+    record "host test build" "$start" ok
+
+    rm -rf "$run"
+    mkdir -p "$run/examples"
+    cp bench/aarch64-vm/guest.sh "$run/guest.sh"
+    cp examples/*.yaml "$run/examples/"
+    cp "$ipk" "$run/package.ipk"
+
+    # `wait_for SECONDS WHAT COMMAND...`: polls until COMMAND succeeds, or the guest stops.
+    wait_for() {
+        local deadline=$(($(date +%s) + $1)) what=$2
+        shift 2
+        until "$@"; do
+            if ! kill -0 "$qemu_pid" 2>/dev/null; then
+                echo "the guest stopped before $what" >&2
+                return 1
+            fi
+            if [ "$(date +%s)" -ge "$deadline" ]; then
+                echo "timed out waiting for $what" >&2
+                return 1
+            fi
+            sleep 0.5
+        done
+    }
+
+    echo "== booting the guest (console: $cache/console.log)"
+    start=$(now)
+    qemu-system-aarch64 -M virt -cpu cortex-a53 -smp 2 -m 1024 -nographic -no-reboot \
+        -kernel "$cache/vmlinuz" -initrd "$cache/initrd.img" \
+        -append "root=/dev/vda rw console=ttyAMA0 init=/sbin/kpf-init panic=-1 quiet" \
+        -drive "file=$image,if=virtio,format=raw,snapshot=on" \
+        -netdev user,id=net0 -device virtio-net-pci,netdev=net0 \
+        -fsdev "local,id=share,path=$run,security_model=none" \
+        -device virtio-9p-pci,fsdev=share,mount_tag=share \
+        </dev/null >"$cache/console.log" 2>&1 &
+    qemu_pid=$!
+
+    echo "== host test: API server for the guest (log: $cache/host-test.log)"
+    KPF_VM_SHARE=$run CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$repo/target} cargo test --release \
+        --test aarch64_vm -- --ignored --nocapture >"$cache/host-test.log" 2>&1 &
+    host_test=$!
+
+    booted=ok
+    wait_for 900 "the guest to boot" test -e "$run/booted" || booted=FAIL
+    record "boot to ready" "$start" "$booted"
+    if [ "$booted" = ok ]; then
+        echo "== guest ready; steps running"
+        wait_for "$RUN_DEADLINE" "the guest's steps" test -e "$run/guest-done" || true
+    fi
+    # The guest powers itself off once done; it is stopped if it has not within a minute.
+    deadline=$(($(date +%s) + 60))
+    while kill -0 "$qemu_pid" 2>/dev/null && [ "$(date +%s)" -lt "$deadline" ]; do sleep 0.5; done
+    kill "$qemu_pid" 2>/dev/null || true
+    wait "$qemu_pid" 2>/dev/null || true
+    if [ ! -e "$run/forward-removed" ] && [ ! -e "$run/host-failed" ]; then
+        # The host test would wait on for a guest that has gone.
+        echo "the guest is gone" >"$run/guest-failed"
+    fi
+    host_verdict=ok
+    wait "$host_test" || host_verdict=FAIL
+
+    failed=0
+    [ "$booted" = ok ] || failed=1
+    for name in network install apply datapath daemon-no-ca daemon; do
+        line=$(awk -v n="$name" '$1 == n' "$run/results" 2>/dev/null)
+        if [ -z "$line" ]; then
+            timings+=("$(printf '%-28s %-5s %9s' "guest: $name" "-" "not run")")
+            failed=1
+            continue
+        fi
+        read -r _ verdict seconds <<<"$line"
+        timings+=("$(printf '%-28s %-5s %7.1f s' "guest: $name" "$verdict" "$seconds")")
+        [ "$verdict" = ok ] || failed=1
+    done
+    timings+=("$(printf '%-28s %-5s' "host: API server test" "$host_verdict")")
+    [ "$host_verdict" = ok ] || failed=1
+    record "whole run" "$start_all" "$([ "$failed" = 0 ] && echo ok || echo FAIL)"
+
+    echo
+    echo "== guest console (KPF-GUEST lines)"
+    grep -a 'KPF-GUEST' "$cache/console.log" || tail -40 "$cache/console.log"
+    if [ "$host_verdict" != ok ]; then
+        echo "== host test"
+        tail -30 "$cache/host-test.log"
+    fi
+    echo
+    echo "== summary ($(uname -m) host, guest aarch64 under TCG; outputs in $run)"
+    printf '%s\n' "${timings[@]}"
+    return "$failed"
+}
+
+main
