@@ -65,6 +65,7 @@ record() {
 }
 
 qemu_pid=
+host_test=
 binfmt_registered=0
 binfmt_mounted=0
 # shellcheck disable=SC2317 # run by the EXIT trap
@@ -73,6 +74,11 @@ cleanup() {
     if [ -n "$qemu_pid" ] && kill -0 "$qemu_pid" 2>/dev/null; then
         kill "$qemu_pid" 2>/dev/null || true
         wait "$qemu_pid" 2>/dev/null || true
+    fi
+    # The host test stops waiting (within a poll) once the guest is said to have failed.
+    if [ -n "$host_test" ] && kill -0 "$host_test" 2>/dev/null; then
+        echo "the run was stopped" >"$run/guest-failed"
+        wait "$host_test" 2>/dev/null || true
     fi
     # Anything debootstrap left mounted in the root (proc, sys) if it stopped midway.
     if [ -d "$rootfs" ]; then
