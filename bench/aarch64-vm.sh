@@ -291,6 +291,10 @@ main() {
     echo
     echo "== guest console (KPF-GUEST lines)"
     grep -a 'KPF-GUEST' "$cache/console.log" || tail -40 "$cache/console.log"
+    awk '$2 != "ok" { print $1 }' "$run/results" 2>/dev/null | while read -r name; do
+        echo "== $name: what it printed (last lines; all in $run/$name.out)"
+        tail -8 "$run/$name.out"
+    done
     if [ "$host_verdict" != ok ]; then
         echo "== host test"
         tail -30 "$cache/host-test.log"
