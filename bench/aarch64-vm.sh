@@ -22,8 +22,9 @@
 #   apply     `kube-port-forward apply -f` of examples/, then `status` shows the forwards
 #   datapath  client / router / server namespaces: a TCP connection to the router's WAN
 #             port reaches a server listening on the LoadBalancer address
-#   daemon-no-ca  the daemon's start with no CA bundle on the system (/etc/ssl/certs moved
-#             aside), for a kubeconfig that needs none
+#   daemon-no-ca  the daemon starts with no CA bundle on the system (/etc/ssl/certs moved
+#             aside) when its kubeconfig carries the cluster's CA (OpenWrt without
+#             ca-bundle); one with no CA at all does not start then (reported, not failed)
 #   daemon    `kube-port-forward run` against the test API server of tests/common, run on
 #             the host by the ignored test tests/aarch64_vm.rs and reached by a host name:
 #             a Service appears, its forward carries a connection, the Service is deleted,
@@ -37,7 +38,7 @@ repo=$(pwd)
 DEFAULT_IPK=/work/main/target/openwrt/kube-port-forward_0.1.0-r1_aarch64_generic.ipk
 SUITE=bookworm
 MIRROR=${MIRROR:-http://deb.debian.org/debian}
-# ca-certificates: OpenWrt images have ca-bundle, and the daemon needs one (daemon-no-ca).
+# ca-certificates: OpenWrt images usually have ca-bundle (daemon-no-ca runs without it).
 PACKAGES=nftables,iproute2,socat,linux-image-arm64,kmod,procps,ca-certificates
 # How long the guest's steps may take once it has booted.
 RUN_DEADLINE=${RUN_DEADLINE:-1800}

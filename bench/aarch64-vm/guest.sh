@@ -176,8 +176,9 @@ EOF
 
 # `start_daemon NAME`: `run` in the router against the host's API server, its log in
 # $SHARE/NAME.log; sets $pid.
+# `start_daemon NAME [KUBECONFIG]`
 start_daemon() {
-    in_ns kpf-router "$BIN" run --kubeconfig "$SHARE/kubeconfig" --instance "$1" \
+    in_ns kpf-router "$BIN" run --kubeconfig "${2:-$SHARE/kubeconfig}" --instance "$1" \
         --wan-interface wan --wan-address "$WAN4" --finalizer "$FINALIZER" \
         --condition-type "kube-port-forward-controller/$1" --resync 5 \
         >"$SHARE/$1.log" 2>&1 &
@@ -204,12 +205,31 @@ stop_daemon() {
     echo "daemon exit status $?"
 }
 
-# The daemon on a system without a CA bundle (OpenWrt without ca-bundle), with a
-# kubeconfig that needs none (plain http, as a cluster's own CA would be).
+# The daemon on a system without a CA bundle (an OpenWrt image without ca-bundle: the ipk
+# does not depend on it), its kubeconfig carrying the cluster's own CA as real ones do.
+# The API server is plain http, so no TLS is spoken; what counts is that the client is
+# built without the system's roots. A kubeconfig with no CA at all is tried first and its
+# outcome only reported: kube then asks the platform verifier for the system's roots and
+# refuses to start without any, even for http.
 daemon_without_ca() {
     wait_until 900 "the host's kubeconfig" test -e "$SHARE/kubeconfig" || return 1
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 \
+        -subj /CN=kpf-test-cluster-ca -keyout "$WORK/ca.key" -out "$WORK/ca.crt" 2>&1 ||
+        return 1
+    awk -v ca="$(base64 -w0 "$WORK/ca.crt")" \
+        '{ print } /^    server: / { print "    certificate-authority-data: " ca }' \
+        "$SHARE/kubeconfig" >"$WORK/kubeconfig-ca"
+    chmod 600 "$WORK/kubeconfig-ca"
     mv /etc/ssl/certs /etc/ssl/certs.hidden || return 1
-    start_daemon noca
+    start_daemon noca-plain
+    if ready noca-plain >/dev/null; then
+        echo "note: with no CA in the kubeconfig either, the daemon starts"
+    else
+        echo "note: with no CA in the kubeconfig either, the daemon does not start:"
+        grep error "$SHARE/noca-plain.log"
+    fi
+    stop_daemon
+    start_daemon noca "$WORK/kubeconfig-ca"
     ready noca
     local status=$?
     stop_daemon
