@@ -513,8 +513,7 @@ fn uninstall_releases_on_the_daemons_context() {
         assert!(line.contains(expected), "{line}");
         assert_eq!(line.contains("--context"), context.is_some(), "{line}");
     }
-    // The cluster cannot be reached: the package stays, and so does a running daemon (opkg
-    // stopped and disabled the service before its prerm ran).
+    // The cluster cannot be reached: the package stays, and so does a running daemon.
     let tail = "PROG=false\nnft() { :; }\nenable() { echo '<enable>'; }\nstart() { echo '<start>'; }\nuninstall";
     let (lines, stderr) = init_run(&[("kubeconfig", kubeconfig.as_str())], &dir, tail);
     assert!(stderr.contains("cannot release the finalizers"), "{stderr}");
