@@ -330,6 +330,16 @@ fn init_command(uci: &[(&str, &str)], dir: &TempDir) -> Vec<String> {
         .collect()
 }
 
+/// The daemon takes every flag of `command` and stops only at `kubeconfig`, which is not one.
+fn flags_accepted(command: &[String], kubeconfig: &str) {
+    let output = Command::new(BIN).args(&command[1..]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("cannot read kubeconfig {kubeconfig}")),
+        "the flags were not all accepted:\n{stderr}"
+    );
+}
+
 #[test]
 fn every_uci_option_becomes_a_flag_the_daemon_accepts() {
     let dir = TempDir::new();
@@ -388,12 +398,7 @@ fn every_uci_option_becomes_a_flag_the_daemon_accepts() {
     assert_eq!(line.matches("--wan-interface eth1").count(), 1, "{line}");
     assert_eq!(command[0], "/usr/sbin/kube-port-forward");
 
-    let output = Command::new(BIN).args(&command[1..]).output().unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains(&format!("cannot read kubeconfig {kubeconfig}")),
-        "the flags were not all accepted:\n{stderr}"
-    );
+    flags_accepted(&command, &kubeconfig);
 }
 
 #[test]
@@ -463,12 +468,7 @@ fn a_policy_file_replaces_the_policy_options_and_reload_follows_it_and_the_kubec
     for flag in ["--node-ports", "--allow-"] {
         assert!(!line.contains(flag), "{flag} beside --policy: {line}");
     }
-    let output = Command::new(BIN).args(&command[1..]).output().unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains(&format!("cannot read kubeconfig {kubeconfig}")),
-        "the flags were not all accepted:\n{stderr}"
-    );
+    flags_accepted(&command, &kubeconfig);
     // procd restarts the instance on `reload` when either file changed.
     let (lines, _) = init_run(&uci, &dir, "start_service");
     for file in [&kubeconfig, &policy] {
