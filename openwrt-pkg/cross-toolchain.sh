@@ -31,6 +31,12 @@ if [ ! -x "$dir/usr/bin/rustc" ] || ! grep -qx "$rust_version" "$dir/.rust-versi
 	say "fetching Debian's rustc-web $rust_version"
 	# apt-get download needs the suite's package lists; bookworm-security carries rustc-web.
 	apt-cache show "rustc-web=$rust_version" >/dev/null 2>&1 || apt-get update -qq
+	if ! apt-cache show "rustc-web=$rust_version" >/dev/null 2>&1; then
+		say "rustc-web $rust_version is not in the package lists any more (a security update replaces it):"
+		say "set rust_version in $0 to the version 'apt-cache policy rustc-web' offers, and the"
+		say "libstd-rust-web-X.Y and libllvmN names to what 'apt-cache depends rustc-web' lists"
+		exit 1
+	fi
 	debdir="$dir/debs"
 	mkdir -p "$debdir"
 	# shellcheck disable=SC2086 # the list is meant to split into words
