@@ -4,6 +4,7 @@
 #   bench/loop-tests.sh [-n RUNS] [--hog] [TEST ...]
 # Default: every binary that starts a daemon, an IGD or backends. Needs root (as
 # tests/run.sh). A failed run's output is kept in $LOOP_LOGS (default /tmp/kpf-loop).
+# LOOP_ARGS go to every test binary (e.g. `--ignored` for tests/cross.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -44,7 +45,8 @@ for t in "${tests[@]}"; do
     failed=0
     started=$SECONDS
     for i in $(seq 1 "$runs"); do
-        if "${binary[$t]}" >"$logs/$t-$i.log" 2>&1; then
+        # shellcheck disable=SC2086 # LOOP_ARGS are meant to split into words
+        if "${binary[$t]}" ${LOOP_ARGS:-} >"$logs/$t-$i.log" 2>&1; then
             passed=$((passed + 1))
             rm -f "$logs/$t-$i.log"
         else
