@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The aarch64 package on an emulated aarch64 machine (issue 21): run by hand, as root, not
 # in CI.
-#   bench/aarch64-vm.sh [IPK]        IPK default: the one openwrt-pkg/build-all.sh makes in
-#                                    the main checkout (see DEFAULT_IPK below)
+#   bench/aarch64-vm.sh [IPK]        IPK default: the aarch64_generic one that
+#                                    openwrt-pkg/build-all.sh makes in target/openwrt/
 #   bench/aarch64-vm.sh --image-only builds (or finds) the machine and stops
 #
 # The machine: Debian bookworm arm64 (minbase, nftables, iproute2, socat, Debian's arm64
@@ -35,7 +35,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
 
-DEFAULT_IPK=/work/main/target/openwrt/kube-port-forward_0.1.0-r1_aarch64_generic.ipk
+DEFAULT_IPK=$repo/target/openwrt/kube-port-forward_0.1.0-r1_aarch64_generic.ipk
 SUITE=bookworm
 MIRROR=${MIRROR:-http://deb.debian.org/debian}
 # ca-certificates: OpenWrt images usually have ca-bundle (daemon-no-ca runs without it).
