@@ -112,6 +112,8 @@ nic() { ip -o link show | awk -F': ' '$2 != "lo" { print $2; found = 1; exit } E
 
 listening() { in_ns kpf-server ss -Htln "sport = :8080" | grep -q .; }
 
+# Unpacked as opkg does. Debian's /lib is a link to usr/lib (OpenWrt's is a folder): the
+# package's ./lib/upgrade must go through it, not replace it.
 install() {
     local dir=$WORK/ipk
     mkdir -p "$dir"
@@ -119,7 +121,7 @@ install() {
         [ "$(cat "$dir/debian-binary")" = 2.0 ] &&
         tar -xzf "$dir/control.tar.gz" -C "$dir" ./control &&
         cat "$dir/control" &&
-        tar -xzvf "$dir/data.tar.gz" -C / &&
+        tar -xzvf "$dir/data.tar.gz" -C / --keep-directory-symlink &&
         file_type=$(od -An -tx1 -j18 -N2 "$BIN" | tr -d ' ') &&
         echo "e_machine $file_type" &&
         [ "$file_type" = b700 ] &&
