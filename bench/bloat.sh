@@ -17,6 +17,7 @@ fi
 	armv7-unknown-linux-musleabihf mipsel-unknown-linux-musl mips-unknown-linux-musl
 
 eval "$(openwrt-pkg/cross-toolchain.sh)"
+# The flags of build-all.sh: the same build, only not stripped.
 rustflags="-C link-self-contained=no -C target-feature=+crt-static -C relocation-model=static -C force-unwind-tables=no"
 
 for triple in "$@"; do

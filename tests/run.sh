@@ -56,6 +56,7 @@ KPF_ROUTER_BUILDS=$builds cargo test --release --test cross -- --ignored
     export CARGO_TARGET_DIR=target/cross/build
     export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_RUNNER=qemu-aarch64-static
     export CARGO_TARGET_MIPS_UNKNOWN_LINUX_MUSL_RUNNER=qemu-mips-static
+    # build-all.sh's flags but those that drop unwinding: the test harness catches panics.
     export RUSTFLAGS="-C link-self-contained=no -C target-feature=+crt-static"
     for triple in aarch64-unknown-linux-musl mips-unknown-linux-musl; do
         echo "tests/run.sh: unit tests on $triple under qemu-user"
