@@ -73,10 +73,7 @@ fn the_guest_forwards_a_service_and_releases_it_when_deleted() {
     };
     let api = ApiServer::new();
     let addr = api.listen(None);
-    let kubeconfig = ApiServer::kubeconfig(addr).replace(
-        &format!("http://{addr}"),
-        &format!("http://{API_HOST}:{}", addr.port()),
-    );
+    let kubeconfig = ApiServer::kubeconfig_at(&format!("{API_HOST}:{}", addr.port()));
     assert!(kubeconfig.contains(API_HOST));
     share.signal("kubeconfig", &kubeconfig);
 

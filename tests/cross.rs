@@ -260,10 +260,7 @@ fn every_router_build_finds_its_api_server_by_host_name() {
             let api = ApiServer::new();
             let addr = api.listen(Some(&ns));
             let dir = TempDir::new();
-            let kubeconfig = ApiServer::kubeconfig(addr).replace(
-                &format!("http://{addr}"),
-                &format!("http://{API_HOST}:{}", addr.port()),
-            );
+            let kubeconfig = ApiServer::kubeconfig_at(&format!("{API_HOST}:{}", addr.port()));
             let kubeconfig = dir.write("kubeconfig", &kubeconfig);
             api.create(json!({
                 "apiVersion": "v1",

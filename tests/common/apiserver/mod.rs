@@ -142,8 +142,13 @@ impl ApiServer {
 
     /// A kubeconfig that points at `addr`.
     pub fn kubeconfig(addr: SocketAddr) -> String {
+        Self::kubeconfig_at(&addr.to_string())
+    }
+
+    /// A kubeconfig that names the server `host` (`name:port`), for a resolver to find.
+    pub fn kubeconfig_at(host: &str) -> String {
         format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: http://{addr}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: test\n    namespace: default\ncurrent-context: test\nusers:\n- name: test\n  user:\n    token: test-token\n"
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: http://{host}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: test\n    namespace: default\ncurrent-context: test\nusers:\n- name: test\n  user:\n    token: test-token\n"
         )
     }
 
