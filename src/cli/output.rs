@@ -432,6 +432,8 @@ const NOT_RUNNING: &str = "the daemon is not running";
 /// What `status` knows of the daemon: its status file and its health server's answers.
 pub struct DaemonView {
     daemon: DaemonJson,
+    /// Unix seconds, when `status` asked.
+    now: u64,
     /// Every annotated Service's entries, as the daemon last wrote them.
     services: Vec<serde_json::Value>,
 }
@@ -446,6 +448,7 @@ impl DaemonView {
                     readyz: Some(NOT_RUNNING.into()),
                     ..DaemonJson::default()
                 },
+                now,
                 services: Vec::new(),
             };
         };
@@ -474,6 +477,7 @@ impl DaemonView {
                 last_sync,
                 started: state["started"].as_u64(),
             },
+            now,
             services: state["services"].as_array().cloned().unwrap_or_default(),
         }
     }
@@ -497,7 +501,8 @@ impl DaemonView {
         };
         let mut line = format!("daemon: running{pid}, {readiness}");
         if let Some(at) = d.last_sync {
-            line.push_str(&format!("; table last in step at {at} (Unix time)"));
+            let ago = self.now.saturating_sub(at);
+            line.push_str(&format!("; the table was in step {ago} s ago"));
         }
         line
     }
@@ -627,7 +632,7 @@ mod tests {
         );
         assert_eq!(view.services.len(), 1);
         let text = view.summary() + &view.not_forwarded();
-        assert!(text.starts_with("daemon: running (pid 7), ready; table last in step at 1995"));
+        assert!(text.starts_with("daemon: running (pid 7), ready; the table was in step 5 s ago"));
         assert!(text.contains("refused  apps/ssh  2222:ssh  port 2222 is not allowed (policy)"));
     }
 
