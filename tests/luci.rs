@@ -74,7 +74,7 @@ fn the_pages_show_the_daemon_and_configure_it() {
             "kube_port_forward",
         ],
     );
-    let services = daemon_settled(&rig);
+    let services = daemon_settled(&rig, &mut daemon);
     // Traffic through apps/web, for its counters.
     wait_until("port 80 to reach apps/web through the router", || {
         let greeting = tcp_greeting(
@@ -90,15 +90,25 @@ fn the_pages_show_the_daemon_and_configure_it() {
     let shots = shots_dir();
     let mut browser = Browser::start(&python, &topology.router, &dir.path.join("driver.log"));
     let login = browser.call(json!({"cmd": "login", "user": "root", "password": "kpf-test"}));
-    let links = login["links"].to_string();
-    for page in ["status", "settings"] {
-        let path = format!("admin/services/kube-port-forward/{page}");
-        assert!(
-            links.contains(&path),
-            "LuCI's menu has no link to {path}; its links: {links}"
-        );
-    }
-
+    // Services > Kubernetes Forwards, whose first page is the status page, with a tab to
+    // the settings page.
+    let menu = "/cgi-bin/luci/admin/services/kube-port-forward";
+    assert!(
+        login["links"].as_array().unwrap().iter().any(|l| l == menu),
+        "LuCI's menu has no link to {menu}; its links: {}",
+        login["links"]
+    );
+    let opened = browser.call(json!({"cmd": "open", "path": "admin/services/kube-port-forward"}));
+    let settings = format!("{menu}/settings");
+    assert!(
+        opened["links"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| *l == settings),
+        "the page has no link to {settings}; its links: {}",
+        opened["links"]
+    );
     status_page(&mut browser, &services, &shots);
 
     daemon.kill();
@@ -192,9 +202,12 @@ const EXPECTED: [(&str, &str, &str, &str); 6] = [
 
 /// Waits until the daemon, asked inside the rig, is ready with every Service in its
 /// expected state and apps/shop's second backend down; returns its `services`.
-fn daemon_settled(rig: &Rig) -> Vec<Value> {
+fn daemon_settled(rig: &Rig, daemon: &mut RigDaemon) -> Vec<Value> {
     let mut services = Vec::new();
     wait_until("the daemon in the rig to report every Service", || {
+        if let Ok(Some(exit)) = daemon.child.try_wait() {
+            panic!("the daemon in the rig exited ({exit})");
+        }
         let status = rig.status()?;
         if status["daemon"]["ready"] != true {
             return Err(format!("daemon: {}", status["daemon"]));
@@ -238,9 +251,8 @@ fn owner(service: &Value) -> String {
     )
 }
 
-/// The status page, row by row, against `services` (the daemon's own report).
+/// The status page (open), row by row, against `services` (the daemon's own report).
 fn status_page(browser: &mut Browser, services: &[Value], shots: &Path) {
-    browser.call(json!({"cmd": "open", "path": "admin/services/kube-port-forward/status"}));
     let page = &browser.call(json!({"cmd": "status", "rows": EXPECTED.len()}))["page"];
     let shown = serde_json::to_string_pretty(page).unwrap();
     assert_eq!(
@@ -264,6 +276,11 @@ fn status_page(browser: &mut Browser, services: &[Value], shots: &Path) {
     assert_eq!(
         page["kubeconfig_missing"], false,
         "#kpf-kubeconfig-missing is shown though the kubeconfig is there; {shown}"
+    );
+    assert_eq!(
+        page["error_boxes"],
+        json!([]),
+        "the status page shows LuCI error boxes; it shows {shown}"
     );
     let rows = page["rows"].as_array().unwrap();
     for (service, state, key, reason) in EXPECTED {

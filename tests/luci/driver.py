@@ -92,6 +92,9 @@ return {
   kubeconfig_missing: !!el('kpf-kubeconfig-missing'),
   empty: text(el('kpf-empty')),
   table: !!document.querySelector('table#kpf-forwards'),
+  error_boxes: Array.from(document.querySelectorAll(
+      '#view .alert-message.error, #view .alert-message.danger, #maincontent .alert-message.error'))
+    .map((e) => e.innerText.trim()),
   rows: Array.from(document.querySelectorAll('table#kpf-forwards tr.kpf-row')).map((tr) => ({
     state: tr.getAttribute('data-state'),
     key: tr.getAttribute('data-key'),
@@ -186,16 +189,18 @@ class Driver:
         self.until(c['timeout'], 'Status > Overview after logging in',
                    lambda d: d.execute_script(VIEW_SETTLED) and 'Hostname' in d.find_element(By.ID, 'view').text)
         self.drain_console()
-        menu = self.drv.execute_script(
+        return {'links': self.links()}
+
+    def links(self):
+        return self.drv.execute_script(
             "return Array.from(document.querySelectorAll('a[href]')).map(a => a.getAttribute('href'))")
-        return {'links': menu}
 
     def open(self, c):
         self.drain_console()
         self.label = c['path']
         self.drv.get(self.base + '/cgi-bin/luci/' + c['path'])
         self.settled(c['timeout'], f"the view of {c['path']} to render")
-        return {}
+        return {'links': self.links()}
 
     def status(self, c):
         """Waits until the status page shows `rows` rows, then returns what it shows."""
@@ -246,36 +251,57 @@ class Driver:
             raise Failed(f'no field for option {option!r} (no #{cbid} nor #widget.{cbid})')
         return cbid
 
+    def show_tab(self, cbid):
+        """Clicks the form tab that holds the field `cbid`, if it is on one."""
+        tab = self.drv.execute_script("""
+            const el = document.getElementById(arguments[0]) || document.getElementById('widget.' + arguments[0]);
+            const pane = el && el.closest('[data-tab]');
+            return pane ? document.querySelector('.cbi-tabmenu > li[data-tab="'
+                                                 + pane.getAttribute('data-tab') + '"] > a') : null;
+        """, cbid)
+        if tab is not None:
+            tab.click()
+
     def fill(self, c):
         """Types each value into its LuCI field as a user would: text fields, selects, flags
         (true/false) and dynamic lists (a list of strings replaces the items)."""
         for option, value in c['values'].items():
-            cbid = self.widget(option)
-            frame = self.drv.find_element(By.ID, cbid)
-            if isinstance(value, list):
-                dynlist = self.drv.find_element(By.ID, cbid)
-                if 'cbi-dynlist' not in (dynlist.get_attribute('class') or ''):
-                    raise Failed(f'option {option!r} is not a dynamic list (#{cbid} is {dynlist.tag_name}.'
-                                 f'{dynlist.get_attribute("class")})')
-                for item in dynlist.find_elements(By.CSS_SELECTOR, ':scope > .item'):
-                    item.send_keys(Keys.DELETE)
-                field = self.drv.find_element(By.ID, 'widget.' + cbid)
-                for v in value:
-                    field.send_keys(v, Keys.ENTER)
-                continue
-            element = self.drv.find_element(By.ID, 'widget.' + cbid) \
-                if self.drv.find_elements(By.ID, 'widget.' + cbid) else frame
-            kind = (element.get_attribute('type') or element.tag_name).lower()
-            if kind == 'checkbox':
-                if element.is_selected() != bool(value):
-                    element.click()
-            elif element.tag_name.lower() == 'select':
-                element.find_element(By.CSS_SELECTOR, f'option[value="{value}"]').click()
-            else:
-                element.clear()
-                element.send_keys(value)
-                element.send_keys(Keys.TAB)
+            try:
+                self.fill_one(option, value)
+            except WebDriverException as e:
+                raise Failed(f'cannot fill {option!r} with {value!r}: {e.msg}') from None
         return {}
+
+    def fill_one(self, option, value):
+        cbid = self.widget(option)
+        self.show_tab(cbid)
+        frame = self.drv.find_element(By.ID, cbid)
+        if isinstance(value, list):
+            dynlist = frame
+            if 'cbi-dynlist' not in (dynlist.get_attribute('class') or ''):
+                raise Failed(f'option {option!r} is not a dynamic list (#{cbid} is {dynlist.tag_name}.'
+                             f'{dynlist.get_attribute("class")})')
+            for item in dynlist.find_elements(By.CSS_SELECTOR, ':scope > .item'):
+                item.send_keys(Keys.DELETE)
+            field = self.drv.find_element(By.ID, 'widget.' + cbid)
+            for v in value:
+                field.send_keys(v, Keys.ENTER)
+            return
+        if 'cbi-checkbox' in (frame.get_attribute('class') or ''):
+            box = frame.find_element(By.CSS_SELECTOR, 'input[type="checkbox"]')
+            if box.is_selected() != bool(value):
+                # Themes may draw the box on its label and hide the input.
+                target = box if box.is_displayed() else \
+                    frame.find_element(By.CSS_SELECTOR, f'label[for="{box.get_attribute("id")}"]')
+                target.click()
+            return
+        element = self.drv.find_element(By.ID, 'widget.' + cbid)
+        if element.tag_name.lower() == 'select':
+            element.find_element(By.CSS_SELECTOR, f'option[value="{value}"]').click()
+        else:
+            element.clear()
+            element.send_keys(value)
+            element.send_keys(Keys.TAB)
 
     def notifications(self):
         return self.drv.execute_script(
