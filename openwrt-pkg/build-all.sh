@@ -7,7 +7,8 @@
 #   openwrt-pkg/build-all.sh [--arch ARCH]... [OUTPUT_DIR]
 #
 # Without --arch it builds every architecture below. OUTPUT_DIR (default target/openwrt)
-# receives the packages, the binaries (kube-port-forward.TRIPLE) and sizes.tsv.
+# receives the packages, the binaries (kube-port-forward.TRIPLE) and sizes.tsv, and the LuCI
+# app's package (architecture all, build-luci-ipk.sh).
 #
 # No .apk (OpenWrt 25.12 and snapshots): apk-tools 3, whose `apk mkpkg` writes the v3
 # package format, is in none of the registries this is built from; the feed Makefile with
@@ -83,3 +84,4 @@ for arch in $arches; do
 		>> "$out/sizes.tsv"
 done
 column -t "$out/sizes.tsv" >&2
+echo "build-all.sh: $("$root/openwrt-pkg/build-luci-ipk.sh" "$out")" >&2

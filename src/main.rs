@@ -46,7 +46,11 @@ fn main() -> ExitCode {
             let mut message = format!("error: {err}");
             let mut source = std::error::Error::source(&err);
             while let Some(cause) = source {
-                message.push_str(&format!(": {cause}"));
+                // Some errors (kube's kubeconfig ones) already say their cause: once is enough.
+                let text = cause.to_string();
+                if !message.ends_with(&text) {
+                    message.push_str(&format!(": {text}"));
+                }
                 source = cause.source();
             }
             eprintln!("{message}");

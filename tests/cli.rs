@@ -184,3 +184,98 @@ fn output_into_a_closed_pipe_is_not_a_panic() {
     assert!(output.status.success(), "{}", stderr(&output));
     assert!(!stderr(&output).contains("panicked"), "{}", stderr(&output));
 }
+
+/// `run --check`: what the daemon would refuse at start, without a cluster, a kernel or root.
+#[test]
+fn run_check_says_ok_or_names_the_flag_at_fault() {
+    let dir = Dir::new("check");
+    let dir = &dir.0;
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\ncurrent-context: home\n\
+         clusters: [{name: home, cluster: {server: \"https://192.0.2.1:6443\"}}]\n\
+         users: [{name: router, user: {token: secret}}]\n\
+         contexts: [{name: home, context: {cluster: home, user: router}}]\n",
+    )
+    .unwrap();
+    let kubeconfig = kubeconfig.to_str().unwrap();
+    let check = |flags: &[&str]| {
+        let args = [&["run", "--check", "--wan-interface", "wan"], flags].concat();
+        run(&args)
+    };
+    let flags = ["--kubeconfig", kubeconfig, "--allow-ports", "80,443"];
+    let output = check(&flags);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "ok\n");
+    // Nor as a user without privileges.
+    // `/proc/self` belongs to the effective user.
+    let root = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").unwrap()) == 0;
+    if root {
+        let output = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", BIN])
+            .args(["run", "--check", "--wan-interface", "wan"])
+            .args(flags)
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    }
+
+    let missing = dir.join("missing.kubeconfig");
+    let missing = missing.to_str().unwrap();
+    let cases: [(&[&str], &str); 6] = [
+        (
+            &["--allow-ports", "90-80"],
+            "--allow-ports: ports \"90-80\"",
+        ),
+        (
+            &["--allow-target", "10.0.0.0/33"],
+            "--allow-target: target network \"10.0.0.0/33\"",
+        ),
+        (
+            &["--allow-namespace-selector", "a b=c"],
+            "--allow-namespace-selector: namespace selector \"a b=c\"",
+        ),
+        (
+            &["--upstream", "upnp", "--upstream-lease", "5"],
+            "--upstream-lease 5",
+        ),
+        (&["--kubeconfig", missing], missing),
+        (
+            &["--kubeconfig", kubeconfig, "--context", "elsewhere"],
+            "elsewhere",
+        ),
+    ];
+    for (flags, said) in cases {
+        let output = check(flags);
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{flags:?}: {}",
+            stderr(&output)
+        );
+        assert!(
+            stderr(&output).contains(said),
+            "{flags:?}: {}",
+            stderr(&output)
+        );
+        assert!(output.stdout.is_empty(), "{flags:?}");
+    }
+}
+
+/// A temporary folder, removed on drop (a failed test's too).
+struct Dir(std::path::PathBuf);
+
+impl Dir {
+    fn new(tag: &str) -> Dir {
+        let path = std::env::temp_dir().join(format!("kpf-cli-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&path).unwrap();
+        Dir(path)
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

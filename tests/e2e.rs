@@ -603,3 +603,144 @@ fn a_hundred_changes_after_start_run_no_nft() {
     assert!(refused(&topology, 1049));
     assert_eq!(count(), 1, "nft ran again after start");
 }
+
+/// `status` shows what the daemon wrote of every entry, in each state with its reason, and
+/// asks its health server whether it is ready; a killed daemon shows as not running, and
+/// one that stops cleanly removes its status file.
+#[test]
+fn status_shows_every_entry_and_whether_the_daemon_runs_and_is_ready() {
+    let Setup {
+        topology,
+        api,
+        addr,
+        dir,
+        _servers,
+    } = setup(&[8080, 9090]);
+    let extra = [
+        "--cleanup-deadline",
+        "60",
+        "--allow-ports",
+        "80-90",
+        "--health",
+        "127.0.0.1:9477",
+        "--dns-targets",
+    ];
+    let mut daemon = start_daemon(&topology.router, &dir, addr, "router-a", FINALIZER, &extra);
+    let status = |daemon: &Daemon| -> serde_json::Value {
+        let args = [
+            "status",
+            "--output",
+            "json",
+            "--status-file",
+            &daemon.status_file,
+        ];
+        serde_json::from_str(&topology.router.exec(BIN, &args)).unwrap()
+    };
+    // The port's holder wins a conflict: web holds port 80 before its rival comes.
+    create_with_address(&api, "web", "80:http", 8080);
+    wait_for("port 80", || greets(&topology, 80, "hello 8080"));
+    create_with_address(&api, "rival", "80:http", 9090);
+    create_with_address(&api, "ssh", "2222:http", 8080);
+    api.create(service("idle", "83:http", 8080));
+    create_with_address(&api, "bad", "70000:http", 8080);
+    let expected = [
+        ("bad", "invalid"),
+        ("idle", "waiting"),
+        ("rival", "conflict"),
+        ("ssh", "refused"),
+        ("web", "forwarding"),
+    ];
+    let states = |status: &serde_json::Value| -> Vec<(String, String)> {
+        let mut states: Vec<(String, String)> = status["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                let text = |key: &str| s[key].as_str().unwrap_or_default().to_owned();
+                (text("name"), text("state"))
+            })
+            .collect();
+        states.sort();
+        states
+    };
+    wait_for("every state in the status, the daemon ready", || {
+        let status = status(&daemon);
+        let expected: Vec<(String, String)> = expected
+            .iter()
+            .map(|(n, s)| (n.to_string(), s.to_string()))
+            .collect();
+        states(&status) == expected
+            && status["daemon"]["ready"] == true
+            && status["services"][4]["dns_target"] == ROUTER_WAN4
+    });
+    let now = status(&daemon);
+    let d = &now["daemon"];
+    assert_eq!(d["running"], true, "{now:#}");
+    assert_eq!(d["pid"], daemon.pid(), "{now:#}");
+    assert_eq!(d["health"], "127.0.0.1:9477", "{now:#}");
+    assert_eq!(d["readyz"], "ready", "{now:#}");
+    assert!(d["last_sync"].as_u64().is_some_and(|t| t > 0), "{now:#}");
+    assert!(d["started"].as_u64().is_some_and(|t| t > 0), "{now:#}");
+    let entry = |name: &str| {
+        now["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .unwrap()
+            .clone()
+    };
+    let web = entry("web");
+    assert_eq!(web["namespace"], "apps");
+    assert_eq!(web["key"]["external_port"], 80, "{web:#}");
+    assert_eq!(web["backends"][0]["addr"], SERVER4, "{web:#}");
+    assert_eq!(web["reason"], serde_json::Value::Null, "{web:#}");
+    assert_eq!(entry("rival")["winner"], "apps/web");
+    for (name, said) in [
+        ("rival", "held by apps/web"),
+        ("ssh", "2222"),
+        ("idle", "LoadBalancer address"),
+        ("bad", "70000"),
+    ] {
+        let entry = entry(name);
+        assert!(
+            entry["reason"].as_str().is_some_and(|r| r.contains(said)),
+            "{entry:#}"
+        );
+        assert_eq!(entry["dns_target"], serde_json::Value::Null, "{entry:#}");
+    }
+    let text = topology
+        .router
+        .exec(BIN, &["status", "--status-file", &daemon.status_file]);
+    assert!(
+        text.starts_with(&format!("daemon: running (pid {}), ready", daemon.pid())),
+        "{text}"
+    );
+    assert!(text.contains("Not forwarded:"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("refused") && l.contains("apps/ssh")),
+        "{text}"
+    );
+
+    daemon.kill();
+    let gone = status(&daemon);
+    assert_eq!(gone["daemon"]["running"], false, "{gone:#}");
+    assert_eq!(gone["daemon"]["ready"], serde_json::Value::Null, "{gone:#}");
+    assert_eq!(gone["services"].as_array().map(Vec::len), Some(5));
+
+    // A clean stop removes the file.
+    let daemon = start_daemon(&topology.router, &dir, addr, "router-a", FINALIZER, &extra);
+    wait_for("the restarted daemon in the status", || {
+        status(&daemon)["daemon"]["running"] == true
+    });
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.pid() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    wait_for("the status file to go", || {
+        !std::path::Path::new(&daemon.status_file).exists()
+    });
+    daemon.wait_log("stopped");
+}

@@ -1,5 +1,6 @@
-//! What is shipped around the binary: the .ipk and its scripts, the procd init script's
-//! mapping of UCI options to flags, the systemd unit, and the kubeconfig minting script.
+//! What is shipped around the binary: the .ipk and its scripts, the LuCI app's .ipk, the procd
+//! init script's mapping of UCI options to flags, the systemd unit, and the kubeconfig minting
+//! script.
 
 mod common;
 
@@ -42,8 +43,14 @@ fn mode(path: &Path) -> u32 {
 
 /// The `define Package/kube-port-forward/NAME` block of the feed Makefile.
 fn makefile_block(name: &str) -> Vec<String> {
-    let makefile = std::fs::read_to_string(repo("openwrt-pkg/kube-port-forward/Makefile")).unwrap();
-    let start = format!("define Package/kube-port-forward/{name}");
+    package_block("kube-port-forward", name)
+}
+
+/// The `define Package/PACKAGE/NAME` block of that package's feed Makefile.
+fn package_block(package: &str, name: &str) -> Vec<String> {
+    let makefile =
+        std::fs::read_to_string(repo(&format!("openwrt-pkg/{package}/Makefile"))).unwrap();
+    let start = format!("define Package/{package}/{name}");
     makefile
         .lines()
         .skip_while(|l| *l != start)
@@ -226,6 +233,236 @@ fn the_ipk_has_opkgs_layout_fields_conffiles_and_clean_scripts() {
         );
         syntax_ok(&script);
         shellcheck(&script);
+    }
+}
+
+/// An .ipk's control fields and its unpacked control and data folders.
+fn unpack_ipk(ipk: &Path, into: &Path) -> (BTreeMap<String, String>, PathBuf, PathBuf) {
+    let members = run("tar", &["-tzf", ipk.to_str().unwrap()]);
+    assert_eq!(
+        members.lines().collect::<Vec<_>>(),
+        ["./debian-binary", "./control.tar.gz", "./data.tar.gz"]
+    );
+    let (control, data) = (into.join("control"), into.join("data"));
+    std::fs::create_dir_all(&control).unwrap();
+    std::fs::create_dir_all(&data).unwrap();
+    run(
+        "tar",
+        &["-xzf", ipk.to_str().unwrap(), "-C", into.to_str().unwrap()],
+    );
+    for (archive, dir) in [("control.tar.gz", &control), ("data.tar.gz", &data)] {
+        let archive = into.join(archive);
+        run(
+            "tar",
+            &[
+                "-xzf",
+                archive.to_str().unwrap(),
+                "-C",
+                dir.to_str().unwrap(),
+            ],
+        );
+        let listing = run("tar", &["-tzvf", archive.to_str().unwrap()]);
+        assert!(listing.lines().all(|l| l.contains(" 0/0 ")), "{listing}");
+    }
+    let fields = std::fs::read_to_string(control.join("control"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_once(": "))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    (fields, control, data)
+}
+
+/// Every file under `dir`, as paths relative to it, sorted.
+fn files_under(dir: &Path) -> Vec<String> {
+    let listing = run("find", &[dir.to_str().unwrap(), "-type", "f"]);
+    let mut files: Vec<String> = listing
+        .lines()
+        .map(|l| {
+            l.strip_prefix(dir.to_str().unwrap())
+                .unwrap()
+                .trim_start_matches('/')
+                .to_owned()
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn the_luci_ipk_has_the_apps_files_fields_and_clean_scripts() {
+    let dir = TempDir::new();
+    let out = dir.path.join("out");
+    let ipk = run(
+        "sh",
+        &[
+            repo("openwrt-pkg/build-luci-ipk.sh").to_str().unwrap(),
+            out.to_str().unwrap(),
+        ],
+    );
+    let ipk = PathBuf::from(ipk.trim());
+    assert_eq!(
+        ipk.file_name().unwrap().to_str().unwrap(),
+        format!(
+            "luci-app-kube-port-forward_{}-r1_all.ipk",
+            env!("CARGO_PKG_VERSION")
+        )
+    );
+    let (fields, control, data) = unpack_ipk(&ipk, &dir.path.join("x"));
+    assert_eq!(fields["Package"], "luci-app-kube-port-forward");
+    assert_eq!(fields["Architecture"], "all");
+    assert_eq!(fields["Section"], "luci");
+    assert!(fields["Version"].starts_with(env!("CARGO_PKG_VERSION")));
+    let depends: Vec<&str> = fields["Depends"].split(", ").collect();
+    for needed in [
+        "kube-port-forward",
+        "luci-base",
+        "rpcd-mod-ucode",
+        "ucode-mod-fs",
+        "ucode-mod-uci",
+    ] {
+        assert!(depends.contains(&needed), "{needed} not in {depends:?}");
+    }
+
+    // Where luci.mk puts them, and nothing else; all plain files, readable by all.
+    let files = files_under(&data);
+    assert_eq!(
+        files,
+        [
+            "usr/share/luci/menu.d/luci-app-kube-port-forward.json",
+            "usr/share/rpcd/acl.d/luci-app-kube-port-forward.json",
+            "usr/share/rpcd/ucode/kube-port-forward.uc",
+            "www/luci-static/resources/view/kube-port-forward/settings.js",
+            "www/luci-static/resources/view/kube-port-forward/status.js",
+        ]
+    );
+    for file in &files {
+        assert_eq!(mode(&data.join(file)), 0o644, "{file}");
+    }
+
+    // The ACL grants the status to readers, the checks and the upload to writers, this
+    // package's UCI config to both, and nothing else.
+    let acl: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(data.join("usr/share/rpcd/acl.d/luci-app-kube-port-forward.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        acl,
+        serde_json::json!({"luci-app-kube-port-forward": {
+            "description": acl["luci-app-kube-port-forward"]["description"],
+            "read": {"ubus": {"kube-port-forward": ["status"]}, "uci": ["kube-port-forward"]},
+            "write": {"ubus": {"kube-port-forward": ["validate", "set_kubeconfig"]},
+                      "uci": ["kube-port-forward"]}}})
+    );
+    let menu: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            data.join("usr/share/luci/menu.d/luci-app-kube-port-forward.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        menu["admin/services/kube-port-forward"]["action"]["type"],
+        "firstchild"
+    );
+    for page in ["status", "settings"] {
+        assert_eq!(
+            menu[format!("admin/services/kube-port-forward/{page}")]["action"]["path"],
+            format!("kube-port-forward/{page}")
+        );
+    }
+
+    // The feed Makefile's scripts: LuCI's caches dropped and rpcd reloaded, never while
+    // building an image.
+    for name in ["postinst", "postrm"] {
+        let script = std::fs::read_to_string(control.join(name)).unwrap();
+        let from_makefile: Vec<String> = package_block("luci-app-kube-port-forward", name)
+            .iter()
+            .map(|l| l.replace("$$", "$"))
+            .collect();
+        assert_eq!(script.lines().collect::<Vec<_>>(), from_makefile);
+        let guard = script
+            .find("[ -n \"${IPKG_INSTROOT}\" ] && exit 0")
+            .expect(name);
+        for step in [
+            "rm -f /tmp/luci-indexcache*",
+            "rm -rf /tmp/luci-modulecache/",
+            "/etc/init.d/rpcd reload",
+        ] {
+            assert!(
+                script.find(step).is_some_and(|i| guard < i),
+                "{name}: {script}"
+            );
+        }
+    }
+    for script in [
+        control.join("postinst"),
+        control.join("postrm"),
+        repo("openwrt-pkg/build-luci-ipk.sh"),
+    ] {
+        assert_eq!(
+            mode(&script) & 0o111,
+            0o111,
+            "{} executable",
+            script.display()
+        );
+        syntax_ok(&script);
+        shellcheck(&script);
+    }
+
+    // One version for both packages.
+    let version = |package: &str| {
+        std::fs::read_to_string(repo(&format!("openwrt-pkg/{package}/Makefile")))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("PKG_VERSION:=").map(str::to_owned))
+            .unwrap()
+    };
+    assert_eq!(
+        version("luci-app-kube-port-forward"),
+        version("kube-port-forward")
+    );
+}
+
+#[test]
+fn the_luci_app_knows_every_uci_option() {
+    let config = std::fs::read_to_string(repo(
+        "openwrt-pkg/kube-port-forward/files/kube-port-forward.config",
+    ))
+    .unwrap();
+    let app = "openwrt-pkg/luci-app-kube-port-forward";
+    let plugin = std::fs::read_to_string(repo(&format!(
+        "{app}/root/usr/share/rpcd/ucode/kube-port-forward.uc"
+    )))
+    .unwrap();
+    let settings = std::fs::read_to_string(repo(&format!(
+        "{app}/htdocs/luci-static/resources/view/kube-port-forward/settings.js"
+    )))
+    .unwrap();
+    let options: std::collections::BTreeSet<&str> = config
+        .lines()
+        .map(|l| l.trim_start_matches('\t').trim_start_matches('#'))
+        .filter_map(|l| {
+            l.strip_prefix("option ")
+                .or_else(|| l.strip_prefix("list "))
+        })
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert!(options.len() > 30, "{options:?}");
+    for option in options {
+        // The settings page's form and the list it sends to `validate`.
+        assert!(
+            settings.contains(&format!("'{option}'")),
+            "settings.js lacks {option}"
+        );
+        // The plugin's UCI-to-flag table (enabled only decides whether the daemon starts).
+        if option != "enabled" {
+            assert!(
+                plugin.contains(&format!("{{ option: '{option}', flag: '--")),
+                "the plugin's FLAGS lack {option}"
+            );
+        }
     }
 }
 

@@ -20,7 +20,7 @@ use crate::router::igd::Url;
 use crate::router::links::Addresses;
 use crate::router::probe::ProbeSettings;
 use crate::router::upstream::UpstreamSettings;
-use crate::router::{audit, policy_file, sockets};
+use crate::router::{audit, health, policy_file, sockets};
 use manifest::{ManifestError, Manifests};
 
 pub mod manifest;
@@ -87,6 +87,14 @@ pub enum Command {
     },
     /// Run the daemon: watch Services and keep the router's forwards in step.
     Run {
+        /// Only check the flags, the policy and the kubeconfig, and print `ok` (exit 2 with
+        /// the reason otherwise). No kernel, no network, no root.
+        #[arg(long)]
+        check: bool,
+        /// Where the daemon writes each Service's entries, their states and reasons, for
+        /// `status`; removed when it stops.
+        #[arg(long, default_value = DEFAULT_STATUS_FILE)]
+        status_file: PathBuf,
         #[command(flatten)]
         cluster: ClusterArgs,
         /// This router's finalizer; a second router needs its own.
@@ -133,11 +141,16 @@ pub enum Command {
         /// Where the daemon writes what the upstream IGD said.
         #[arg(long, default_value = DEFAULT_STATE_FILE)]
         state_file: PathBuf,
+        /// Where the daemon writes its Services' entries (`run --status-file`).
+        #[arg(long, default_value = DEFAULT_STATUS_FILE)]
+        status_file: PathBuf,
     },
 }
 
 /// Where the daemon writes what the upstream IGD said, and `status` reads it.
 pub const DEFAULT_STATE_FILE: &str = "/run/kube-port-forward/upstream.json";
+/// Where the daemon writes its Services' entries, and `status` reads them.
+pub const DEFAULT_STATUS_FILE: &str = "/run/kube-port-forward/status.json";
 
 /// What lies beyond the router's WAN: the IGD of a box in front of it, and DNS.
 #[derive(Debug, Args)]
@@ -325,8 +338,8 @@ pub struct PolicyArgs {
 }
 
 impl PolicyArgs {
-    /// The policy, with `router` as the router's own addresses.
-    fn policy(&self, router: impl IntoIterator<Item = IpAddr>) -> Result<Policy, PolicyError> {
+    /// The policy, with `router` as the router's own addresses. An error in a flag names it.
+    fn policy(&self, router: impl IntoIterator<Item = IpAddr>) -> Result<Policy, CommandError> {
         let mut policy = match &self.policy {
             Some(file) => policy_file::read(file)?,
             None => Policy::from_parts(&PolicyParts {
@@ -336,6 +349,16 @@ impl PolicyArgs {
                 targets: Some(self.allowed_targets.clone()),
                 external_ips: Some(self.external_ips),
                 node_ports: NodePorts::parse(&self.node_ports),
+            })
+            .map_err(|source| CommandError::PolicyFlag {
+                flag: match source {
+                    PolicyError::Ports(_) => "--allow-ports",
+                    PolicyError::Target(_) => "--allow-target",
+                    PolicyError::Namespace(_) => "--allow-namespace",
+                    PolicyError::Selector(_) => "--allow-namespace-selector",
+                    PolicyError::Read { .. } | PolicyError::Syntax { .. } => "--policy",
+                },
+                source,
             })?,
         };
         policy.router_addresses.extend(router);
@@ -408,6 +431,12 @@ pub enum CommandError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Policy(#[from] PolicyError),
+    #[error("{flag}")]
+    PolicyFlag {
+        flag: &'static str,
+        #[source]
+        source: PolicyError,
+    },
     #[error(
         "applying needs --wan-interface or --wan-address: without either, every port of every router address would be forwarded"
     )]
@@ -432,6 +461,9 @@ pub enum CommandError {
         #[source]
         source: kube::Error,
     },
+    /// `run --check` found this: bad input, whatever it is.
+    #[error(transparent)]
+    Check(Box<CommandError>),
 }
 
 impl CommandError {
@@ -485,6 +517,15 @@ fn planned(
     let plan = plan::plan(&manifests.services, &policy);
     let ruleset = Ruleset::new(config, plan.forwards.clone());
     Ok((manifests, plan, ruleset))
+}
+
+/// The policy with a WAN named, before the host is read: the WAN addresses given are the
+/// router's own.
+fn wan_policy(table: &TableArgs, policy: &PolicyArgs) -> Result<Policy, CommandError> {
+    if table.wan_interfaces.is_empty() && table.wan_addresses.is_empty() {
+        return Err(CommandError::NoWan);
+    }
+    policy.policy(table.wan_addresses.iter().copied())
 }
 
 /// Runs a command; returns the exit code for success paths.
@@ -553,6 +594,8 @@ pub fn run(command: Command, nft: NftCli) -> Result<u8, CommandError> {
             Ok(exit::OK)
         }
         Command::Run {
+            check,
+            status_file,
             cluster,
             finalizer,
             condition_type,
@@ -568,8 +611,11 @@ pub fn run(command: Command, nft: NftCli) -> Result<u8, CommandError> {
             let mut config = table.config()?;
             // The daemon fills the WAN sets from the interfaces, even while they are empty.
             config.listed_addresses = true;
+            // A check validates, and leaves the host's addresses and sockets, which only add
+            // to what the policy refuses, unread: that needs no root and no router.
+            let policy_of = if check { wan_policy } else { on_router };
             let settings = daemon::Settings {
-                policy: on_router(&table, &policy)?,
+                policy: policy_of(&table, &policy)?,
                 policy_file: policy.policy.clone(),
                 kubeconfig: cluster.kubeconfig,
                 context: cluster.context,
@@ -584,10 +630,22 @@ pub fn run(command: Command, nft: NftCli) -> Result<u8, CommandError> {
                 upstream: beyond.upstream()?,
                 dns_targets: beyond.dns_targets,
                 state_file: beyond.state_file.clone(),
+                status_file,
                 cleanup_deadline: Duration::from_secs(cleanup_deadline),
                 resync: Duration::from_secs(resync.max(1)),
                 nft,
             };
+            if check {
+                daemon::check(&settings).map_err(|e| CommandError::Check(Box::new(e.into())))?;
+                if let Some(kubeconfig) = settings.kubeconfig.as_deref() {
+                    let context = settings.context.as_deref();
+                    runtime()?
+                        .block_on(client::client(Some(kubeconfig), context))
+                        .map_err(|e| CommandError::Check(Box::new(e.into())))?;
+                }
+                emit("ok\n");
+                return Ok(exit::OK);
+            }
             runtime()?.block_on(daemon::run(settings, shutdown_signal()))?;
             Ok(exit::OK)
         }
@@ -600,18 +658,48 @@ pub fn run(command: Command, nft: NftCli) -> Result<u8, CommandError> {
             table,
             output,
             state_file,
+            status_file,
         } => {
             TableConfig::new(&table, [], [])?;
             let current = Engine::new(Kernel::new(nft)).read(&table, None)?;
             let upstream = output::Upstream::read(&state_file);
+            let written = output::Written::read(&status_file);
+            let asked = match written.as_ref().and_then(output::Written::health) {
+                Some(address) => Some(runtime()?.block_on(ask(address))),
+                None => None,
+            };
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let daemon = output::DaemonView::new(written.as_ref(), asked.as_ref(), now);
+            let (current, upstream) = (current.as_ref(), upstream.as_ref());
             emit(&match output {
-                Format::Text => output::status_text(&table, current.as_ref(), upstream.as_ref()),
-                Format::Json => output::status_json(&table, current.as_ref(), upstream.as_ref()),
+                Format::Text => output::status_text(&table, current, upstream, &daemon),
+                Format::Json => output::status_json(&table, current, upstream, &daemon),
             });
             Ok(exit::OK)
         }
     }
 }
+
+/// Asks a running daemon's health server whether it is ready, then for its metrics; each
+/// question gets at most [`ASK_TIMEOUT`].
+async fn ask(address: &str) -> output::Asked {
+    let get = |path: &'static str| async move {
+        tokio::time::timeout(ASK_TIMEOUT, health::get(address, path))
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {} s", ASK_TIMEOUT.as_secs())))
+    };
+    let readyz = get("/readyz").await;
+    let metrics = match &readyz {
+        Ok(_) => get("/metrics").await,
+        Err(why) => Err(why.clone()),
+    };
+    output::Asked { readyz, metrics }
+}
+
+/// How long `status` waits for each answer of the daemon's health server.
+const ASK_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Prints a command's output. A reader that stopped reading (`status | head`) is not an
 /// error of the command: the rest is dropped instead of panicking as `print!` does.
@@ -628,14 +716,11 @@ fn emit(text: &str) {
 /// For the commands that change the router: a WAN must be named, and the policy refuses the
 /// router's own addresses.
 fn on_router(table: &TableArgs, policy: &PolicyArgs) -> Result<Policy, CommandError> {
-    if table.wan_interfaces.is_empty() && table.wan_addresses.is_empty() {
-        return Err(CommandError::NoWan);
-    }
+    let mut policy = wan_policy(table, policy)?;
     // The addresses of this host's interfaces, which forwards may never point at.
     let addresses =
         Addresses::read(&table.wan_interfaces.iter().cloned().collect()).unwrap_or_default();
-    let router = table.wan_addresses.iter().copied().chain(addresses.all);
-    let mut policy = policy.policy(router)?;
+    policy.router_addresses.extend(addresses.all);
     // And the ports it serves where WAN clients reach, which forwards would take away.
     let wan: BTreeSet<IpAddr> = table
         .wan_addresses

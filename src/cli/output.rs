@@ -235,8 +235,21 @@ fn backends_text(backends: &[StatusBackend]) -> String {
         .join(",")
 }
 
-/// `status` as text.
-pub fn status_text(name: &str, table: Option<&KernelTable>, upstream: Option<&Upstream>) -> String {
+/// `status` as text: the daemon, the table, then the entries not forwarded and why.
+pub fn status_text(
+    name: &str,
+    table: Option<&KernelTable>,
+    upstream: Option<&Upstream>,
+    daemon: &DaemonView,
+) -> String {
+    let mut out = daemon.summary();
+    out.push('\n');
+    out.push_str(&table_text(name, table, upstream));
+    out.push_str(&daemon.not_forwarded());
+    out
+}
+
+fn table_text(name: &str, table: Option<&KernelTable>, upstream: Option<&Upstream>) -> String {
     let Some(table) = table else {
         return format!("table inet {name} is not present: no forwards\n");
     };
@@ -304,14 +317,20 @@ pub struct Upstream {
     running: bool,
 }
 
+/// A file the daemon writes for `status`, and whether the process that wrote it still runs.
+fn read_written(path: &std::path::Path) -> Option<(serde_json::Value, bool)> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let state: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let running = state["pid"]
+        .as_u64()
+        .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
+    Some((state, running))
+}
+
 impl Upstream {
     /// The state file, if the daemon wrote one.
     pub fn read(path: &std::path::Path) -> Option<Upstream> {
-        let text = std::fs::read_to_string(path).ok()?;
-        let state: serde_json::Value = serde_json::from_str(&text).ok()?;
-        let running = state["pid"]
-            .as_u64()
-            .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
+        let (state, running) = read_written(path)?;
         Some(Upstream { state, running })
     }
 
@@ -365,6 +384,169 @@ impl Upstream {
     }
 }
 
+/// The daemon's status file (`run --status-file`), as `status` found it.
+pub struct Written {
+    state: serde_json::Value,
+    /// The daemon that wrote it still runs.
+    running: bool,
+}
+
+impl Written {
+    /// The status file, if a daemon wrote one.
+    pub fn read(path: &std::path::Path) -> Option<Written> {
+        let (state, running) = read_written(path)?;
+        Some(Written { state, running })
+    }
+
+    /// Where the daemon serves `/readyz` and `/metrics`, if it runs and serves them.
+    pub fn health(&self) -> Option<&str> {
+        self.state["health"].as_str().filter(|_| self.running)
+    }
+}
+
+/// What `status` asked the daemon's health server: its answer to `/readyz`, then to
+/// `/metrics`, each a status code and body, or why there is none.
+pub struct Asked {
+    pub readyz: Result<(u16, String), String>,
+    pub metrics: Result<(u16, String), String>,
+}
+
+/// `status --output json`'s `daemon`.
+#[derive(Debug, Default, PartialEq, Serialize)]
+pub struct DaemonJson {
+    /// The status file exists and the process that wrote it runs.
+    running: bool,
+    pid: Option<u32>,
+    health: Option<String>,
+    /// `/readyz` answered 200 (true) or 503 (false); null when it could not be asked.
+    ready: Option<bool>,
+    /// The first line of `/readyz`'s answer, or why it could not be asked.
+    readyz: Option<String>,
+    /// Unix seconds: when the table was last in step with the cluster.
+    last_sync: Option<u64>,
+    started: Option<u64>,
+}
+
+const NOT_RUNNING: &str = "the daemon is not running";
+
+/// What `status` knows of the daemon: its status file and its health server's answers.
+pub struct DaemonView {
+    daemon: DaemonJson,
+    /// Unix seconds, when `status` asked.
+    now: u64,
+    /// Every annotated Service's entries, as the daemon last wrote them.
+    services: Vec<serde_json::Value>,
+}
+
+impl DaemonView {
+    /// From the status file, what was asked of the daemon (`None`: nothing, it runs no
+    /// health server or does not run) and the time now, in Unix seconds.
+    pub fn new(written: Option<&Written>, asked: Option<&Asked>, now: u64) -> DaemonView {
+        let Some(written) = written else {
+            return DaemonView {
+                daemon: DaemonJson {
+                    readyz: Some(NOT_RUNNING.into()),
+                    ..DaemonJson::default()
+                },
+                now,
+                services: Vec::new(),
+            };
+        };
+        let state = &written.state;
+        let (ready, readyz) = match asked.map(|a| &a.readyz) {
+            Some(Ok((200, body))) => (Some(true), first_line(body)),
+            Some(Ok((503, body))) => (Some(false), first_line(body)),
+            Some(Ok((code, _))) => (None, Some(format!("answered HTTP {code}"))),
+            Some(Err(why)) => (None, Some(why.clone())),
+            None if !written.running => (None, Some(NOT_RUNNING.into())),
+            None => (None, Some("the daemon serves no --health address".into())),
+        };
+        let last_sync = match asked.map(|a| &a.metrics) {
+            Some(Ok((200, body))) => {
+                seconds_since_sync(body).map(|seconds| now.saturating_sub(seconds.round() as u64))
+            }
+            _ => None,
+        };
+        DaemonView {
+            daemon: DaemonJson {
+                running: written.running,
+                pid: state["pid"].as_u64().and_then(|p| u32::try_from(p).ok()),
+                health: state["health"].as_str().map(str::to_owned),
+                ready,
+                readyz,
+                last_sync,
+                started: state["started"].as_u64(),
+            },
+            now,
+            services: state["services"].as_array().cloned().unwrap_or_default(),
+        }
+    }
+
+    /// One line: whether the daemon runs and is ready, and when the table was in step.
+    fn summary(&self) -> String {
+        let d = &self.daemon;
+        let pid = d.pid.map_or_else(String::new, |p| format!(" (pid {p})"));
+        if !d.running {
+            return match d.pid {
+                Some(_) => {
+                    format!("daemon: not running{pid}; the entries below are as it last wrote them")
+                }
+                None => "daemon: not running".to_owned(),
+            };
+        }
+        let readiness = match (d.ready, &d.readyz) {
+            (Some(true), _) => "ready".to_owned(),
+            (Some(false), why) => format!("not ready ({})", why.as_deref().unwrap_or("")),
+            (None, why) => format!("readiness unknown ({})", why.as_deref().unwrap_or("")),
+        };
+        let mut line = format!("daemon: running{pid}, {readiness}");
+        if let Some(at) = d.last_sync {
+            let ago = self.now.saturating_sub(at);
+            line.push_str(&format!("; the table was in step {ago} s ago"));
+        }
+        line
+    }
+
+    /// The entries not forwarded, with their reasons; nothing when all are.
+    fn not_forwarded(&self) -> String {
+        let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_owned();
+        let mut rows = vec![["STATE", "SERVICE", "ENTRY", "REASON"].map(str::to_owned)];
+        for entry in &self.services {
+            if entry["state"] == "forwarding" {
+                continue;
+            }
+            rows.push([
+                text(&entry["state"]),
+                format!("{}/{}", text(&entry["namespace"]), text(&entry["name"])),
+                text(&entry["entry"]),
+                text(&entry["reason"]),
+            ]);
+        }
+        if rows.len() == 1 {
+            return String::new();
+        }
+        format!("\nNot forwarded:\n{}", columns(&rows))
+    }
+}
+
+fn first_line(body: &str) -> Option<String> {
+    Some(body.lines().next().unwrap_or_default().to_owned())
+}
+
+/// `kube_port_forward_seconds_since_last_sync` from the metrics, when the daemon has synced.
+fn seconds_since_sync(metrics: &str) -> Option<f64> {
+    let value = |name: &str| {
+        metrics.lines().find_map(|line| {
+            let (metric, value) = line.split_once(' ')?;
+            (metric == name).then(|| value.parse::<f64>().ok())?
+        })
+    };
+    if value("kube_port_forward_synced") != Some(1.0) {
+        return None;
+    }
+    value("kube_port_forward_seconds_since_last_sync").filter(|s| s.is_finite() && *s >= 0.0)
+}
+
 fn list_or_any(items: impl Iterator<Item = String>) -> String {
     let items: Vec<String> = items.collect();
     if items.is_empty() {
@@ -375,7 +557,7 @@ fn list_or_any(items: impl Iterator<Item = String>) -> String {
 }
 
 #[derive(Serialize)]
-struct StatusJson {
+struct StatusJson<'a> {
     table: String,
     present: bool,
     shape_problem: Option<String>,
@@ -386,10 +568,18 @@ struct StatusJson {
     /// address.
     #[serde(skip_serializing_if = "Option::is_none")]
     upstream: Option<serde_json::Value>,
+    daemon: &'a DaemonJson,
+    /// Every annotated Service's entries, from the daemon's status file.
+    services: &'a [serde_json::Value],
 }
 
 /// `status --output json`.
-pub fn status_json(name: &str, table: Option<&KernelTable>, upstream: Option<&Upstream>) -> String {
+pub fn status_json(
+    name: &str,
+    table: Option<&KernelTable>,
+    upstream: Option<&Upstream>,
+    daemon: &DaemonView,
+) -> String {
     let value = StatusJson {
         table: name.to_owned(),
         present: table.is_some(),
@@ -404,6 +594,72 @@ pub fn status_json(name: &str, table: Option<&KernelTable>, upstream: Option<&Up
             .map(|t| status_forwards(t, upstream))
             .unwrap_or_default(),
         upstream: upstream.map(Upstream::json),
+        daemon: &daemon.daemon,
+        services: &daemon.services,
     };
     serde_json::to_string_pretty(&value).expect("the status serializes") + "\n"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn written(running: bool) -> Written {
+        Written {
+            state: json!({"pid": 7, "health": "127.0.0.1:9477", "started": 1000, "written": 1010,
+                "services": [{"namespace": "apps", "name": "ssh", "entry": "2222:ssh",
+                    "state": "refused", "reason": "port 2222 is not allowed (policy)"}]}),
+            running,
+        }
+    }
+
+    #[test]
+    fn a_ready_daemon_with_its_last_sync_from_the_metrics() {
+        let asked = Asked {
+            readyz: Ok((200, "ready\n".into())),
+            metrics: Ok((
+                200,
+                "kube_port_forward_synced 1\nkube_port_forward_seconds_since_last_sync 4.6\n"
+                    .into(),
+            )),
+        };
+        let view = DaemonView::new(Some(&written(true)), Some(&asked), 2000);
+        assert_eq!(
+            serde_json::to_value(&view.daemon).unwrap(),
+            json!({"running": true, "pid": 7, "health": "127.0.0.1:9477", "ready": true,
+                "readyz": "ready", "last_sync": 1995, "started": 1000})
+        );
+        assert_eq!(view.services.len(), 1);
+        let text = view.summary() + &view.not_forwarded();
+        assert!(text.starts_with("daemon: running (pid 7), ready; the table was in step 5 s ago"));
+        assert!(text.contains("refused  apps/ssh  2222:ssh  port 2222 is not allowed (policy)"));
+    }
+
+    #[test]
+    fn not_ready_never_synced_unreachable_or_stopped() {
+        let never = Asked {
+            readyz: Ok((503, "not synced, or the last apply failed\n".into())),
+            metrics: Ok((
+                200,
+                "kube_port_forward_synced 0\nkube_port_forward_seconds_since_last_sync 9\n".into(),
+            )),
+        };
+        let view = DaemonView::new(Some(&written(true)), Some(&never), 2000);
+        assert_eq!(view.daemon.ready, Some(false));
+        assert_eq!(view.daemon.last_sync, None);
+        let refused = Asked {
+            readyz: Err("connection refused".into()),
+            metrics: Err("connection refused".into()),
+        };
+        let view = DaemonView::new(Some(&written(true)), Some(&refused), 2000);
+        assert_eq!(view.daemon.ready, None);
+        assert_eq!(view.daemon.readyz.as_deref(), Some("connection refused"));
+        let stopped = DaemonView::new(Some(&written(false)), None, 2000);
+        assert!(!stopped.daemon.running);
+        assert_eq!(stopped.services.len(), 1, "as last written");
+        let none = DaemonView::new(None, None, 2000);
+        assert_eq!(none.daemon.pid, None);
+        assert!(none.services.is_empty());
+    }
 }

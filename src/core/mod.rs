@@ -13,5 +13,6 @@ pub mod node;
 pub mod plan;
 pub mod policy;
 pub mod service;
+pub mod status;
 pub mod tracked;
 pub mod upstream;

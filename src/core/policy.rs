@@ -180,7 +180,10 @@ impl Policy {
                 message: e.to_string(),
             })?
         };
-        Policy::from_parts(&parts)
+        Policy::from_parts(&parts).map_err(|e| PolicyError::Syntax {
+            file: file.to_owned(),
+            message: e.to_string(),
+        })
     }
 
     pub fn check_namespace(&self, namespace: &str) -> Result<(), String> {

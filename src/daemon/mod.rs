@@ -10,6 +10,7 @@ mod backends;
 mod inputs;
 mod reconcile;
 mod sources;
+mod status;
 mod upstream;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -35,6 +36,7 @@ use crate::router::probe::{ProbeSettings, Prober};
 use crate::router::served::ServedPorts;
 use crate::router::upstream::{Upstream, UpstreamSettings};
 use sources::{Sources, Wake};
+use status::StatusWriter;
 
 pub const DEFAULT_FINALIZER: &str = "kube-port-forward-controller/finalizer";
 pub const DEFAULT_CONDITION: &str = "kube-port-forward-controller/Forwarded";
@@ -76,6 +78,8 @@ pub struct Settings {
     pub dns_targets: bool,
     /// Where what the IGD said is written for `status`.
     pub state_file: PathBuf,
+    /// Where the plan's entries are written for `status`.
+    pub status_file: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -166,6 +170,16 @@ struct Daemon {
     /// DNS targets to go.
     dns_families: HashMap<String, BTreeSet<Family>>,
     dns_waiting: BTreeSet<String>,
+    /// Writes the plan's entries for `status`; taken at a clean exit.
+    status: Option<StatusWriter>,
+}
+
+/// What `run` refuses before it connects anywhere, beyond what the settings' own types hold.
+pub fn check(settings: &Settings) -> Result<(), DaemonError> {
+    if !valid_finalizer(&settings.finalizer) {
+        return Err(DaemonError::Finalizer(settings.finalizer.clone()));
+    }
+    Ok(())
 }
 
 /// Runs until `shutdown` completes; a reconcile in progress finishes first.
@@ -173,9 +187,7 @@ pub async fn run(
     settings: Settings,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), DaemonError> {
-    if !valid_finalizer(&settings.finalizer) {
-        return Err(DaemonError::Finalizer(settings.finalizer.clone()));
-    }
+    check(&settings)?;
     let (client, server) =
         client::client(settings.kubeconfig.as_deref(), settings.context.as_deref()).await?;
     tracing::info!(%server, "watching the cluster");
@@ -265,6 +277,10 @@ impl Daemon {
             public: BTreeMap::new(),
             dns_families: HashMap::new(),
             dns_waiting: BTreeSet::new(),
+            status: Some(StatusWriter::start(
+                settings.status_file.clone(),
+                settings.health.map(|a| a.to_string()),
+            )),
             metrics,
             settings,
         }
@@ -285,6 +301,10 @@ impl Daemon {
             }
         }
         self.warn_private_wan();
+        // Running, with nothing planned yet: `status` tells it apart from a stopped daemon.
+        if let Some(status) = self.status.as_mut() {
+            status.update(Vec::new());
+        }
         tracing::info!(
             finalizer = %self.settings.finalizer,
             table = %self.settings.table.table,
@@ -359,6 +379,9 @@ impl Daemon {
             }
         }
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+        if let Some(status) = self.status.take() {
+            let _ = tokio::task::spawn_blocking(move || status.finish()).await;
+        }
         tracing::info!("stopped; the kernel table stays as it is");
         Ok(())
     }

@@ -14,6 +14,7 @@ use crate::cluster::lane::{Kind, Round, Work};
 use crate::cluster::report::{changes_by_service, condition_of};
 use crate::core::decide::{self, Decision, Summary};
 use crate::core::plan::{Holders, Plan};
+use crate::core::status;
 use crate::kernel::{Applied, Engine, Kernel, Ruleset};
 use crate::router::audit;
 
@@ -145,6 +146,9 @@ impl Daemon {
         // worked out for each Service.
         let upstream_wanted = self.want_upstream(&decision.plan);
         let mut beyond = self.beyond(&decision.plan, &mut round);
+        if let Some(writer) = self.status.as_mut() {
+            writer.update(status::entries(&decision.plan, &beyond.dns_targets));
+        }
         // Finalizers first: a deleted Service waits on the release, events wait on nobody.
         // A Service whose DNS target or upstream mappings are still there waits for them
         // (up to the cleanup deadline).

@@ -25,6 +25,8 @@ pub(super) struct Beyond {
     pub notes: HashMap<Key, Vec<String>>,
     /// Services whose DNS target must be removed before their finalizer is released.
     pub dns_pending: BTreeSet<Key>,
+    /// The DNS target written on each Service that has one of this router's.
+    pub dns_targets: HashMap<Key, String>,
 }
 
 impl Daemon {
@@ -173,12 +175,15 @@ impl Daemon {
             warned: &mut self.dns_warned,
         };
         for (key, tracked) in &self.store {
-            let (note, waits) = pass.service(key, tracked, round);
-            if let Some(note) = note {
+            let told = pass.service(key, tracked, round);
+            if let Some(note) = told.note {
                 beyond.notes.entry(key.clone()).or_default().push(note);
             }
-            if waits {
+            if told.waits {
                 beyond.dns_pending.insert(key.clone());
+            }
+            if let Some(target) = told.target {
+                beyond.dns_targets.insert(key.clone(), target);
             }
         }
         let store = &self.store;
@@ -278,18 +283,23 @@ struct DnsPass<'a> {
     warned: &'a mut HashMap<Key, String>,
 }
 
+/// What one Service's DNS target came to in a pass.
+#[derive(Default)]
+struct DnsTold {
+    /// What its condition says of it.
+    note: Option<String>,
+    /// Its release waits for the target to go.
+    waits: bool,
+    /// The target the router writes on it (none when set by hand).
+    target: Option<String>,
+}
+
 impl DnsPass<'_> {
     /// One Service: hands over the patch its targets need (unless the same one already
-    /// was); returns what its condition says of them, and whether its release waits for
-    /// them to go.
-    fn service(
-        &mut self,
-        key: &Key,
-        tracked: &Tracked,
-        round: &mut Round,
-    ) -> (Option<String>, bool) {
+    /// was); returns what it is told of them.
+    fn service(&mut self, key: &Key, tracked: &Tracked, round: &mut Round) -> DnsTold {
         if !self.enabled && !tracked.dns.has_own() {
-            return (None, false);
+            return DnsTold::default();
         }
         let forwarding = self.families.get(tracked.uid());
         let mut note = None;
@@ -322,6 +332,7 @@ impl DnsPass<'_> {
         if let Some((text, _)) = step.note {
             note.get_or_insert(text);
         }
+        let target = wanted.clone().filter(|_| tracked.dns.by_hand().is_none());
         if step.patch.is_empty() {
             // A target handed over to be written, not landed yet (the annotations are still
             // as they were then): it would land after the release; the release waits.
@@ -333,14 +344,22 @@ impl DnsPass<'_> {
             if !landing {
                 self.handed.remove(key);
             }
-            return (note, landing);
+            return DnsTold {
+                note,
+                waits: landing,
+                target,
+            };
         }
         let seen = (tracked.dns.clone(), wanted);
         if self.handed.get(key) != Some(&seen) {
             self.handed.insert(key.clone(), seen);
             round.reports.push((key.clone(), Work::Dns(step.patch)));
         }
-        (note, forwarding.is_none())
+        DnsTold {
+            note,
+            waits: forwarding.is_none(),
+            target,
+        }
     }
 }
 

@@ -175,6 +175,11 @@ impl Metrics {
                 f64::from(u8::from(self.ready())),
             ),
             (
+                "synced",
+                "Whether the table was ever brought in step with the cluster.",
+                f64::from(u8::from(self.last_sync.is_some())),
+            ),
+            (
                 "wan_addresses",
                 "WAN addresses in the table's address sets.",
                 self.wan_addresses as f64,
@@ -387,6 +392,36 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Shared, stall: Du
                 .await;
         });
     }
+}
+
+/// `GET http://ADDRESS/PATH`, as `status` asks a running daemon: the status code and the
+/// body, or why it could not be asked. The caller bounds the time it may take.
+pub async fn get(address: &str, path: &str) -> Result<(u16, String), String> {
+    use http_body_util::{BodyExt, Empty};
+    let stream = tokio::net::TcpStream::connect(address)
+        .await
+        .map_err(|e| e.kind().to_string())?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+    tokio::spawn(connection);
+    let request = Request::get(path)
+        .header(hyper::header::HOST, address)
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = response.status().as_u16();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
 fn respond(path: &str, metrics: &Shared, stall: Duration) -> Response<Full<Bytes>> {

@@ -12,6 +12,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_kube-port-forward");
 pub struct Daemon {
     child: Child,
     log: String,
+    /// Its `--status-file`, in the test's folder.
+    pub status_file: String,
 }
 
 impl Daemon {
@@ -28,7 +30,8 @@ impl Daemon {
         Daemon::spawn_with(router, dir, api, name, &[&wan, args].concat(), &[])
     }
 
-    /// Starts `run` with only the flags given (no WAN ones added) and `env` set.
+    /// Starts `run` with only the flags given (no WAN ones added, a status file in `dir`)
+    /// and `env` set.
     pub fn spawn_with(
         router: &Netns,
         dir: &TempDir,
@@ -39,6 +42,11 @@ impl Daemon {
     ) -> Daemon {
         let kubeconfig = dir.write(&format!("{name}.kubeconfig"), &ApiServer::kubeconfig(api));
         let log = dir.path.join(format!("{name}.log")).display().to_string();
+        let status_file = dir
+            .path
+            .join(format!("{name}.status.json"))
+            .display()
+            .to_string();
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -54,7 +62,7 @@ impl Daemon {
                 "--kubeconfig",
                 &kubeconfig,
             ])
-            .args(["--instance", name])
+            .args(["--instance", name, "--status-file", &status_file])
             .args(args)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
@@ -62,7 +70,11 @@ impl Daemon {
             .stderr(file)
             .spawn()
             .unwrap();
-        Daemon { child, log }
+        Daemon {
+            child,
+            log,
+            status_file,
+        }
     }
 
     /// Starts `run` as router `name` following the interface `wan` (no fixed address), with

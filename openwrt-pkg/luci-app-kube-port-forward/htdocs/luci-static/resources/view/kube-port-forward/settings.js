@@ -23,7 +23,7 @@ const callValidate = rpc.declare({
 const callSetKubeconfig = rpc.declare({
 	object: 'kube-port-forward',
 	method: 'set_kubeconfig',
-	params: [ 'content' ]
+	params: [ 'content', 'context' ]
 });
 
 // Every option of /etc/config/kube-port-forward: what `validate` is given.
@@ -85,8 +85,12 @@ return view.extend({
 			return Promise.resolve();
 		}
 
+		// Checked with the context the form holds now, so a kubeconfig of another cluster can
+		// come in with its own context before both are saved.
+		const context = this.map.lookupOption('context', SECTION)?.[0]?.formvalue(SECTION) ?? '';
+
 		return file.text()
-			.then((content) => callSetKubeconfig(content))
+			.then((content) => callSetKubeconfig(content, context))
 			.then((res) => {
 				if (res.ok) {
 					input.value = '';

@@ -132,6 +132,8 @@ function backendsCell(outcome, kernel) {
 			health: (outcome.down ?? []).indexOf(b.addr) >= 0 ? 'down' : 'serving'
 		}));
 
+	// Buckets: of the forward's hash buckets, how many send new flows to this backend.
+	const buckets = items.reduce((sum, b) => sum + (b.buckets ?? 0), 0);
 	const nodes = items.map((b) => {
 		const down = String(b.health).indexOf('down') == 0;
 		const label = [ endpoint(b.addr, b.port) ];
@@ -140,7 +142,7 @@ function backendsCell(outcome, kernel) {
 			label.push(' (%s)'.format(b.health));
 
 		if (b.buckets != null)
-			label.push(' ' + _('%d/12 buckets').format(b.buckets));
+			label.push(' ' + _('%d/%d buckets').format(b.buckets, buckets));
 
 		return E('span', {
 			'class': 'kpf-backend',

@@ -299,16 +299,21 @@ const methods = {
 	},
 
 	set_kubeconfig: {
-		args: { content: '' },
+		args: { content: '', context: '' },
 		call: function(req) {
 			const content = req.args?.content;
 
 			if (type(content) != 'string' || content == '')
 				return { ok: false, message: 'content: the kubeconfig file is empty' };
 
+			// Checked with the saved settings, but the context the form holds now: a kubeconfig
+			// of another cluster comes with its own context, saved after it.
 			const values = saved_values();
 			const path = kubeconfig_path(values);
 			const dir = dirname(path);
+
+			if (type(req.args?.context) == 'string')
+				values.context = req.args.context;
 
 			if (stat(dir)?.type != 'directory' && !mkdir(dir, 0o700))
 				return { ok: false, message: `cannot create ${dir}` };
