@@ -391,17 +391,30 @@ fn good_settings() -> (Value, Vec<(&'static str, Vec<&'static str>)>) {
     (values, uci)
 }
 
-/// Bad values (lists for list options): the option, the daemon's flag and the value.
-fn bad_settings() -> [(&'static str, &'static str, Value); 4] {
+/// Bad values: the option, what to type into the form (lists for list options), and the
+/// daemon's flags for them. A lease is checked only with the upstream on.
+fn bad_settings() -> [(&'static str, Value, Vec<&'static str>); 4] {
     [
-        ("allow_ports", "--allow-ports", json!(["9000-80"])),
-        ("allow_target", "--allow-target", json!(["10.0.0.0/33"])),
+        (
+            "allow_ports",
+            json!({"allow_ports": ["9000-80"]}),
+            vec!["--allow-ports", "9000-80"],
+        ),
+        (
+            "allow_target",
+            json!({"allow_target": ["10.0.0.0/33"]}),
+            vec!["--allow-target", "10.0.0.0/33"],
+        ),
         (
             "allow_namespace_selector",
-            "--allow-namespace-selector",
-            json!("a b c"),
+            json!({"allow_namespace_selector": "a b c"}),
+            vec!["--allow-namespace-selector", "a b c"],
         ),
-        ("upstream_lease", "--upstream-lease", json!("5")),
+        (
+            "upstream_lease",
+            json!({"upstream": "upnp", "upstream_lease": "5"}),
+            vec!["--upstream", "upnp", "--upstream-lease", "5"],
+        ),
     ]
 }
 
@@ -429,16 +442,17 @@ fn settings_page(browser: &mut Browser, rig: &Rig, shots: &Path) {
         }
     });
     browser.call(json!({"cmd": "open", "path": SETTINGS}));
+    browser.call(json!({"cmd": "show", "option": "allow_ports"}));
     browser.call(json!({"cmd": "shot", "path": shots.join("settings.png")}));
 
     let config = rig.root().join(CONFIG);
     let before = std::fs::read(&config).unwrap();
     // Each is refused with the daemon's own words, and nothing is saved.
-    for (i, (option, flag, value)) in bad_settings().into_iter().enumerate() {
-        let text = value.as_str().or(value[0].as_str()).unwrap().to_owned();
-        let reason = daemon_refusal(flag, &text);
+    for (i, (option, values, flags)) in bad_settings().into_iter().enumerate() {
+        let text = values[option].to_string();
+        let reason = daemon_refusal(&flags);
         browser.call(json!({"cmd": "open", "path": SETTINGS}));
-        browser.call(json!({"cmd": "fill", "values": {option: value}}));
+        browser.call(json!({"cmd": "fill", "values": values}));
         let refused = browser.call(json!({"cmd": "save_apply"}));
         let notes = refused["notifications"].to_string();
         assert!(
@@ -446,13 +460,13 @@ fn settings_page(browser: &mut Browser, rig: &Rig, shots: &Path) {
                 && refused["notifications"].as_array().is_some_and(|n| n
                     .iter()
                     .any(|t| t.as_str().unwrap_or_default().contains(&reason))),
-            "{option} = {text:?}: expected the page to refuse it with the daemon's reason {reason:?}; \
+            "{option} = {text}: expected the page to refuse it with the daemon's reason {reason:?}; \
              Save & Apply ended {} with the notifications {notes}",
             refused["result"]
         );
         assert!(
             refused["invalid"].to_string().contains(option),
-            "{option} = {text:?}: the field is not marked invalid; marked: {}",
+            "{option} = {text}: the field is not marked invalid; marked: {}",
             refused["invalid"]
         );
         if i == 0 {
@@ -460,23 +474,25 @@ fn settings_page(browser: &mut Browser, rig: &Rig, shots: &Path) {
         }
         assert!(
             std::fs::read(&config).unwrap() == before,
-            "{option} = {text:?} was refused, yet {CONFIG} changed:\n{}",
+            "{option} = {text} was refused, yet {CONFIG} changed:\n{}",
             std::fs::read_to_string(&config).unwrap()
         );
     }
 }
 
-/// What the daemon says of `flag value`: the first line of `run --check`'s refusal.
-fn daemon_refusal(flag: &str, value: &str) -> String {
+/// What the daemon says of `flags` (beside a WAN interface, as the page always has one):
+/// the first line of `run --check`'s refusal, without clap's "error: ".
+fn daemon_refusal(flags: &[&str]) -> String {
     let output = Command::new(BIN)
-        .args(["run", "--check", flag, value])
+        .args(["run", "--check", "--wan-interface", "wan"])
+        .args(flags)
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(
         output.status.code(),
         Some(2),
-        "kube-port-forward run --check {flag} {value:?} should refuse it (exit 2): {stderr}"
+        "kube-port-forward run --check {flags:?} should refuse it (exit 2): {stderr}"
     );
     let line = stderr
         .lines()

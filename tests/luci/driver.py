@@ -217,24 +217,33 @@ class Driver:
             found = d.find_elements(By.CSS_SELECTOR, css)
             return bool(found) and found[0].get_attribute(attr) == value
         self.until(c['timeout'], f'{css} with {attr}="{value}"', shown)
-        return {'text': self.drv.find_element(By.CSS_SELECTOR, css).text}
+        return {'text': self.text_of(css)}
 
     def wait_css(self, c):
         """Waits until an element matches `css`, without reloading the page."""
         self.until(c['timeout'], c['css'], lambda d: d.find_elements(By.CSS_SELECTOR, c['css']))
         return {}
 
+    def text_of(self, css):
+        """The text of the first element matching `css`, shown or on a hidden tab; None
+        when there is none."""
+        found = self.drv.find_elements(By.CSS_SELECTOR, css)
+        return found[0].get_attribute('textContent').strip() if found else None
+
     def wait_text(self, c):
         """Waits until the text of `css` matches the regex `pattern`, without reloading."""
         css, pattern = c['css'], re.compile(c['pattern'])
-
-        def shown(d):
-            found = d.find_elements(By.CSS_SELECTOR, css)
-            return bool(found) and pattern.search(found[0].text)
-        self.until(c['timeout'], f'{css} to match /{c["pattern"]}/', shown)
-        return {'text': self.drv.find_element(By.CSS_SELECTOR, css).text}
+        self.until(c['timeout'], f'{css} to match /{c["pattern"]}/',
+                   lambda d: pattern.search(self.text_of(css) or ''))
+        return {'text': self.text_of(css)}
 
     def shot(self, c):
+        """A full-page screenshot from the top, once LuCI's fades and flashes are over
+        (endless animations, such as a spinner, are not waited for)."""
+        self.drv.execute_script('window.scrollTo(0, 0);')
+        self.until(c['timeout'], 'animations to end before the screenshot', lambda d: d.execute_script(
+            "return document.getAnimations().every((a) => a.playState !== 'running'"
+            " || a.effect.getComputedTiming().endTime === Infinity);"))
         m = self.drv.execute_cdp_cmd('Page.getLayoutMetrics', {})
         size = m.get('cssContentSize') or m['contentSize']
         png = self.drv.execute_cdp_cmd('Page.captureScreenshot', {
@@ -251,8 +260,13 @@ class Driver:
             raise Failed(f'no field for option {option!r} (no #{cbid} nor #widget.{cbid})')
         return cbid
 
+    def show(self, c):
+        """Shows the form tab that holds the field of `option`."""
+        self.show_tab(self.widget(c['option']))
+        return {}
+
     def show_tab(self, cbid):
-        """Clicks the form tab that holds the field `cbid`, if it is on one."""
+        """Clicks the form tab that holds the element `cbid` (or `widget.cbid`), if it is on one."""
         tab = self.drv.execute_script("""
             const el = document.getElementById(arguments[0]) || document.getElementById('widget.' + arguments[0]);
             const pane = el && el.closest('[data-tab]');
@@ -303,10 +317,10 @@ class Driver:
             element.send_keys(value)
             element.send_keys(Keys.TAB)
 
-    def notifications(self):
+    def notifications(self, css='#maincontent .alert-message'):
         return self.drv.execute_script(
-            "return Array.from(document.querySelectorAll('#maincontent .alert-message'))"
-            ".map(e => e.innerText.trim()).filter(t => t)")
+            "return Array.from(document.querySelectorAll(arguments[0]))"
+            ".map(e => e.innerText.trim()).filter(t => t)", css)
 
     def save_apply(self, c):
         """Clicks Save & Apply. Answers once LuCI says the changes were applied and has
@@ -339,13 +353,14 @@ class Driver:
         """Uploads the file `path` as the kubeconfig; answers once #kpf-kubeconfig-state
         changed, with whether `secret` ever showed in the page or in an ubus answer."""
         self.drv.execute_script("sessionStorage.setItem('__kpfSecret', arguments[0]);", c['secret'])
-        before = self.drv.find_element(By.ID, 'kpf-kubeconfig-state').text
+        self.show_tab('kpf-kubeconfig-file')
+        before = self.text_of('#kpf-kubeconfig-state')
         self.drv.find_element(By.CSS_SELECTOR, 'input#kpf-kubeconfig-file').send_keys(c['path'])
         self.drv.find_element(By.ID, 'kpf-kubeconfig-upload').click()
-        self.until(c['timeout'], f'#kpf-kubeconfig-state to change from {before!r}',
-                   lambda d: d.find_element(By.ID, 'kpf-kubeconfig-state').text != before
-                   or self.notifications())
-        return {'before': before, 'state': self.drv.find_element(By.ID, 'kpf-kubeconfig-state').text,
+        self.until(c['timeout'], f'#kpf-kubeconfig-state to change from {before!r}, or an error',
+                   lambda d: self.text_of('#kpf-kubeconfig-state') != before
+                   or self.notifications('#maincontent .alert-message:is(.danger, .error, .warning)'))
+        return {'before': before, 'state': self.text_of('#kpf-kubeconfig-state'),
                 'notifications': self.notifications()}
 
     def secret_shown(self, c):
