@@ -291,11 +291,10 @@ class Driver:
         self.show_tab(cbid)
         frame = self.drv.find_element(By.ID, cbid)
         if isinstance(value, list):
-            dynlist = frame
-            if 'cbi-dynlist' not in (dynlist.get_attribute('class') or ''):
-                raise Failed(f'option {option!r} is not a dynamic list (#{cbid} is {dynlist.tag_name}.'
-                             f'{dynlist.get_attribute("class")})')
-            for item in dynlist.find_elements(By.CSS_SELECTOR, ':scope > .item'):
+            if 'cbi-dynlist' not in (frame.get_attribute('class') or ''):
+                raise Failed(f'option {option!r} is not a dynamic list (#{cbid} is {frame.tag_name}.'
+                             f'{frame.get_attribute("class")})')
+            for item in frame.find_elements(By.CSS_SELECTOR, ':scope > .item'):
                 item.send_keys(Keys.DELETE)
             field = self.drv.find_element(By.ID, 'widget.' + cbid)
             for v in value:
