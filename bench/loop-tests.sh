@@ -18,7 +18,7 @@ while [ $# -gt 0 ]; do
         *) tests+=("$1"); shift ;;
     esac
 done
-[ "${#tests[@]}" -gt 0 ] || tests=(upstream dns backends e2e cluster router datapath chaos)
+[ "${#tests[@]}" -gt 0 ] || tests=(upstream dns backends e2e cluster router datapath chaos luci)
 logs=${LOOP_LOGS:-/tmp/kpf-loop}
 mkdir -p "$logs"
 

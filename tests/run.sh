@@ -20,6 +20,15 @@ command -v shellcheck >/dev/null || missing+=(shellcheck)
 command -v systemd-analyze >/dev/null || missing+=(systemd)
 # The double-NAT tests run a real UPnP IGD (miniupnpd, nftables flavour) as the ISP's box.
 command -v miniupnpd >/dev/null || missing+=(miniupnpd-nftables)
+# The LuCI browser test (tests/luci.rs): headless Chromium driven by selenium from a venv,
+# and what the LuCI test rig (../shared/luci-rig) needs to unpack and start.
+command -v chromium >/dev/null || missing+=(chromium)
+command -v chromedriver >/dev/null || missing+=(chromium-driver)
+# A font, or the screenshots show boxes for letters (recommends are not installed).
+[ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing+=(fonts-dejavu-core)
+python3 -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)
+command -v curl >/dev/null || missing+=(curl)
+command -v zstd >/dev/null || missing+=(zstd)
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "tests/run.sh: installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -27,6 +36,11 @@ if [ "${#missing[@]}" -gt 0 ]; then
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 nft --version
+if ! target/luci-venv/bin/python -c 'import selenium' 2>/dev/null; then
+    echo "tests/run.sh: installing selenium into target/luci-venv"
+    python3 -m venv target/luci-venv
+    target/luci-venv/bin/pip install --quiet selenium
+fi
 
 # Namespaces of an earlier run that was killed (its guards never ran): their names carry
 # the test process's pid, so only those of processes that are gone are removed.
