@@ -54,6 +54,7 @@ fn the_pages_show_the_daemon_and_configure_it() {
 
     let overlay = overlay(&dir, &ApiServer::kubeconfig(api_addr));
     let rig = Rig::start(&rig_dir, &dir.path.join("rig"), &overlay, &topology.router);
+    let _procd = ServiceEvents::start(&rig, &dir.path.join("service-events.log"));
     let mut daemon = RigDaemon::spawn(
         &rig,
         &dir.path.join("daemon.log"),
@@ -468,12 +469,26 @@ fn settings_page(browser: &mut Browser, rig: &Rig, shots: &Path) {
             Err(wrong.join("; "))
         }
     });
+    // Applying told procd (here its stand-in) that the package's config changed: on a router
+    // procd then reloads the service through the init script's config trigger.
+    let reloads = rig.root().join("tmp/service-events.log");
+    wait_until("the config.change event after Save & Apply", || {
+        let log = std::fs::read_to_string(&reloads).unwrap_or_default();
+        log.lines()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .any(|event| {
+                event == json!({"type": "config.change", "data": {"package": "kube-port-forward"}})
+            })
+            .then_some(())
+            .ok_or(log)
+    });
     browser.call(json!({"cmd": "open", "path": SETTINGS}));
     browser.call(json!({"cmd": "show", "option": "allow_ports"}));
     browser.call(json!({"cmd": "shot", "path": shots.join("settings.png")}));
 
     let config = rig.root().join(CONFIG);
     let before = std::fs::read(&config).unwrap();
+    let reloaded = std::fs::read(&reloads).unwrap();
     // Each is refused with the daemon's own words, and nothing is saved.
     for (i, (option, values, flags)) in bad_settings().into_iter().enumerate() {
         let text = values[option].to_string();
@@ -503,6 +518,10 @@ fn settings_page(browser: &mut Browser, rig: &Rig, shots: &Path) {
             std::fs::read(&config).unwrap() == before,
             "{option} = {text} was refused, yet {CONFIG} changed:\n{}",
             std::fs::read_to_string(&config).unwrap()
+        );
+        assert!(
+            std::fs::read(&reloads).unwrap() == reloaded,
+            "{option} = {text} was refused, yet procd was told of a config change"
         );
     }
 }
@@ -670,6 +689,11 @@ fn overlay(dir: &TempDir, kubeconfig: &str) -> PathBuf {
         std::fs::set_permissions(&to, std::fs::Permissions::from_mode(mode)).unwrap();
     };
     put("usr/sbin/kube-port-forward", Path::new(BIN), 0o755);
+    put(
+        SERVICE_EVENTS,
+        &Path::new(REPO).join("tests/luci/service-events.uc"),
+        0o644,
+    );
     // OpenWrt's ca-bundle, which the package depends on: the Kubernetes client loads it.
     put(
         "etc/ssl/certs/ca-certificates.crt",
@@ -834,6 +858,53 @@ impl Drop for Rig {
 fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Where the overlay puts the stand-in of procd's `service` object.
+const SERVICE_EVENTS: &str = "usr/share/kpf-test/service-events.uc";
+
+/// The stand-in of procd's `service` ubus object (`tests/luci/service-events.uc`), running
+/// in the rig until the test ends; its output goes to `log`.
+struct ServiceEvents {
+    child: Child,
+}
+
+impl ServiceEvents {
+    fn start(rig: &Rig, log: &Path) -> ServiceEvents {
+        let file = std::fs::File::create(log).unwrap();
+        let child = Command::new(rig.dir.join("run-in.sh"))
+            .arg("--state")
+            .arg(&rig.state)
+            .args(["ucode", &format!("/{SERVICE_EVENTS}")])
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        let mut events = ServiceEvents { child };
+        wait_until("procd's stand-in on ubus", || {
+            if let Ok(Some(status)) = events.child.try_wait() {
+                panic!(
+                    "the service stand-in ended with {status}: {}",
+                    std::fs::read_to_string(log).unwrap_or_default()
+                );
+            }
+            let listed = rig.run_in(&["ubus", "list", "service"]);
+            listed
+                .status
+                .success()
+                .then_some(())
+                .ok_or_else(|| String::from_utf8_lossy(&listed.stderr).into_owned())
+        });
+        events
+    }
+}
+
+impl Drop for ServiceEvents {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// `kube-port-forward run` inside the rig (`run-in.sh`, as procd would start it on a

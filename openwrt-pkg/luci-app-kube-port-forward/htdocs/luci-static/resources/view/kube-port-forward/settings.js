@@ -262,7 +262,12 @@ return view.extend({
 
 		this.map = m;
 
-		return m.render();
+		// The theme's list items have a border of their own, which its invalid class does not
+		// reach: a refused item is coloured here.
+		return m.render().then((node) => E('div', {}, [
+			E('style', {}, '.cbi-dynlist > .item.kpf-refused { border-color: var(--error-color-medium); color: var(--error-color-high); }'),
+			node
+		]));
 	},
 
 	// The options as they would be saved: the form parsed into LuCI's pending UCI changes.
@@ -302,10 +307,16 @@ return view.extend({
 		const cbid = 'cbid.%s.%s.%s'.format(CONFIG, SECTION, res.option);
 		const widget = field.querySelector('[id="widget.%s"], [data-widget-id="widget.%s"], [id="%s"]'.format(cbid, cbid, cbid));
 
-		if (widget) {
-			widget.classList.add('cbi-input-invalid', 'kpf-refused');
-			widget.addEventListener('change', () => widget.classList.remove('cbi-input-invalid', 'kpf-refused'), { once: true });
-		}
+		// A list is a frame of items, which the theme colours one by one: those the message
+		// names are marked, or all of them when it names none.
+		const items = widget ? Array.from(widget.querySelectorAll('.item')) : [];
+		const named = items.filter((item) => res.message.indexOf(item.querySelector('input[type="hidden"]')?.value || '\0') >= 0);
+
+		if (widget)
+			[ widget, ...(named.length ? named : items) ].forEach((node) => {
+				node.classList.add('cbi-input-invalid', 'kpf-refused');
+				node.addEventListener('change', () => node.classList.remove('cbi-input-invalid', 'kpf-refused'), { once: true });
+			});
 
 		const pane = field.closest('[data-tab]');
 		const tab = pane?.parentNode.previousElementSibling?.querySelector('[data-tab="%s"] > a'.format(pane.getAttribute('data-tab')));

@@ -240,7 +240,10 @@ function check(values, kubeconfig) {
 	if (result.code == 0)
 		return { ok: true };
 
-	return { ok: false, message: trim(result.output) || `${PROG} exited with status ${result.code}` };
+	// The daemon's own words, without the "error: " its command line puts before them.
+	const message = replace(trim(result.output), /^error: /, '');
+
+	return { ok: false, message: message || `${PROG} exited with status ${result.code}` };
 }
 
 function saved_values() {
