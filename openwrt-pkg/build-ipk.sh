@@ -10,6 +10,8 @@
 set -eu
 
 here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=ipk.sh
+. "$here/ipk.sh"
 root=$(dirname "$here")
 pkg="$here/kube-port-forward"
 arch=""
@@ -80,14 +82,6 @@ ENABLE
 		| sed '1,2d;$d' | sed 's/\$\$/$/g'
 } > "$control/postinst"
 chmod 0755 "$control/prerm" "$control/postinst" "$control/postrm"
-echo "2.0" > "$work/debian-binary"
-
-tarball() { # DIR OUTPUT: a gzip tar of DIR's contents, owned by root, reproducible order
-	tar --sort=name --owner=0 --group=0 --numeric-owner --mtime=@0 -C "$1" -cf - . | gzip -9n > "$2"
-}
-tarball "$data" "$work/data.tar.gz"
-tarball "$control" "$work/control.tar.gz"
 ipk="$out/kube-port-forward_${version}-r${release}_${arch}.ipk"
-tar --owner=0 --group=0 --numeric-owner --mtime=@0 -C "$work" -czf "$ipk" \
-	./debian-binary ./control.tar.gz ./data.tar.gz
+ipk_pack "$work" "$ipk"
 echo "$ipk"

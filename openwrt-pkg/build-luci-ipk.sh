@@ -8,6 +8,8 @@
 set -eu
 
 here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=ipk.sh
+. "$here/ipk.sh"
 root=$(dirname "$here")
 name=luci-app-kube-port-forward
 pkg="$here/$name"
@@ -47,14 +49,6 @@ for script in postinst postrm; do
 		| sed '1d;$d' | sed 's/\$\$/$/g' > "$control/$script"
 	chmod 0755 "$control/$script"
 done
-echo "2.0" > "$work/debian-binary"
-
-tarball() { # DIR OUTPUT: a gzip tar of DIR's contents, owned by root, reproducible order
-	tar --sort=name --owner=0 --group=0 --numeric-owner --mtime=@0 -C "$1" -cf - . | gzip -9n > "$2"
-}
-tarball "$data" "$work/data.tar.gz"
-tarball "$control" "$work/control.tar.gz"
 ipk="$out/${name}_${version}-r${release}_all.ipk"
-tar --owner=0 --group=0 --numeric-owner --mtime=@0 -C "$work" -czf "$ipk" \
-	./debian-binary ./control.tar.gz ./data.tar.gz
+ipk_pack "$work" "$ipk"
 echo "$ipk"

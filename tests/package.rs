@@ -84,46 +84,8 @@ fn the_ipk_has_opkgs_layout_fields_conffiles_and_clean_scripts() {
             .ends_with("_x86_64.ipk")
     );
 
-    // The outer archive: exactly these three members, debian-binary first.
-    let members = run("tar", &["-tzf", ipk.to_str().unwrap()]);
-    assert_eq!(
-        members.lines().collect::<Vec<_>>(),
-        ["./debian-binary", "./control.tar.gz", "./data.tar.gz"]
-    );
     let x = dir.path.join("x");
-    let (control, data) = (x.join("control"), x.join("data"));
-    std::fs::create_dir_all(&control).unwrap();
-    std::fs::create_dir_all(&data).unwrap();
-    run(
-        "tar",
-        &["-xzf", ipk.to_str().unwrap(), "-C", x.to_str().unwrap()],
-    );
-    assert_eq!(
-        std::fs::read_to_string(x.join("debian-binary")).unwrap(),
-        "2.0\n"
-    );
-    for (archive, into) in [("control.tar.gz", &control), ("data.tar.gz", &data)] {
-        let archive = x.join(archive);
-        run(
-            "tar",
-            &[
-                "-xzf",
-                archive.to_str().unwrap(),
-                "-C",
-                into.to_str().unwrap(),
-            ],
-        );
-        // Owned by root, whoever built it.
-        let listing = run("tar", &["-tzvf", archive.to_str().unwrap()]);
-        assert!(listing.lines().all(|l| l.contains(" 0/0 ")), "{listing}");
-    }
-
-    let fields: BTreeMap<String, String> = std::fs::read_to_string(control.join("control"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| l.split_once(": "))
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect();
+    let (fields, control, data) = unpack_ipk(&ipk, &x);
     assert_eq!(fields["Package"], "kube-port-forward");
     assert_eq!(fields["Architecture"], "x86_64");
     assert!(fields["Version"].starts_with(env!("CARGO_PKG_VERSION")));
@@ -238,6 +200,7 @@ fn the_ipk_has_opkgs_layout_fields_conffiles_and_clean_scripts() {
 
 /// An .ipk's control fields and its unpacked control and data folders.
 fn unpack_ipk(ipk: &Path, into: &Path) -> (BTreeMap<String, String>, PathBuf, PathBuf) {
+    // The outer archive: exactly these three members, debian-binary first.
     let members = run("tar", &["-tzf", ipk.to_str().unwrap()]);
     assert_eq!(
         members.lines().collect::<Vec<_>>(),
@@ -250,6 +213,10 @@ fn unpack_ipk(ipk: &Path, into: &Path) -> (BTreeMap<String, String>, PathBuf, Pa
         "tar",
         &["-xzf", ipk.to_str().unwrap(), "-C", into.to_str().unwrap()],
     );
+    assert_eq!(
+        std::fs::read_to_string(into.join("debian-binary")).unwrap(),
+        "2.0\n"
+    );
     for (archive, dir) in [("control.tar.gz", &control), ("data.tar.gz", &data)] {
         let archive = into.join(archive);
         run(
@@ -261,6 +228,7 @@ fn unpack_ipk(ipk: &Path, into: &Path) -> (BTreeMap<String, String>, PathBuf, Pa
                 dir.to_str().unwrap(),
             ],
         );
+        // Owned by root, whoever built it.
         let listing = run("tar", &["-tzvf", archive.to_str().unwrap()]);
         assert!(listing.lines().all(|l| l.contains(" 0/0 ")), "{listing}");
     }
