@@ -1,6 +1,7 @@
 //! The test API server against recordings of a real kube-apiserver 1.36: the same requests
-//! must get the same status codes and the fields that matter must agree. Then list paging,
-//! watch with bookmarks, and 410 on a compacted version, through kube-rs itself.
+//! must get the same status codes and the fields that matter must agree, managedFields
+//! included. Then list paging, watch with bookmarks, and 410 on a compacted version, through
+//! kube-rs itself.
 
 mod common;
 
@@ -61,6 +62,7 @@ fn read_exchange(path: &Path) -> Exchange {
     }
 }
 
+/// Sends a request as the recordings were made: with curl, whose User-Agent names the manager.
 async fn send(
     client: &kube::Client,
     method: &str,
@@ -68,7 +70,10 @@ async fn send(
     content_type: Option<&str>,
     body: &str,
 ) -> (u16, Value) {
-    let mut request = http::Request::builder().method(method).uri(path);
+    let mut request = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("user-agent", "curl/8.14.1");
     if let Some(ct) = content_type {
         request = request.header("content-type", ct);
     }
@@ -112,7 +117,19 @@ fn essentials(value: &Value) -> Value {
         "conditions": value["status"]["conditions"],
         "reason": value["reason"],
         "items": value["items"].as_array().map(|items| items.iter().map(|i| i["metadata"]["name"].clone()).collect::<Vec<_>>()),
+        "managedFields": untimed(&meta["managedFields"]),
     })
+}
+
+/// managedFields without their times, which differ between runs (their order does not: the
+/// server sorts by time, and the recordings' writes come in the same order).
+fn untimed(entries: &Value) -> Value {
+    let mut entries = entries.clone();
+    for entry in entries.as_array_mut().into_iter().flatten() {
+        let time = entry.as_object_mut().unwrap().remove("time");
+        assert!(time.as_ref().is_some_and(Value::is_string), "{time:?}");
+    }
+    entries
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -142,9 +159,12 @@ async fn replays_the_real_api_server_transcripts() {
             path = path.replace("resourceVersion=239", "resourceVersion=1");
         }
         if exchange.file.starts_with("17-") {
-            server.create(json!({"metadata": {"name": "game", "namespace": "default",
+            let game = json!({"metadata": {"name": "game", "namespace": "default",
                 "annotations": {"kube-port-forward-controller/mapping": "25565:minecraft"}},
-                "spec": {"type": "LoadBalancer", "ports": [{"name": "game", "port": 25565}]}}));
+                "spec": {"type": "LoadBalancer", "ports": [{"name": "minecraft", "port": 25565}]}});
+            let path = "/api/v1/namespaces/default/services";
+            let (status, _) = send(&client, "POST", path, None, &game.to_string()).await;
+            assert_eq!(status, 201);
         }
         let (status, response) = send(
             &client,
@@ -295,4 +315,149 @@ async fn a_filtered_watch_sees_objects_leave_and_enter_its_selection() {
         }
     }
     assert_eq!(seen, ["deleted", "added"]);
+}
+
+/// managedFields without times, in a fixed order (the server's depends on the second each
+/// write fell in).
+fn by_writer(entries: &Value) -> Vec<Value> {
+    let mut entries: Vec<Value> = untimed(entries).as_array().cloned().unwrap_or_default();
+    entries.sort_by_key(|e| format!("{}/{}/{}", e["manager"], e["operation"], e["subresource"]));
+    entries
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn managed_fields_follow_each_writer_in_get_list_and_watch() {
+    let server = ApiServer::new();
+    let client = client_for(&server);
+    let recorded = |file: &str| read_exchange(&transcripts().join(file));
+    let stream_lines: Vec<Value> =
+        std::fs::read_to_string(transcripts().join("watch-stream.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+    let api: Api<kube::api::DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        "default",
+        &kube::api::ApiResource::erase::<k8s_openapi::api::core::v1::Service>(&()),
+    );
+    let rv = api
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .metadata
+        .resource_version
+        .unwrap();
+    let mut watch = api
+        .watch(&WatchParams::default().timeout(30), &rv)
+        .await
+        .unwrap()
+        .boxed();
+
+    // curl's create and status patch (its User-Agent names it), as recorded.
+    let create = recorded("01-create-service.txt");
+    let (_, created) = send(&client, "POST", &create.path, None, &create.body).await;
+    assert_eq!(
+        untimed(&created["metadata"]["managedFields"]),
+        untimed(&create.response["metadata"]["managedFields"])
+    );
+    let status = recorded("03-set-lb-ip-status.txt");
+    let ct = status.content_type.as_deref();
+    send(&client, "PATCH", &status.path, ct, &status.body).await;
+
+    // The daemon's finalizer patch: kube-rs sends neither fieldManager nor User-Agent, so
+    // the entry has no manager, as Go omits an empty one.
+    let finalizer = recorded("04-add-finalizer-jsonpatch-test-null.txt");
+    let patch: json_patch::Patch = serde_json::from_str(&finalizer.body).unwrap();
+    api.patch(
+        "web",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Json::<()>(patch),
+    )
+    .await
+    .unwrap();
+
+    // Another manager, named by `fieldManager`, takes the annotation it changes; curl keeps
+    // the annotations map it made.
+    let (code, _) = send(
+        &client,
+        "PATCH",
+        "/api/v1/namespaces/default/services/web?fieldManager=kubectl-annotate",
+        Some("application/merge-patch+json"),
+        r#"{"metadata":{"annotations":{"kube-port-forward-controller/mapping":"8080:http,5353:dns"}}}"#,
+    )
+    .await;
+    assert_eq!(code, 200);
+
+    let mut curl = untimed(&create.response["metadata"]["managedFields"])[0].clone();
+    // A member with nothing below it is encoded as `{}`, as structured-merge-diff does.
+    curl["fieldsV1"]["f:metadata"]["f:annotations"] = json!({});
+    let curl_status = untimed(&status.response["metadata"]["managedFields"])[1].clone();
+    let mut anonymous = curl.clone();
+    anonymous.as_object_mut().unwrap().remove("manager");
+    anonymous["fieldsV1"] = json!({"f:metadata": {"f:finalizers": {".": {},
+        "v:\"kube-port-forward-controller/finalizer\"": {}}}});
+    let mut annotate = curl.clone();
+    annotate["manager"] = json!("kubectl-annotate");
+    annotate["fieldsV1"] = json!({"f:metadata": {"f:annotations": {
+        "f:kube-port-forward-controller/mapping": {}}}});
+    let mut expected = vec![anonymous, annotate, curl, curl_status];
+    expected.sort_by_key(|e| format!("{}/{}/{}", e["manager"], e["operation"], e["subresource"]));
+
+    let (_, got) = send(
+        &client,
+        "GET",
+        "/api/v1/namespaces/default/services/web",
+        None,
+        "",
+    )
+    .await;
+    assert_eq!(by_writer(&got["metadata"]["managedFields"]), expected);
+    let (_, list) = send(&client, "GET", "/api/v1/services?limit=500", None, "").await;
+    assert_eq!(
+        by_writer(&list["items"][0]["metadata"]["managedFields"]),
+        expected
+    );
+
+    // The watch sends each version with its managedFields: the first two as recorded.
+    let mut seen = Vec::new();
+    while seen.len() < 4 {
+        match watch.try_next().await.unwrap().unwrap() {
+            WatchEvent::Added(o) | WatchEvent::Modified(o) => {
+                seen.push(serde_json::to_value(o.metadata.managed_fields).unwrap())
+            }
+            WatchEvent::Bookmark(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    for (ours, real) in seen.iter().zip(&stream_lines[..2]) {
+        assert_eq!(
+            untimed(ours),
+            untimed(&real["object"]["metadata"]["managedFields"])
+        );
+    }
+    assert_eq!(by_writer(&seen[3]), expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_apply_needs_a_field_manager_and_owns_what_it_applied() {
+    let server = ApiServer::new();
+    let client = client_for(&server);
+    let apply = read_exchange(&transcripts().join("20-ssa-finalizer-apply.txt"));
+    server.create(json!({"metadata": {"name": "game", "namespace": "default"},
+        "spec": {"type": "LoadBalancer", "ports": [{"name": "minecraft", "port": 25565}]}}));
+    let ct = apply.content_type.as_deref();
+    let anonymous = apply.path.replace("fieldManager=kube-port-forward&", "");
+    let (code, refused) = send(&client, "PATCH", &anonymous, ct, &apply.body).await;
+    assert_eq!((code, &refused["reason"]), (422, &json!("Invalid")));
+    let (code, applied) = send(&client, "PATCH", &apply.path, ct, &apply.body).await;
+    assert_eq!(code, 200);
+    let entries = untimed(&applied["metadata"]["managedFields"]);
+    let real = untimed(&apply.response["metadata"]["managedFields"]);
+    assert_eq!(entries[0], real[0]);
+    assert_eq!(entries[1]["manager"], "kubectl-create");
+    assert_eq!(
+        entries[1]["fieldsV1"]["f:spec"],
+        real[1]["fieldsV1"]["f:spec"]
+    );
 }

@@ -7,9 +7,12 @@
 //! - resourceVersion conflicts (409), finalizers and `deletionTimestamp`, no new finalizer on
 //!   a terminating object, qualified-name checks on finalizers and annotation keys (422).
 //! - events.k8s.io/v1 Events: create and merge patch.
+//! - `metadata.managedFields` on every object, kept per manager (the `fieldManager`
+//!   parameter, else the User-Agent's first segment) as the real server keeps them.
 //!
-//! Not modelled: server-side apply field ownership (apply is treated as a strategic merge),
-//! list snapshots across pages (pages are read from the current state), authentication.
+//! Not modelled: server-side apply conflicts (an apply is forced, and merged as a strategic
+//! merge), list snapshots across pages (pages are read from the current state),
+//! authentication.
 //!
 //! Listeners can be opened inside network namespaces, stopped (connections cut, as when the
 //! API server goes down) and reopened; `forget_history` compacts everything seen so far.
@@ -29,9 +32,11 @@ use tokio::sync::{broadcast, watch};
 use super::Netns;
 
 mod lists;
+mod managed;
 mod objects;
 mod rules;
 
+use managed::Writer;
 use rules::*;
 
 type Body = BoxBody<Bytes, Infallible>;
@@ -165,7 +170,7 @@ impl ApiServer {
             .as_str()
             .unwrap_or("default")
             .to_owned();
-        let (status, body) = self.create_service(&ns, object);
+        let (status, body) = self.create_service(&ns, object, "kubectl-create");
         assert_eq!(status, StatusCode::CREATED, "{body}");
         body
     }
@@ -175,18 +180,20 @@ impl ApiServer {
         let mut state = self.state.lock().unwrap();
         state.rv += 1;
         let key = (String::new(), name.to_owned());
-        let (kind, mut object) = match state.namespaces.get(&key) {
-            Some(old) => ("MODIFIED", old.clone()),
+        let old = state.namespaces.get(&key).cloned();
+        let (kind, mut object, manager) = match &old {
+            Some(old) => ("MODIFIED", old.clone(), "kubectl-label"),
             None => {
                 state.uid += 1;
                 let uid = format!("00000000-0000-4000-a000-{:012x}", state.uid);
                 let object = json!({"kind": "Namespace", "apiVersion": "v1",
                     "metadata": {"name": name, "uid": uid, "creationTimestamp": now()},
                     "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}});
-                ("ADDED", object)
+                ("ADDED", object, "kubectl-create")
             }
         };
         object["metadata"]["labels"] = labels;
+        managed::record(old.as_ref(), &mut object, &Writer::update(manager), None);
         object["metadata"]["resourceVersion"] = json!(state.rv.to_string());
         state.namespaces.insert(key, object.clone());
         self.record(&mut state, kind, &object);
@@ -198,7 +205,8 @@ impl ApiServer {
         let mut state = self.state.lock().unwrap();
         state.rv += 1;
         let key = (String::new(), name.to_owned());
-        let (kind, uid, created) = match state.nodes.get(&key) {
+        let old = state.nodes.get(&key).cloned();
+        let (kind, uid, created) = match &old {
             Some(old) => (
                 "MODIFIED",
                 old["metadata"]["uid"].clone(),
@@ -211,7 +219,7 @@ impl ApiServer {
             }
         };
         let ready = if ready { "True" } else { "Unknown" };
-        let object = json!({"kind": "Node", "apiVersion": "v1",
+        let mut object = json!({"kind": "Node", "apiVersion": "v1",
             "metadata": {"name": name, "uid": uid, "creationTimestamp": created,
                 "resourceVersion": state.rv.to_string(), "labels": labels},
             "spec": {"podCIDR": "10.42.0.0/24", "podCIDRs": ["10.42.0.0/24"]},
@@ -222,6 +230,22 @@ impl ApiServer {
                     {"type": "MemoryPressure", "status": "False", "reason": "KubeletHasSufficientMemory"},
                     {"type": "Ready", "status": ready, "reason": "KubeletReady"}],
                 "nodeInfo": {"kubeletVersion": "v1.36.0", "architecture": "arm64"}}});
+        // The kubelet registers the Node, then writes its status through the subresource.
+        let mut registered = object.clone();
+        registered["status"] = old.as_ref().map_or(json!({}), |o| o["status"].clone());
+        managed::record(
+            old.as_ref(),
+            &mut registered,
+            &Writer::update("kubelet"),
+            None,
+        );
+        object["metadata"]["managedFields"] = registered["metadata"]["managedFields"].clone();
+        managed::record(
+            Some(&registered),
+            &mut object,
+            &Writer::status("kubelet"),
+            None,
+        );
         state.nodes.insert(key, object.clone());
         self.record(&mut state, kind, &object);
     }
@@ -263,6 +287,7 @@ impl ApiServer {
             "application/merge-patch+json",
             &patch.to_string(),
             status,
+            "kubectl-patch",
         );
         assert_eq!(code, StatusCode::OK, "{body}");
         body
@@ -363,12 +388,18 @@ impl ApiServer {
             .get("accept")
             .and_then(|v| v.to_str().ok())
             .is_some_and(|a| a.contains("as=PartialObjectMetadata"));
-        let content_type = req
-            .headers()
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned();
+        let header = |name: &str| {
+            req.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let content_type = header("content-type");
+        let manager = Writer::manager_of(
+            query.get("fieldManager").map(String::as_str),
+            &header("user-agent"),
+        );
         let body = match req.into_body().collect().await {
             Ok(body) => String::from_utf8_lossy(&body.to_bytes()).into_owned(),
             Err(_) => String::new(),
@@ -389,7 +420,7 @@ impl ApiServer {
             }
             (Method::POST, ["api", "v1", "namespaces", ns, "services"]) => {
                 match serde_json::from_str(&body) {
-                    Ok(object) => self.create_service(ns, object),
+                    Ok(object) => self.create_service(ns, object, &manager),
                     Err(e) => bad_request(&e.to_string()),
                 }
             }
@@ -404,13 +435,25 @@ impl ApiServer {
             (Method::PATCH, ["api", "v1", "namespaces", ns, "services", name, rest @ ..])
                 if rest.is_empty() || rest == ["status"] =>
             {
-                self.patch_service(ns, name, &content_type, &body, !rest.is_empty())
+                let apply = content_type.starts_with("application/apply-patch+yaml");
+                let field_manager = query.get("fieldManager").map(String::as_str);
+                match check_patch_options(apply, field_manager, query.contains_key("force")) {
+                    Ok(()) => self.patch_service(
+                        ns,
+                        name,
+                        &content_type,
+                        &body,
+                        !rest.is_empty(),
+                        &manager,
+                    ),
+                    Err(refused) => refused,
+                }
             }
             (Method::DELETE, ["api", "v1", "namespaces", ns, "services", name]) => {
                 self.delete_service(ns, name)
             }
             (Method::POST, ["apis", "events.k8s.io", "v1", "namespaces", ns, "events"]) => {
-                self.create_event(ns, &body)
+                self.create_event(ns, &body, &manager)
             }
             (
                 Method::PATCH,
@@ -423,7 +466,7 @@ impl ApiServer {
                     "events",
                     name,
                 ],
-            ) => self.patch_event(name, &body),
+            ) => self.patch_event(name, &body, &manager),
             _ => (
                 StatusCode::NOT_FOUND,
                 status_body(

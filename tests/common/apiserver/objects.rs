@@ -5,10 +5,16 @@ use hyper::StatusCode;
 use serde_json::{Value, json};
 
 use super::ApiServer;
+use super::managed::{self, Writer};
 use super::rules::*;
 
 impl ApiServer {
-    pub(super) fn create_service(&self, ns: &str, mut object: Value) -> (StatusCode, Value) {
+    pub(super) fn create_service(
+        &self,
+        ns: &str,
+        mut object: Value,
+        manager: &str,
+    ) -> (StatusCode, Value) {
         let mut state = self.state.lock().unwrap();
         let name = object["metadata"]["name"]
             .as_str()
@@ -46,18 +52,10 @@ impl ApiServer {
         }
         object["kind"] = json!("Service");
         object["apiVersion"] = json!("v1");
-        if object["spec"]["type"].is_null() {
-            object["spec"]["type"] = json!("ClusterIP");
-        }
-        if let Some(ports) = object["spec"]["ports"].as_array_mut() {
-            for port in ports {
-                if port["protocol"].is_null() {
-                    port["protocol"] = json!("TCP");
-                }
-            }
-        }
+        default_service(&mut object);
         // Status is the controllers' to write: a create starts with an empty one.
         object["status"] = json!({"loadBalancer": {}});
+        managed::record(None, &mut object, &Writer::update(manager), None);
         state.services.insert(key, object.clone());
         self.record(&mut state, "ADDED", &object);
         (StatusCode::CREATED, object)
@@ -70,6 +68,7 @@ impl ApiServer {
         content_type: &str,
         body: &str,
         status: bool,
+        manager: &str,
     ) -> (StatusCode, Value) {
         let mut state = self.state.lock().unwrap();
         let key = (ns.to_owned(), name.to_owned());
@@ -82,9 +81,18 @@ impl ApiServer {
             Err(e) => return bad_request(&e.to_string()),
         };
         let media = content_type.split(';').next().unwrap_or_default().trim();
+        let writer = match (media, status) {
+            ("application/apply-patch+yaml", false) => Writer::apply(manager),
+            ("application/apply-patch+yaml", true) => Writer {
+                subresource: Some("status"),
+                ..Writer::apply(manager)
+            },
+            (_, false) => Writer::update(manager),
+            (_, true) => Writer::status(manager),
+        };
         match media {
             "application/json-patch+json" => {
-                let mut ops: json_patch::Patch = match serde_json::from_value(patch) {
+                let mut ops: json_patch::Patch = match serde_json::from_value(patch.clone()) {
                     Ok(ops) => ops,
                     Err(e) => return bad_request(&e.to_string()),
                 };
@@ -154,7 +162,10 @@ impl ApiServer {
         }
         // Go's Condition type has no `omitempty` on lastTransitionTime: an absent one is
         // stored and served as null (transcript 18).
-        if let Some(conditions) = new["status"]["conditions"].as_array_mut() {
+        if let Some(conditions) = new
+            .pointer_mut("/status/conditions")
+            .and_then(Value::as_array_mut)
+        {
             for condition in conditions {
                 if let Some(map) = condition.as_object_mut() {
                     map.entry("lastTransitionTime").or_insert(Value::Null);
@@ -187,12 +198,26 @@ impl ApiServer {
             }
         }
         new["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"].clone();
+        // managedFields are the server's to keep, whatever the patch says of them.
+        match old["metadata"].get("managedFields") {
+            Some(entries) => new["metadata"]["managedFields"] = entries.clone(),
+            None => {
+                if let Some(meta) = new["metadata"].as_object_mut() {
+                    meta.remove("managedFields");
+                }
+            }
+        }
+        if !status {
+            default_service(&mut new);
+        }
         if let Err(err) = validate(name, &new, Some(&old)) {
             return err;
         }
         if new == old {
             return (StatusCode::OK, old);
         }
+        let applied = (writer.operation == "Apply").then_some(&patch);
+        managed::record(Some(&old), &mut new, &writer, applied);
         state.rv += 1;
         new["metadata"]["resourceVersion"] = json!(state.rv.to_string());
         let terminating = !new["metadata"]["deletionTimestamp"].is_null();
@@ -237,7 +262,7 @@ impl ApiServer {
         (StatusCode::OK, object)
     }
 
-    pub(super) fn create_event(&self, ns: &str, body: &str) -> (StatusCode, Value) {
+    pub(super) fn create_event(&self, ns: &str, body: &str, manager: &str) -> (StatusCode, Value) {
         let Ok(mut event) = serde_json::from_str::<Value>(body) else {
             return bad_request("not JSON");
         };
@@ -269,11 +294,12 @@ impl ApiServer {
         event["metadata"]["uid"] = json!(format!("00000000-0000-4000-9000-{:012x}", state.uid));
         event["metadata"]["resourceVersion"] = json!(state.rv.to_string());
         event["metadata"]["creationTimestamp"] = json!(now());
+        managed::record(None, &mut event, &Writer::update(manager), None);
         state.events.push(event.clone());
         (StatusCode::CREATED, event)
     }
 
-    pub(super) fn patch_event(&self, name: &str, body: &str) -> (StatusCode, Value) {
+    pub(super) fn patch_event(&self, name: &str, body: &str, manager: &str) -> (StatusCode, Value) {
         let Ok(patch) = serde_json::from_str::<Value>(body) else {
             return bad_request("not JSON");
         };
@@ -286,7 +312,10 @@ impl ApiServer {
             .find(|e| e["metadata"]["name"] == name)
         {
             Some(event) => {
+                let old = event.clone();
                 json_patch::merge(event, &patch);
+                event["metadata"]["managedFields"] = old["metadata"]["managedFields"].clone();
+                managed::record(Some(&old), event, &Writer::update(manager), None);
                 event["metadata"]["resourceVersion"] = json!(rv.to_string());
                 (StatusCode::OK, event.clone())
             }

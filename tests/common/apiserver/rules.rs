@@ -71,6 +71,42 @@ pub(super) fn merge_by(slot: &mut Value, items: &[Value], key: &str) {
     *slot = Value::Array(merged);
 }
 
+/// The defaults the API server fills in a Service's spec before it is stored (and before
+/// managedFields are worked out, so the writer owns them: transcript 01). Addresses and node
+/// ports, which it allocates afterwards, are not modelled.
+pub(super) fn default_service(object: &mut Value) {
+    let spec = &mut object["spec"];
+    if spec["type"].is_null() {
+        spec["type"] = json!("ClusterIP");
+    }
+    let kind = spec["type"].as_str().unwrap_or_default().to_owned();
+    let mut defaults = vec![("sessionAffinity", json!("None"))];
+    if kind != "ExternalName" {
+        defaults.push(("internalTrafficPolicy", json!("Cluster")));
+    }
+    if kind == "LoadBalancer" || kind == "NodePort" {
+        defaults.push(("externalTrafficPolicy", json!("Cluster")));
+    }
+    if kind == "LoadBalancer" {
+        defaults.push(("allocateLoadBalancerNodePorts", json!(true)));
+    }
+    for (field, value) in defaults {
+        if spec[field].is_null() {
+            spec[field] = value;
+        }
+    }
+    if let Some(ports) = spec["ports"].as_array_mut() {
+        for port in ports {
+            if port["protocol"].is_null() {
+                port["protocol"] = json!("TCP");
+            }
+            if port["targetPort"].is_null() {
+                port["targetPort"] = port["port"].clone();
+            }
+        }
+    }
+}
+
 /// The checks the API server makes on the metadata the daemon writes.
 pub(super) fn validate(
     name: &str,
@@ -260,6 +296,40 @@ pub(super) fn invalid(name: &str, field: &str, message: &str) -> (StatusCode, Va
             ]}),
         ),
     )
+}
+
+/// A patch's options refused: an apply names its field manager itself (the User-Agent does
+/// not count), and only an apply may force.
+pub(super) fn check_patch_options(
+    apply: bool,
+    field_manager: Option<&str>,
+    force: bool,
+) -> Result<(), (StatusCode, Value)> {
+    let named = field_manager.is_some_and(|m| !m.is_empty());
+    let (field, reason, message) = match (apply, named, force) {
+        (true, false, _) => (
+            "fieldManager",
+            "FieldValueRequired",
+            "Required value: is required for apply patch",
+        ),
+        (false, _, true) => (
+            "force",
+            "FieldValueForbidden",
+            "Forbidden: may not be specified for non-apply patch",
+        ),
+        _ => return Ok(()),
+    };
+    Err((
+        StatusCode::UNPROCESSABLE_ENTITY,
+        status_body(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid",
+            &format!("PatchOptions.meta.k8s.io \"\" is invalid: {field}: {message}"),
+            json!({"group": "meta.k8s.io", "kind": "PatchOptions", "causes": [
+                {"reason": reason, "message": message, "field": field}
+            ]}),
+        ),
+    ))
 }
 
 pub(super) fn json_response(status: StatusCode, value: &Value) -> Response<Body> {
