@@ -373,6 +373,97 @@ fn release_finalizers_frees_every_service_for_uninstall() {
     assert!(finalizers(&api, "a").is_empty() && finalizers(&api, "b").is_empty());
 }
 
+/// The daemon's writes and `release-finalizers`' are recorded as the daemon's: its
+/// finalizer, DNS target and events by an update, its condition on the status subresource,
+/// all under the manager `kube-port-forward`.
+#[test]
+fn managed_fields_name_the_daemon_as_the_manager_of_its_writes() {
+    const MANAGER: &str = "kube-port-forward";
+    let Setup {
+        topology,
+        api,
+        addr,
+        dir,
+        _servers,
+    } = setup(&[8080]);
+    let extra = ["--cleanup-deadline", "60", "--dns-targets"];
+    let mut daemon = start_daemon(&topology.router, &dir, addr, "router-a", FINALIZER, &extra);
+    create_with_address(&api, "web", "80:http", 8080);
+    let target = "external-dns.alpha.kubernetes.io/target";
+    wait_for("the finalizer, the condition and the DNS target", || {
+        let web = api.get("apps", "web").unwrap();
+        finalizers(&api, "web") == [FINALIZER]
+            && web["status"]["conditions"][0]["reason"] == "Forwarded"
+            && web["metadata"]["annotations"][target] == ROUTER_WAN4
+    });
+    let web = api.get("apps", "web").unwrap();
+    let fields_of = |subresource: Option<&str>| -> serde_json::Value {
+        let entries = &web["metadata"]["managedFields"];
+        entries
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| {
+                e["manager"] == MANAGER
+                    && e["operation"] == "Update"
+                    && e["subresource"].as_str() == subresource
+            })
+            .unwrap_or_else(|| panic!("no entry of {MANAGER} for {subresource:?}: {entries:#}"))
+            ["fieldsV1"]
+            .clone()
+    };
+    let update = fields_of(None);
+    let finalizer = format!("v:{}", json!(FINALIZER));
+    assert!(
+        update["f:metadata"]["f:finalizers"][&finalizer].is_object(),
+        "{update:#}"
+    );
+    assert!(
+        update["f:metadata"]["f:annotations"][format!("f:{target}")].is_object(),
+        "{update:#}"
+    );
+    let status = fields_of(Some("status"));
+    let condition = format!(
+        "k:{}",
+        json!({"type": "kube-port-forward-controller/router-a"})
+    );
+    assert!(
+        status["f:status"]["f:conditions"][&condition].is_object(),
+        "{status:#}"
+    );
+    let events = api.events();
+    assert!(!events.is_empty());
+    for event in &events {
+        assert_eq!(
+            event["metadata"]["managedFields"][0]["manager"], MANAGER,
+            "{event:#}"
+        );
+    }
+
+    // `release-finalizers` only removes, which leaves no entry of its own: its request names
+    // the manager.
+    daemon.kill();
+    let before = api.requests().len();
+    let kubeconfig = dir.write("release.kubeconfig", &ApiServer::kubeconfig(addr));
+    let out = topology
+        .router
+        .exec(BIN, &["release-finalizers", "--kubeconfig", &kubeconfig]);
+    assert!(out.contains("released the finalizer of 1 Service"), "{out}");
+    assert!(finalizers(&api, "web").is_empty());
+    let patches: Vec<String> = api.requests()[before..]
+        .iter()
+        .filter(|r| r.starts_with("PATCH "))
+        .cloned()
+        .collect();
+    assert!(
+        !patches.is_empty()
+            && patches
+                .iter()
+                .all(|r| r.contains(&format!("fieldManager={MANAGER}"))),
+        "{patches:?}"
+    );
+}
+
 #[test]
 fn a_cleanup_that_keeps_failing_is_retried_warned_then_released_and_swept_later() {
     let Setup {

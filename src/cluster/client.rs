@@ -2,6 +2,10 @@
 
 use std::path::{Path, PathBuf};
 
+use hyper::header::{self, HeaderValue};
+
+use super::FIELD_MANAGER;
+
 /// Why the Kubernetes client cannot be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -34,7 +38,7 @@ pub async fn client(
     if let Some(path) = named {
         warn_if_readable_by_others(&path);
     }
-    let config = match kubeconfig {
+    let mut config = match kubeconfig {
         Some(path) => {
             let kubeconfig = kube::config::Kubeconfig::read_from(path).map_err(|source| {
                 ClientError::Kubeconfig {
@@ -60,8 +64,16 @@ pub async fn client(
         None => kube::Config::infer().await.map_err(ClientError::Infer)?,
     };
     let server = config.cluster_url.to_string();
+    config.headers.push((header::USER_AGENT, user_agent()));
     let client = kube::Client::try_from(config).map_err(ClientError::Build)?;
     Ok((client, server))
+}
+
+/// `kube-port-forward/<version>`: the API server names the manager of a write that gives no
+/// `fieldManager` (the events kube-runtime posts) by the User-Agent up to its first `/`.
+fn user_agent() -> HeaderValue {
+    HeaderValue::from_str(&format!("{FIELD_MANAGER}/{}", env!("CARGO_PKG_VERSION")))
+        .expect("a printable User-Agent")
 }
 
 /// A kubeconfig holds credentials: say so when other users can read it. Only the path and

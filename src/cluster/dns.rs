@@ -2,9 +2,9 @@
 //! value guarded by a `test` of what the daemon saw (a Service changed meanwhile fails with
 //! 422 and its watch event brings the next word).
 
-use kube::api::{Patch, PatchParams};
+use kube::api::Patch;
 
-use super::{Cluster, Key};
+use super::{Cluster, Key, patch_params};
 
 impl Cluster {
     /// Applies the operations `core::dns::step` made for a Service.
@@ -13,7 +13,7 @@ impl Cluster {
             serde_json::from_value(serde_json::Value::Array(ops.to_vec()))
                 .map_err(kube::Error::SerdeError)?;
         self.api(&key.0)
-            .patch(&key.1, &PatchParams::default(), &Patch::Json::<()>(patch))
+            .patch(&key.1, &patch_params(), &Patch::Json::<()>(patch))
             .await?;
         tracing::info!(
             action = "dns",

@@ -1,11 +1,11 @@
 //! This router's finalizer on Services: added and removed by JSON Patches guarded with
 //! `test`, so no other finalizer (another router's, another controller's) is ever rewritten.
 
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, ListParams, Patch};
 use serde_json::json;
 
 use super::watched::WatchedService;
-use super::{Cluster, Key};
+use super::{Cluster, Key, patch_params};
 
 /// Adds `finalizer` to a Service holding `current`, on the condition that the list is still
 /// `current`.
@@ -64,7 +64,7 @@ impl Cluster {
     ) -> Result<WatchedService, kube::Error> {
         let updated = self
             .api(&key.0)
-            .patch(&key.1, &PatchParams::default(), &Patch::Json::<()>(patch))
+            .patch(&key.1, &patch_params(), &Patch::Json::<()>(patch))
             .await?;
         tracing::info!(
             action = "finalizer",
@@ -108,7 +108,7 @@ pub async fn release_everywhere(
             Api::<WatchedService>::namespaced(client.clone(), &ns)
                 .patch(
                     &name,
-                    &PatchParams::default(),
+                    &patch_params(),
                     &Patch::Json::<()>(remove_patch(index, finalizer)),
                 )
                 .await?;

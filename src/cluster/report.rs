@@ -3,12 +3,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use kube::api::{Patch, PatchParams};
+use kube::api::Patch;
 use kube::runtime::events::{Event as KubeEvent, EventType};
 use serde_json::json;
 
 use super::watched::object_ref;
-use super::{Cluster, Key};
+use super::{Cluster, Key, patch_params};
 use crate::core::decide::{Store, Summary};
 use crate::core::model::targets_text;
 use crate::core::tracked::Condition;
@@ -62,11 +62,7 @@ impl Cluster {
             "lastTransitionTime": now,
         }]}});
         self.api(&key.0)
-            .patch_status(
-                &key.1,
-                &PatchParams::default(),
-                &Patch::Strategic(condition),
-            )
+            .patch_status(&key.1, &patch_params(), &Patch::Strategic(condition))
             .await
             .map(drop)
     }
