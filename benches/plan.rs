@@ -5,7 +5,7 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use kube_port_forward::cli::manifest;
-use kube_port_forward::core::plan;
+use kube_port_forward::core::plan::{self, Plan, Planner};
 use kube_port_forward::core::policy::Policy;
 use kube_port_forward::core::service::Service;
 use kube_port_forward::kernel::{Change, DEFAULT_TABLE, Ruleset, TableConfig};
@@ -69,6 +69,7 @@ fn main() {
     );
     let planned = plan::plan(&services, &Policy::default());
     assert_eq!(planned.forwards.len(), 2 * SERVICES);
+    incremental(&services, &planned);
     let config = TableConfig::new(
         DEFAULT_TABLE,
         ["wan".to_owned()],
@@ -106,5 +107,62 @@ fn main() {
     );
     measure("render the nft script (20,000 elements)", 5, || {
         desired.render()
+    });
+}
+
+/// The planner kept up to date one event at a time, at 10,000 Services: what one watch
+/// event costs the core, whether it moves a forward or not.
+fn incremental(services: &[Service], whole: &Plan) {
+    let mut planner = Planner::new(Policy::default());
+    measure("planner: take in 10,000 Services one by one", 5, || {
+        let mut planner = Planner::new(Policy::default());
+        for service in services {
+            planner.upsert(service);
+        }
+        planner
+    });
+    for service in services {
+        planner.upsert(service);
+    }
+    assert_eq!(planner.plan(), *whole);
+    planner.take_changes();
+    let mut moved = services[SERVICES / 2].clone();
+    let addresses = [moved.ingress_ips.clone(), vec!["10.200.0.1".to_owned()]];
+    let mut turn = 0;
+    measure(
+        "planner: one Service's address changes (2 forwards move)",
+        1001,
+        || {
+            turn += 1;
+            moved.ingress_ips = addresses[turn % 2].clone();
+            planner.upsert(&moved);
+            let changes = planner.take_changes();
+            assert_eq!(changes.forwards.len(), 2);
+        },
+    );
+    let mut quiet = services[SERVICES / 3].clone();
+    measure(
+        "planner: one Service changes nothing the router forwards",
+        1001,
+        || {
+            quiet.created = quiet.created.take();
+            planner.upsert(&quiet);
+            let changes = planner.take_changes();
+            assert!(changes.forwards.is_empty());
+        },
+    );
+    let taken = services[SERVICES / 4].clone();
+    let name = (taken.namespace.clone(), taken.name.clone());
+    measure(
+        "planner: one Service deleted and created again",
+        1001,
+        || {
+            planner.remove(&name);
+            planner.upsert(&taken);
+            planner.take_changes()
+        },
+    );
+    measure("planner: the whole plan out of the planner", 11, || {
+        planner.plan()
     });
 }

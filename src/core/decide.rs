@@ -7,10 +7,101 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::core::model::{Check, Target, targets_text};
 use crate::core::plan::{self, Holders, Plan, State};
 use crate::core::policy::Policy;
+use crate::core::service::Service;
 use crate::core::tracked::Tracked;
 
-/// Services by namespace and name.
-pub type Store = BTreeMap<(String, String), Tracked>;
+/// A Service by namespace and name.
+pub type Key = (String, String);
+
+/// The Services the daemon keeps, by namespace and name, and which of them changed since
+/// the planner last looked: every change goes through [`Store::insert`] and
+/// [`Store::remove`], so none is missed.
+#[derive(Clone, Debug, Default)]
+pub struct Store {
+    services: BTreeMap<Key, Tracked>,
+    changed: BTreeSet<Key>,
+}
+
+impl Store {
+    pub fn new() -> Store {
+        Store::default()
+    }
+
+    pub fn insert(&mut self, key: Key, tracked: Tracked) -> Option<Tracked> {
+        self.changed.insert(key.clone());
+        self.services.insert(key, tracked)
+    }
+
+    pub fn remove(&mut self, key: &Key) -> Option<Tracked> {
+        let removed = self.services.remove(key);
+        if removed.is_some() {
+            self.changed.insert(key.clone());
+        }
+        removed
+    }
+
+    /// The Services changed since the last call.
+    pub fn take_changed(&mut self) -> BTreeSet<Key> {
+        std::mem::take(&mut self.changed)
+    }
+}
+
+impl std::ops::Deref for Store {
+    type Target = BTreeMap<Key, Tracked>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.services
+    }
+}
+
+impl Extend<(Key, Tracked)> for Store {
+    fn extend<I: IntoIterator<Item = (Key, Tracked)>>(&mut self, items: I) {
+        for (key, tracked) in items {
+            self.insert(key, tracked);
+        }
+    }
+}
+
+impl IntoIterator for Store {
+    type Item = (Key, Tracked);
+    type IntoIter = std::collections::btree_map::IntoIter<Key, Tracked>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.services.into_iter()
+    }
+}
+
+impl<'a> IntoIterator for &'a Store {
+    type Item = (&'a Key, &'a Tracked);
+    type IntoIter = std::collections::btree_map::Iter<'a, Key, Tracked>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.services.iter()
+    }
+}
+
+impl FromIterator<(Key, Tracked)> for Store {
+    fn from_iter<I: IntoIterator<Item = (Key, Tracked)>>(items: I) -> Store {
+        let mut store = Store::new();
+        store.extend(items);
+        store
+    }
+}
+
+/// The Service a tracked one asks to forward, if it may: decoded, not being deleted, still
+/// watched.
+pub fn eligible(tracked: &Tracked) -> Option<&Service> {
+    if tracked.terminating || tracked.out_of_scope {
+        return None;
+    }
+    tracked.service.as_ref().ok()
+}
+
+/// The whole plan of the Services in `store` that may forward: the oracle the daemon's
+/// [`Planner`](crate::core::plan::Planner) is checked against.
+pub fn plan_of(store: &Store, policy: &Policy, holders: &Holders) -> Plan {
+    plan::plan_held(store.values().filter_map(eligible), policy, holders)
+}
 
 /// What one Service is told, in an event and in its condition. Published when it changes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -57,21 +148,10 @@ pub struct Decision {
 /// The health checks that found their backend down.
 pub type Down = BTreeSet<Check>;
 
-/// Plans the Services that may forward: decoded, annotated, not being deleted, still
-/// watched; the ports in `holders` stay with the Services that hold them; the backends
-/// whose checks are in `down` are marked down.
-pub fn decide(
-    store: &Store,
-    finalizer: &str,
-    policy: &Policy,
-    holders: &Holders,
-    down: &Down,
-) -> Decision {
-    let eligible = store
-        .values()
-        .filter(|w| !w.terminating && !w.out_of_scope)
-        .filter_map(|w| w.service.as_ref().ok());
-    let mut plan = plan::plan_held(eligible, policy, holders);
+/// Decides from the plan of the Services that may forward (see [`eligible`]): whose
+/// finalizer to add or release and what each is told; the backends whose checks are in
+/// `down` are marked down.
+pub fn decide(store: &Store, finalizer: &str, mut plan: Plan, down: &Down) -> Decision {
     mark_down(&mut plan, down);
     let owners: BTreeSet<&str> = plan
         .forwards
@@ -246,7 +326,12 @@ mod tests {
             watched("unannotated", "u4", None, &[F], false),
             watched("plain", "u5", None, &[], false),
         ]);
-        let d = decide(&s, F, &Policy::default(), &Holders::new(), &Down::new());
+        let d = decide(
+            &s,
+            F,
+            plan_of(&s, &Policy::default(), &Holders::new()),
+            &Down::new(),
+        );
         assert_eq!(d.plan.forwards.len(), 2);
         assert_eq!(d.add_finalizer, vec![("ns".into(), "new".into())]);
         assert_eq!(
@@ -264,7 +349,12 @@ mod tests {
             watched("a", "u1", Some("http"), &[F], false),
             watched("b", "u2", Some("http"), &[F], false),
         ]);
-        let d = decide(&s, F, &Policy::default(), &Holders::new(), &Down::new());
+        let d = decide(
+            &s,
+            F,
+            plan_of(&s, &Policy::default(), &Holders::new()),
+            &Down::new(),
+        );
         assert_eq!(d.release, vec![("ns".into(), "b".into())]);
         let summary = &d.summaries[&("ns".into(), "b".into())];
         assert_eq!(
@@ -288,7 +378,12 @@ mod tests {
             &["other/router-b"],
             false,
         )]);
-        let d = decide(&s, F, &Policy::default(), &Holders::new(), &Down::new());
+        let d = decide(
+            &s,
+            F,
+            plan_of(&s, &Policy::default(), &Holders::new()),
+            &Down::new(),
+        );
         assert_eq!(d.add_finalizer.len(), 1);
         assert!(d.release.is_empty());
     }
@@ -301,11 +396,11 @@ mod tests {
             field: "spec.ports".into(),
             message: "invalid type".into(),
         });
+        let s = store(vec![bad, watched("good", "u1", Some("http"), &[], false)]);
         let d = decide(
-            &store(vec![bad, watched("good", "u1", Some("http"), &[], false)]),
+            &s,
             F,
-            &Policy::default(),
-            &Holders::new(),
+            plan_of(&s, &Policy::default(), &Holders::new()),
             &Down::new(),
         );
         assert_eq!(d.plan.forwards.len(), 1);
@@ -321,13 +416,23 @@ mod tests {
         }
         let s = store(vec![w]);
         let key = ("ns".to_owned(), "web".to_owned());
-        let healthy = decide(&s, F, &Policy::default(), &Holders::new(), &Down::new());
+        let healthy = decide(
+            &s,
+            F,
+            plan_of(&s, &Policy::default(), &Holders::new()),
+            &Down::new(),
+        );
         assert_eq!(healthy.summaries[&key].reason, "Forwarded");
         let forward = healthy.plan.forwards.values().next().unwrap();
         let checks: Vec<Check> = forward.checks().collect();
         assert_eq!(checks.len(), 2);
         let one: Down = checks[..1].iter().copied().collect();
-        let d = decide(&s, F, &Policy::default(), &Holders::new(), &one);
+        let d = decide(
+            &s,
+            F,
+            plan_of(&s, &Policy::default(), &Holders::new()),
+            &one,
+        );
         let summary = &d.summaries[&key];
         assert_eq!((summary.status, summary.reason), ("True", "BackendsDown"));
         assert!(summary.warning);
@@ -340,7 +445,12 @@ mod tests {
         assert_eq!(forward.down, vec![checks[0].0]);
         assert_eq!(forward.choice(), vec![checks[1].0]);
         let all: Down = checks.iter().copied().collect();
-        let d = decide(&s, F, &Policy::default(), &Holders::new(), &all);
+        let d = decide(
+            &s,
+            F,
+            plan_of(&s, &Policy::default(), &Holders::new()),
+            &all,
+        );
         assert!(
             d.summaries[&key]
                 .message

@@ -13,7 +13,7 @@ use super::Daemon;
 use crate::cluster::lane::Done;
 use crate::cluster::watch::Input;
 use crate::cluster::watched::{WatchedNode, WatchedService};
-use crate::core::decide::Store;
+use crate::core::decide::{Key, Store};
 use crate::core::node::Nodes;
 use crate::core::policy::NodePorts;
 use crate::core::tracked::Tracked;
@@ -368,14 +368,19 @@ impl Daemon {
             Ok(Event::InitDone) => {
                 let listed = self.buffers[index].take().unwrap_or_default();
                 let in_scope = |ns: &str| self.scopes[index].as_deref().is_none_or(|s| s == ns);
-                let (before, others): (Store, Store) = std::mem::take(&mut self.store)
-                    .into_iter()
-                    .partition(|((ns, _), _)| in_scope(ns));
-                self.store = others;
+                let before: Vec<Key> = self
+                    .store
+                    .keys()
+                    .filter(|(ns, _)| in_scope(ns))
+                    .cloned()
+                    .collect();
                 // A Service that held this router's finalizer and is not listed any more
                 // left the scope while the watch was down: it cannot have been deleted, the
                 // finalizer holds it. Kept until the finalizer is released.
-                for (key, mut tracked) in before {
+                for key in before {
+                    let Some(mut tracked) = self.store.remove(&key) else {
+                        continue;
+                    };
                     if !listed.contains_key(&key) && tracked.has_finalizer(&self.settings.finalizer)
                     {
                         tracked.out_of_scope = true;

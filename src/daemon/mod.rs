@@ -28,6 +28,7 @@ use crate::core::dns;
 use crate::core::model::{Family, ForwardKey};
 use crate::core::names::valid_finalizer;
 use crate::core::node::Nodes;
+use crate::core::plan::Planner;
 use crate::core::policy::{NodePorts, Policy};
 use crate::kernel::monitor::Touched;
 use crate::kernel::{Engine, Kernel, NftCli, TableConfig};
@@ -118,6 +119,10 @@ struct Daemon {
     /// One scope per watch: `None` is every namespace.
     scopes: Vec<Option<String>>,
     store: Store,
+    /// The plan of the Services in `store`, kept current one change at a time.
+    planner: Planner,
+    /// The next round compares the planner's plan with the whole plan (set at a resync).
+    audit_plan: bool,
     buffers: Vec<Option<Store>>,
     synced: Vec<bool>,
     namespace_buffer: Option<BTreeSet<String>>,
@@ -253,6 +258,8 @@ impl Daemon {
             node_buffer: None,
             scopes,
             store: Store::new(),
+            planner: Planner::new(settings.policy.clone()),
+            audit_plan: false,
             engine: Some(Engine::new(Kernel::new(settings.nft.clone()))),
             published: HashMap::new(),
             cleanup_since: HashMap::new(),
@@ -348,6 +355,7 @@ impl Daemon {
                     (true, true)
                 }
                 Wake::Resync => {
+                    self.audit_plan = true;
                     // The round reads the router's sockets before it opens a port.
                     if let Some(engine) = self.engine.as_mut() {
                         engine.forget();

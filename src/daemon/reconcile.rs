@@ -13,7 +13,7 @@ use crate::cluster::Key;
 use crate::cluster::lane::{Kind, Round, Work};
 use crate::cluster::report::{changes_by_service, condition_of};
 use crate::core::decide::{self, Decision, Summary};
-use crate::core::plan::{Holders, Plan};
+use crate::core::plan::{Holders, Plan, Planner};
 use crate::core::status;
 use crate::kernel::{Applied, Engine, Kernel, Ruleset};
 use crate::router::audit;
@@ -260,14 +260,51 @@ impl Daemon {
 
     /// What the core decides from the Services, the policy, who holds which port and which
     /// backends are down.
-    fn decide(&self, holders: &Holders) -> Decision {
-        decide::decide(
-            &self.store,
-            &self.settings.finalizer,
-            &self.settings.policy,
-            holders,
-            &self.down,
-        )
+    /// Brings the planner up to date with what changed (Services, policy, holders), then
+    /// decides from its plan. At a resync, the planner's plan is compared with the whole
+    /// plan worked out afresh; a difference would be a bug, and is logged and repaired.
+    fn decide(&mut self, holders: &Holders) -> Decision {
+        let store = &self.store;
+        self.planner.set_policy(&self.settings.policy, |key| {
+            store.get(key).and_then(decide::eligible)
+        });
+        for key in self.store.take_changed() {
+            match self.store.get(&key).and_then(decide::eligible) {
+                Some(service) => self.planner.upsert(service),
+                None => self.planner.remove(&key),
+            }
+        }
+        self.planner.set_holders(holders);
+        self.planner.take_changes();
+        let mut plan = self.planner.plan();
+        if std::mem::take(&mut self.audit_plan) {
+            self.lock_metrics().plan_checks += 1;
+            let whole = decide::plan_of(&self.store, &self.settings.policy, holders);
+            if whole != plan {
+                let forwards = whole
+                    .forwards
+                    .keys()
+                    .chain(plan.forwards.keys())
+                    .filter(|key| whole.forwards.get(key) != plan.forwards.get(key))
+                    .collect::<BTreeSet<_>>()
+                    .len();
+                tracing::warn!(
+                    forwards,
+                    outcomes_planned = plan.outcomes.len(),
+                    outcomes_whole = whole.outcomes.len(),
+                    "the incremental plan differed from the whole plan; planning afresh (a bug: please report it)"
+                );
+                self.lock_metrics().plan_repairs += 1;
+                self.planner = Planner::new(self.settings.policy.clone());
+                for service in self.store.values().filter_map(decide::eligible) {
+                    self.planner.upsert(service);
+                }
+                self.planner.set_holders(holders);
+                self.planner.take_changes();
+                plan = whole;
+            }
+        }
+        decide::decide(&self.store, &self.settings.finalizer, plan, &self.down)
     }
 
     /// Whether `plan` has a forward on a port the table does not forward now (or the table

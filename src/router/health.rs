@@ -46,6 +46,10 @@ pub struct Metrics {
     pub apply_errors: u64,
     pub watch_errors: u64,
     pub table_restores: u64,
+    /// Times a resync compared the incremental plan with the whole plan, and found them
+    /// differing.
+    pub plan_checks: u64,
+    pub plan_repairs: u64,
     /// Conntrack entries deleted because their forward closed or moved.
     pub flows_closed: u64,
     /// Finalizer changes, conditions and events handed to the cluster lane.
@@ -97,6 +101,8 @@ impl Default for Metrics {
             apply_errors: 0,
             watch_errors: 0,
             table_restores: 0,
+            plan_checks: 0,
+            plan_repairs: 0,
             flows_closed: 0,
             bookkeeping_queued: 0,
             bookkeeping_idle: true,
@@ -224,6 +230,16 @@ impl Metrics {
                 "table_restores_total",
                 "Times the table was changed from outside and restored.",
                 self.table_restores,
+            ),
+            (
+                "plan_checks_total",
+                "Times a resync compared the incremental plan with the whole plan.",
+                self.plan_checks,
+            ),
+            (
+                "plan_repairs_total",
+                "Times the resync found the incremental plan differing from the whole plan (a bug).",
+                self.plan_repairs,
             ),
             (
                 "flows_closed_total",

@@ -5,6 +5,9 @@
 //! their order, so a restart arrives at the same forwards.
 
 mod backends;
+mod index;
+#[cfg(test)]
+mod index_tests;
 #[cfg(test)]
 mod tests;
 mod validate;
@@ -20,6 +23,7 @@ use crate::core::model::{Family, Forward, ForwardKey, Owner, Probe, Protocol, Ta
 use crate::core::policy::Policy;
 use crate::core::service::{Service, ServicePort};
 use backends::{Checks, health_checks, probe_of, source_ranges, targets};
+pub use index::{Changes, Name, Planner};
 use validate::{check_identity, printable, select_ports};
 
 /// What happens to one annotation entry (for one Service port and family).
@@ -85,16 +89,55 @@ type Rank<'a> = (bool, bool, &'a str, usize);
 /// for it; only a free port goes to the oldest.
 pub type Holders = BTreeMap<ForwardKey, String>;
 
-struct Candidate<'a> {
-    rank: Rank<'a>,
+/// What one Service asks for, resolved against the policy on its own: its outcomes as if
+/// it won every port it claims, and those claims. Who wins a port is settled afterwards,
+/// over the claims of every Service.
+#[derive(Clone, Debug, Default)]
+struct Resolved {
+    outcomes: Vec<Outcome>,
+    claims: Vec<Claim>,
+    /// Every (protocol, external port) the Service's entries asked the policy for.
+    requested: Vec<(Protocol, u16)>,
+}
+
+/// One port a Service claims: the forward it gets if it wins, and its outcome.
+#[derive(Clone, Debug)]
+struct Claim {
     outcome: usize,
-    key: ForwardKey,
-    backends: Vec<IpAddr>,
-    port: u16,
-    probe: Option<Probe>,
-    service: &'a Service,
-    port_ref: &'a ServicePort,
-    sources: Vec<IpNet>,
+    forward: Forward,
+}
+
+/// Whether a Service holds the port of `key` now.
+fn holds(uid: Option<&String>, key: &ForwardKey, holders: &Holders) -> bool {
+    uid.is_some_and(|uid| holders.get(key) == Some(uid))
+}
+
+/// Writes the winner's or a loser's outcome for a claim once its port is settled: `winner`
+/// is `None` for the winner itself, else the owner that won and whether it held the port.
+fn settle(outcome: &mut Outcome, claim: &Claim, winner: Option<(&Owner, bool)>) {
+    match winner {
+        None => {
+            outcome.state = State::Forwarding;
+            outcome.probe = claim.forward.probe;
+            outcome.winner = None;
+            outcome.reason = None;
+        }
+        Some((owner, held)) => {
+            let why = if held {
+                "it holds the port now"
+            } else {
+                "older, or first by namespace/name"
+            };
+            outcome.state = State::Conflict;
+            outcome.probe = None;
+            outcome.winner = Some(owner.service());
+            outcome.reason = Some(format!(
+                "external port {} is held by {} ({why})",
+                claim.forward.key,
+                owner.service()
+            ));
+        }
+    }
 }
 
 /// Plans the forwards for a set of Services, no port held by anyone yet (offline).
@@ -104,7 +147,8 @@ pub fn plan<'a>(services: impl IntoIterator<Item = &'a Service>, policy: &Policy
 
 /// Plans the forwards for a set of Services, the ports in `holders` staying with the
 /// Services that hold them. Services without the mapping annotation are not part of the
-/// plan.
+/// plan. The whole plan at once: [`Planner`] keeps the same answer up to date one change
+/// at a time, and this is its oracle.
 pub fn plan_held<'a>(
     services: impl IntoIterator<Item = &'a Service>,
     policy: &Policy,
@@ -115,59 +159,44 @@ pub fn plan_held<'a>(
         .filter(|s| s.mapping.is_some())
         .collect();
     services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    let mut resolved: Vec<Resolved> = services.iter().map(|s| resolve(s, policy)).collect();
 
-    let mut outcomes = Vec::new();
-    let mut candidates = Vec::new();
-    for (position, service) in services.into_iter().enumerate() {
-        resolve_service(position, service, policy, &mut outcomes, &mut candidates);
+    let mut candidates: Vec<(Rank, usize, usize)> = Vec::new();
+    for (position, (service, resolved)) in services.iter().zip(&resolved).enumerate() {
+        for (index, claim) in resolved.claims.iter().enumerate() {
+            let rank = (
+                !holds(service.uid.as_ref(), &claim.forward.key, holders),
+                service.created.is_none(),
+                service.created.as_deref().unwrap_or_default(),
+                position,
+            );
+            candidates.push((rank, position, index));
+        }
     }
-
-    for candidate in &mut candidates {
-        let holds = candidate.service.uid.as_ref().is_some_and(|uid| {
-            holders
-                .get(&candidate.key)
-                .is_some_and(|holder| holder == uid)
-        });
-        candidate.rank.0 = !holds;
-    }
-    candidates.sort_unstable_by_key(|c| c.rank);
+    candidates.sort_unstable_by_key(|c| c.0);
     let mut forwards: BTreeMap<ForwardKey, Forward> = BTreeMap::new();
     let mut held: BTreeSet<ForwardKey> = BTreeSet::new();
-    for candidate in candidates {
-        match forwards.get(&candidate.key) {
+    for (rank, position, index) in candidates {
+        let Resolved {
+            outcomes, claims, ..
+        } = &mut resolved[position];
+        let claim = &claims[index];
+        let key = claim.forward.key;
+        match forwards.get(&key) {
             Some(winner) => {
-                let why = if held.contains(&candidate.key) {
-                    "it holds the port now"
-                } else {
-                    "older, or first by namespace/name"
-                };
-                let outcome = &mut outcomes[candidate.outcome];
-                outcome.state = State::Conflict;
-                outcome.winner = Some(winner.owner.service());
-                outcome.reason = Some(format!(
-                    "external port {} is held by {} ({why})",
-                    candidate.key,
-                    winner.owner.service()
-                ));
+                let winner = (&winner.owner, held.contains(&key));
+                settle(&mut outcomes[claim.outcome], claim, Some(winner));
             }
             None => {
-                if !candidate.rank.0 {
-                    held.insert(candidate.key);
+                if !rank.0 {
+                    held.insert(key);
                 }
-                outcomes[candidate.outcome].probe = candidate.probe;
-                let forward = Forward {
-                    key: candidate.key,
-                    backends: candidate.backends,
-                    port: candidate.port,
-                    down: Vec::new(),
-                    probe: candidate.probe,
-                    owner: owner(candidate.service, candidate.port_ref),
-                    sources: candidate.sources,
-                };
-                forwards.insert(candidate.key, forward);
+                settle(&mut outcomes[claim.outcome], claim, None);
+                forwards.insert(key, claim.forward.clone());
             }
         }
     }
+    let outcomes = resolved.into_iter().flat_map(|r| r.outcomes).collect();
     Plan { outcomes, forwards }
 }
 
@@ -185,13 +214,14 @@ fn port_label(port: &ServicePort) -> String {
     port.name.clone().unwrap_or_else(|| port.port.to_string())
 }
 
-fn resolve_service<'a>(
-    position: usize,
-    service: &'a Service,
-    policy: &Policy,
-    outcomes: &mut Vec<Outcome>,
-    candidates: &mut Vec<Candidate<'a>>,
-) {
+/// Resolves one Service's entries against the policy, each claim as if it won its port.
+fn resolve(service: &Service, policy: &Policy) -> Resolved {
+    let mut resolved = Resolved::default();
+    let Resolved {
+        outcomes,
+        claims,
+        requested,
+    } = &mut resolved;
     // Names are checked below; until then they may hold anything, so only printable text
     // goes into the outcomes that report them.
     let outcome = |entry: &str, state: State, reason: Option<String>| Outcome {
@@ -209,16 +239,16 @@ fn resolve_service<'a>(
     };
     if let Err((field, reason)) = check_identity(service) {
         outcomes.push(outcome(&field, State::Invalid, Some(reason)));
-        return;
+        return resolved;
     }
     if service.service_type.as_deref() == Some("ExternalName") {
         let reason = "an ExternalName Service has no address to forward to";
         outcomes.push(outcome("spec.type", State::Invalid, Some(reason.into())));
-        return;
+        return resolved;
     }
     if let Err(reason) = policy.check_namespace(&service.namespace) {
         outcomes.push(outcome("metadata.namespace", State::Refused, Some(reason)));
-        return;
+        return resolved;
     }
     let (targets, node_ports) = match targets(service, policy) {
         Ok((allowed, refused, node_ports)) => {
@@ -227,13 +257,13 @@ fn resolve_service<'a>(
                 outcomes.push(outcome(&field, State::Refused, Some(reason)));
             }
             if all_refused {
-                return;
+                return resolved;
             }
             (allowed, node_ports)
         }
         Err((field, reason)) => {
             outcomes.push(outcome(&field, State::Invalid, Some(reason)));
-            return;
+            return resolved;
         }
     };
     let sources = match source_ranges(service) {
@@ -241,7 +271,7 @@ fn resolve_service<'a>(
         Err((field, reason)) => {
             // Fail closed: forwarding to every client is not what the Service asked for.
             outcomes.push(outcome(&field, State::Invalid, Some(reason)));
-            return;
+            return resolved;
         }
     };
     let checks = match health_checks(service) {
@@ -255,14 +285,6 @@ fn resolve_service<'a>(
             }
         }
     };
-    // Whether it holds the port is known per forward key, below.
-    let rank = (
-        true,
-        service.created.is_none(),
-        service.created.as_deref().unwrap_or_default(),
-        position,
-    );
-
     // (protocol, external port) → the entry that took it first within this Service.
     let mut taken: Vec<(Protocol, u16, &str)> = Vec::new();
     let mapping = service.mapping.as_deref().unwrap_or_default();
@@ -305,6 +327,7 @@ fn resolve_service<'a>(
                 continue;
             }
             taken.push((protocol, external_port, &entry.text));
+            requested.push((protocol, external_port));
             if let Err(reason) = policy.check_port(protocol, external_port) {
                 outcomes.push(described(State::Refused, Some(reason)));
                 continue;
@@ -382,18 +405,19 @@ fn resolve_service<'a>(
                     });
                     continue;
                 }
-                candidates.push(Candidate {
-                    sources: family_sources,
-                    rank,
+                claims.push(Claim {
                     outcome: outcomes.len(),
-                    key,
-                    probe: (backends.len() > 1)
-                        .then(|| probe_of(protocol, number, &checks))
-                        .flatten(),
-                    backends,
-                    port: number,
-                    service,
-                    port_ref: port,
+                    forward: Forward {
+                        key,
+                        probe: (backends.len() > 1)
+                            .then(|| probe_of(protocol, number, &checks))
+                            .flatten(),
+                        backends,
+                        port: number,
+                        down: Vec::new(),
+                        owner: owner(service, port),
+                        sources: family_sources,
+                    },
                 });
                 outcomes.push(Outcome {
                     key: Some(key),
@@ -403,4 +427,5 @@ fn resolve_service<'a>(
             }
         }
     }
+    resolved
 }
