@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::core::model::{Check, Target, targets_text};
-use crate::core::plan::{self, Holders, Plan, State};
+use crate::core::plan::{self, Holders, Plan, Planner, State};
 use crate::core::policy::Policy;
 use crate::core::service::Service;
 use crate::core::tracked::Tracked;
@@ -97,10 +97,12 @@ pub fn eligible(tracked: &Tracked) -> Option<&Service> {
     tracked.service.as_ref().ok()
 }
 
-/// The whole plan of the Services in `store` that may forward: the oracle the daemon's
-/// [`Planner`](crate::core::plan::Planner) is checked against.
-pub fn plan_of(store: &Store, policy: &Policy, holders: &Holders) -> Plan {
-    plan::plan_held(store.values().filter_map(eligible), policy, holders)
+/// The whole plan of the Services in `store` that may forward, the backends down marked:
+/// the oracle the daemon's [`Planner`] is checked against.
+pub fn plan_of(store: &Store, policy: &Policy, holders: &Holders, down: &Down) -> Plan {
+    let mut plan = plan::plan_held(store.values().filter_map(eligible), policy, holders);
+    mark_down(&mut plan, down);
+    plan
 }
 
 /// What one Service is told, in an event and in its condition. Published when it changes.
@@ -136,7 +138,6 @@ impl Summary {
 /// The decision for one round.
 #[derive(Debug, Default)]
 pub struct Decision {
-    pub plan: Plan,
     /// Services whose forwards are in the plan and that lack this router's finalizer.
     pub add_finalizer: Vec<(String, String)>,
     /// Services that hold this router's finalizer but have no forward any more (deleted,
@@ -148,13 +149,11 @@ pub struct Decision {
 /// The health checks that found their backend down.
 pub type Down = BTreeSet<Check>;
 
-/// Decides from the plan of the Services that may forward (see [`eligible`]): whose
-/// finalizer to add or release and what each is told; the backends whose checks are in
-/// `down` are marked down.
-pub fn decide(store: &Store, finalizer: &str, mut plan: Plan, down: &Down) -> Decision {
-    mark_down(&mut plan, down);
-    let owners: BTreeSet<&str> = plan
-        .forwards
+/// Decides from the plan of the Services that may forward (see [`eligible`]), the backends
+/// down marked in it: whose finalizer to add or release and what each is told.
+pub fn decide(store: &Store, finalizer: &str, planner: &Planner) -> Decision {
+    let owners: BTreeSet<&str> = planner
+        .forwards()
         .values()
         .filter_map(|f| f.owner.uid.as_deref())
         .collect();
@@ -186,18 +185,24 @@ pub fn decide(store: &Store, finalizer: &str, mut plan: Plan, down: &Down) -> De
             );
         }
     }
-    let mut by_service: BTreeMap<(String, String), Vec<&plan::Outcome>> = BTreeMap::new();
-    for outcome in &plan.outcomes {
-        by_service
-            .entry((outcome.namespace.clone(), outcome.name.clone()))
-            .or_default()
-            .push(outcome);
+    for (key, outcomes) in planner.services() {
+        if !outcomes.is_empty() {
+            decision.summaries.insert(key.clone(), summarize(outcomes));
+        }
     }
-    for (key, outcomes) in by_service {
-        decision.summaries.insert(key, summarize(&outcomes));
-    }
-    decision.plan = plan;
     decision
+}
+
+/// A planner holding the Services in `store` that may forward, with `holders` and `down`.
+pub fn planner_of(store: &Store, policy: &Policy, holders: &Holders, down: &Down) -> Planner {
+    let mut planner = Planner::new(policy.clone());
+    planner.set_holders(holders);
+    planner.set_down(down);
+    for service in store.values().filter_map(eligible) {
+        planner.upsert(service);
+    }
+    planner.take_changes();
+    planner
 }
 
 /// Marks the backends whose checks are down, in the forwards and their outcomes.
@@ -219,7 +224,7 @@ pub fn mark_down(plan: &mut Plan, down: &Down) {
     }
 }
 
-fn summarize(outcomes: &[&plan::Outcome]) -> Summary {
+fn summarize(outcomes: &[plan::Outcome]) -> Summary {
     let count = |state| outcomes.iter().filter(|o| o.state == state).count();
     let (forwarding, conflict, invalid, waiting, refused) = (
         count(State::Forwarding),
@@ -311,6 +316,11 @@ mod tests {
 
     const F: &str = "kube-port-forward-controller/finalizer";
 
+    fn decided(s: &Store, down: &Down) -> (Decision, Planner) {
+        let planner = planner_of(s, &Policy::default(), &Holders::new(), down);
+        (decide(s, F, &planner), planner)
+    }
+
     #[test]
     fn finalizer_follows_live_forwards() {
         let s = store(vec![
@@ -326,13 +336,8 @@ mod tests {
             watched("unannotated", "u4", None, &[F], false),
             watched("plain", "u5", None, &[], false),
         ]);
-        let d = decide(
-            &s,
-            F,
-            plan_of(&s, &Policy::default(), &Holders::new()),
-            &Down::new(),
-        );
-        assert_eq!(d.plan.forwards.len(), 2);
+        let (d, planned) = decided(&s, &Down::new());
+        assert_eq!(planned.forwards().len(), 2);
         assert_eq!(d.add_finalizer, vec![("ns".into(), "new".into())]);
         assert_eq!(
             d.release,
@@ -349,12 +354,7 @@ mod tests {
             watched("a", "u1", Some("http"), &[F], false),
             watched("b", "u2", Some("http"), &[F], false),
         ]);
-        let d = decide(
-            &s,
-            F,
-            plan_of(&s, &Policy::default(), &Holders::new()),
-            &Down::new(),
-        );
+        let (d, _) = decided(&s, &Down::new());
         assert_eq!(d.release, vec![("ns".into(), "b".into())]);
         let summary = &d.summaries[&("ns".into(), "b".into())];
         assert_eq!(
@@ -378,12 +378,7 @@ mod tests {
             &["other/router-b"],
             false,
         )]);
-        let d = decide(
-            &s,
-            F,
-            plan_of(&s, &Policy::default(), &Holders::new()),
-            &Down::new(),
-        );
+        let (d, _) = decided(&s, &Down::new());
         assert_eq!(d.add_finalizer.len(), 1);
         assert!(d.release.is_empty());
     }
@@ -397,13 +392,8 @@ mod tests {
             message: "invalid type".into(),
         });
         let s = store(vec![bad, watched("good", "u1", Some("http"), &[], false)]);
-        let d = decide(
-            &s,
-            F,
-            plan_of(&s, &Policy::default(), &Holders::new()),
-            &Down::new(),
-        );
-        assert_eq!(d.plan.forwards.len(), 1);
+        let (d, planned) = decided(&s, &Down::new());
+        assert_eq!(planned.forwards().len(), 1);
         assert_eq!(d.release, vec![("ns".into(), "bad".into())]);
         assert!(d.summaries[&("ns".into(), "bad".into())].warning);
     }
@@ -416,23 +406,13 @@ mod tests {
         }
         let s = store(vec![w]);
         let key = ("ns".to_owned(), "web".to_owned());
-        let healthy = decide(
-            &s,
-            F,
-            plan_of(&s, &Policy::default(), &Holders::new()),
-            &Down::new(),
-        );
+        let (healthy, planned) = decided(&s, &Down::new());
         assert_eq!(healthy.summaries[&key].reason, "Forwarded");
-        let forward = healthy.plan.forwards.values().next().unwrap();
+        let forward = planned.forwards().values().next().unwrap();
         let checks: Vec<Check> = forward.checks().collect();
         assert_eq!(checks.len(), 2);
         let one: Down = checks[..1].iter().copied().collect();
-        let d = decide(
-            &s,
-            F,
-            plan_of(&s, &Policy::default(), &Holders::new()),
-            &one,
-        );
+        let (d, planned) = decided(&s, &one);
         let summary = &d.summaries[&key];
         assert_eq!((summary.status, summary.reason), ("True", "BackendsDown"));
         assert!(summary.warning);
@@ -441,21 +421,19 @@ mod tests {
             "{}",
             summary.message
         );
-        let forward = d.plan.forwards.values().next().unwrap();
+        let forward = planned.forwards().values().next().unwrap();
         assert_eq!(forward.down, vec![checks[0].0]);
         assert_eq!(forward.choice(), vec![checks[1].0]);
         let all: Down = checks.iter().copied().collect();
-        let d = decide(
-            &s,
-            F,
-            plan_of(&s, &Policy::default(), &Holders::new()),
-            &all,
-        );
+        let (d, planned) = decided(&s, &all);
         assert!(
             d.summaries[&key]
                 .message
                 .contains("all down: forwarding to all")
         );
-        assert_eq!(d.plan.forwards.values().next().unwrap().choice().len(), 2);
+        assert_eq!(
+            planned.forwards().values().next().unwrap().choice().len(),
+            2
+        );
     }
 }

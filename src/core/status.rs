@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
-use crate::core::plan::{Outcome, Plan};
+use crate::core::plan::Outcome;
 
 /// One entry of a Service's annotation as `plan --output json` shows it, and the DNS target
 /// the daemon writes on that Service, when it does.
@@ -31,9 +31,11 @@ pub struct StatusFile {
 
 /// The plan's entries, each with the DNS target written on its Service (by namespace and
 /// name).
-pub fn entries(plan: &Plan, dns_targets: &HashMap<(String, String), String>) -> Vec<ServiceEntry> {
-    plan.outcomes
-        .iter()
+pub fn entries<'a>(
+    outcomes: impl Iterator<Item = &'a Outcome>,
+    dns_targets: &HashMap<(String, String), String>,
+) -> Vec<ServiceEntry> {
+    outcomes
         .map(|outcome| ServiceEntry {
             dns_target: dns_targets
                 .get(&(outcome.namespace.clone(), outcome.name.clone()))
@@ -53,7 +55,7 @@ impl StatusFile {
 mod tests {
     use super::*;
     use crate::core::model::Target;
-    use crate::core::plan::State;
+    use crate::core::plan::{Plan, State};
     use serde_json::json;
 
     fn outcome(name: &str, state: State, reason: Option<&str>) -> Outcome {
@@ -92,7 +94,7 @@ mod tests {
             health: Some("127.0.0.1:9477".into()),
             started: 1_700_000_000,
             written: 1_700_000_005,
-            services: entries(&plan, &targets),
+            services: entries(plan.outcomes.iter(), &targets),
         };
         let value: serde_json::Value = serde_json::from_str(&file.json()).unwrap();
         assert_eq!(

@@ -12,14 +12,14 @@ use super::reconcile::HEALTH_EVENTS;
 use crate::cluster::Key;
 use crate::cluster::lane::Round;
 use crate::core::model::Check;
-use crate::core::plan::Plan;
 
 impl Daemon {
-    /// Runs the checks of the forwards in `plan`, each new one starting in the state the
+    /// Runs the checks of the planned forwards, each new one starting in the state the
     /// daemon knows (down if recorded so), and forgets the state of checks no longer run.
-    pub(super) fn follow_checks(&mut self, plan: &Plan) {
-        let wanted: BTreeMap<Check, bool> = plan
-            .forwards
+    pub(super) fn follow_checks(&mut self) {
+        let wanted: BTreeMap<Check, bool> = self
+            .planner
+            .forwards()
             .values()
             .flat_map(|f| f.checks())
             .map(|check| (check, !self.down.contains(&check)))

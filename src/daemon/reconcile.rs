@@ -13,7 +13,7 @@ use crate::cluster::Key;
 use crate::cluster::lane::{Kind, Round, Work};
 use crate::cluster::report::{changes_by_service, condition_of};
 use crate::core::decide::{self, Decision, Summary};
-use crate::core::plan::{Holders, Plan, Planner};
+use crate::core::plan::Holders;
 use crate::core::status;
 use crate::kernel::{Applied, Engine, Kernel, Ruleset};
 use crate::router::audit;
@@ -39,8 +39,8 @@ impl Daemon {
         if let Some(recorded) = self.kernel_down.take() {
             // The backends the table recorded as down before a restart stay down until their
             // checks pass, so a restart does not send clients to a dead backend.
-            let first = self.decide(&holders);
-            for forward in first.plan.forwards.values() {
+            self.decide(&holders);
+            for forward in self.planner.forwards().values() {
                 self.down.extend(
                     forward
                         .checks()
@@ -51,10 +51,10 @@ impl Daemon {
         let mut decision = self.decide(&holders);
         // A port is never opened over a socket the router listens on: its sockets are read
         // again right before, and a service started since the last read wins.
-        if self.opens_ports(&decision.plan) && self.follow_served_ports() {
+        if self.opens_ports() && self.follow_served_ports() {
             decision = self.decide(&holders);
         }
-        self.follow_checks(&decision.plan);
+        self.follow_checks();
         // A cleanup deadline runs only while the Service waits for its release: one that is
         // asked for again, or was released, starts afresh next time.
         let releasing: BTreeSet<&str> = decision
@@ -70,10 +70,10 @@ impl Daemon {
                 .as_ref()
                 .and_then(Engine::applied)
                 .is_some_and(|applied| {
-                    applied.forwards == decision.plan.forwards
+                    applied.forwards == *self.planner.forwards()
                         && applied.config == self.settings.table
                 });
-        let ruleset = Ruleset::new(self.settings.table.clone(), decision.plan.forwards.clone());
+        let ruleset = Ruleset::new(self.settings.table.clone(), self.planner.forwards().clone());
         let started = std::time::Instant::now();
         let result = if unchanged {
             Ok(Applied::default())
@@ -118,7 +118,9 @@ impl Daemon {
         self.failures = 0;
         {
             let mut metrics = self.lock_metrics();
-            metrics.applied(started.elapsed(), applied.sent, &decision.plan);
+            metrics.applied(started.elapsed(), applied.sent, |state| {
+                self.planner.count(state)
+            });
             metrics.flows_closed += applied.flows_closed as u64;
         }
         if std::mem::take(&mut self.verify_outside_change) && applied.sent {
@@ -134,7 +136,7 @@ impl Daemon {
             self.ready = true;
             tracing::info!(
                 services = self.store.len(),
-                forwards = decision.plan.forwards.len(),
+                forwards = self.planner.forwards().len(),
                 "ready: first complete list seen and first apply done"
             );
             let _ = sd_notify::notify(&[
@@ -144,10 +146,13 @@ impl Daemon {
         }
         // Upstream mappings follow the forwards; DNS targets and what the IGD said are
         // worked out for each Service.
-        let upstream_wanted = self.want_upstream(&decision.plan);
-        let mut beyond = self.beyond(&decision.plan, &mut round);
+        let upstream_wanted = self.want_upstream();
+        let mut beyond = self.beyond(&mut round);
         if let Some(writer) = self.status.as_mut() {
-            writer.update(status::entries(&decision.plan, &beyond.dns_targets));
+            writer.update(status::entries(
+                self.planner.outcomes(),
+                &beyond.dns_targets,
+            ));
         }
         // Finalizers first: a deleted Service waits on the release, events wait on nobody.
         // A Service whose DNS target or upstream mappings are still there waits for them
@@ -203,9 +208,9 @@ impl Daemon {
             self.handed.remove(&key);
             round.finalizers.push((key, None));
         }
-        self.forwarding = decision
-            .plan
-            .forwards
+        self.forwarding = self
+            .planner
+            .forwards()
             .values()
             .filter_map(|f| f.owner.uid.clone())
             .collect();
@@ -260,9 +265,10 @@ impl Daemon {
 
     /// What the core decides from the Services, the policy, who holds which port and which
     /// backends are down.
-    /// Brings the planner up to date with what changed (Services, policy, holders), then
-    /// decides from its plan. At a resync, the planner's plan is compared with the whole
-    /// plan worked out afresh; a difference would be a bug, and is logged and repaired.
+    /// Brings the planner up to date with what changed (Services, policy, holders, the
+    /// backends down), then decides from its plan. At a resync, the planner's plan is
+    /// compared with the whole plan worked out afresh; a difference would be a bug, and is
+    /// logged and repaired.
     fn decide(&mut self, holders: &Holders) -> Decision {
         let store = &self.store;
         self.planner.set_policy(&self.settings.policy, |key| {
@@ -275,43 +281,40 @@ impl Daemon {
             }
         }
         self.planner.set_holders(holders);
+        self.planner.set_down(&self.down);
         self.planner.take_changes();
-        let mut plan = self.planner.plan();
         if std::mem::take(&mut self.audit_plan) {
             self.lock_metrics().plan_checks += 1;
-            let whole = decide::plan_of(&self.store, &self.settings.policy, holders);
-            if whole != plan {
+            let policy = &self.settings.policy;
+            let whole = decide::plan_of(&self.store, policy, holders, &self.down);
+            let planned = self.planner.plan();
+            if whole != planned {
                 let forwards = whole
                     .forwards
                     .keys()
-                    .chain(plan.forwards.keys())
-                    .filter(|key| whole.forwards.get(key) != plan.forwards.get(key))
+                    .chain(planned.forwards.keys())
+                    .filter(|key| whole.forwards.get(key) != planned.forwards.get(key))
                     .collect::<BTreeSet<_>>()
                     .len();
                 tracing::warn!(
                     forwards,
-                    outcomes_planned = plan.outcomes.len(),
+                    outcomes_planned = planned.outcomes.len(),
                     outcomes_whole = whole.outcomes.len(),
                     "the incremental plan differed from the whole plan; planning afresh (a bug: please report it)"
                 );
                 self.lock_metrics().plan_repairs += 1;
-                self.planner = Planner::new(self.settings.policy.clone());
-                for service in self.store.values().filter_map(decide::eligible) {
-                    self.planner.upsert(service);
-                }
-                self.planner.set_holders(holders);
-                self.planner.take_changes();
-                plan = whole;
+                self.planner = decide::planner_of(&self.store, policy, holders, &self.down);
             }
         }
-        decide::decide(&self.store, &self.settings.finalizer, plan, &self.down)
+        decide::decide(&self.store, &self.settings.finalizer, &self.planner)
     }
 
-    /// Whether `plan` has a forward on a port the table does not forward now (or the table
-    /// is not known).
-    fn opens_ports(&self, plan: &Plan) -> bool {
+    /// Whether the plan has a forward on a port the table does not forward now (or the
+    /// table is not known).
+    fn opens_ports(&self) -> bool {
         let applied = self.engine.as_ref().and_then(Engine::applied);
-        plan.forwards
+        self.planner
+            .forwards()
             .keys()
             .any(|key| applied.is_none_or(|applied| !applied.forwards.contains_key(key)))
     }

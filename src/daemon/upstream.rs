@@ -14,7 +14,6 @@ use crate::cluster::Key;
 use crate::cluster::lane::{Round, Work};
 use crate::core::dns;
 use crate::core::model::Family;
-use crate::core::plan::Plan;
 use crate::core::tracked::Tracked;
 use crate::core::upstream::{self, Mapping, MappingState, View, Wanted};
 
@@ -118,9 +117,9 @@ impl Daemon {
 
     /// Hands the upstream lane the mappings the plan asks for, and notes which request
     /// last asked for each Service's; returns them.
-    pub(super) fn want_upstream(&mut self, plan: &Plan) -> Option<BTreeMap<Mapping, Wanted>> {
+    pub(super) fn want_upstream(&mut self) -> Option<BTreeMap<Mapping, Wanted>> {
         let lane = self.upstream.as_ref()?;
-        let wanted = upstream::wanted(plan.forwards.values());
+        let wanted = upstream::wanted(self.planner.forwards().values());
         let seq = lane.want(wanted.clone());
         for want in wanted.values() {
             if let Some(uid) = &want.uid {
@@ -149,11 +148,14 @@ impl Daemon {
 
     /// The DNS targets and the upstream notes of every Service, for this round: DNS patches
     /// go to the cluster lane, upstream changes become events.
-    pub(super) fn beyond(&mut self, plan: &Plan, round: &mut Round) -> Beyond {
+    pub(super) fn beyond(&mut self, round: &mut Round) -> Beyond {
         let mut beyond = Beyond::default();
+        // Held apart for this pass, so the mappings may borrow from its forwards while the
+        // DNS pass and the notes borrow the rest of the daemon; put back at the end.
+        let planner = std::mem::take(&mut self.planner);
         let mut mappings: HashMap<&str, Vec<Mapping>> = HashMap::new();
         self.dns_families.clear();
-        for forward in plan.forwards.values() {
+        for forward in planner.forwards().values() {
             let Some(uid) = forward.owner.uid.as_deref() else {
                 continue;
             };
@@ -195,6 +197,7 @@ impl Daemon {
             .filter_map(|k| self.store.get(k).map(|t| t.uid.clone()))
             .collect();
         self.upstream_notes(&mappings, &mut beyond, round);
+        self.planner = planner;
         beyond
     }
 

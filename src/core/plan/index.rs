@@ -4,15 +4,16 @@
 //! Two indexes: by Service (what it resolved to, the ports it claims) and by external port
 //! (who claims it). A Service's change resolves that Service again and settles only the
 //! ports it claimed before or claims now; a holder's change settles its port; a policy
-//! change resolves only the Services it can affect. [`plan_held`] over the same Services,
-//! policy and holders gives the same [`Plan`]: it is the oracle of the tests, and the
-//! daemon's periodic resync compares the two.
+//! change resolves only the Services it can affect; a health check's change settles only
+//! the ports whose backends it checks. [`plan_held`](super::plan_held) over the same
+//! Services, policy and holders gives the same [`Plan`]: it is the oracle of the tests, and
+//! the daemon's periodic resync compares the two.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use super::{Claim, Holders, Outcome, Plan, Resolved, holds, resolve, settle};
-use crate::core::model::{Forward, ForwardKey, Protocol};
+use super::{Claim, Holders, Outcome, Plan, Resolved, State, holds, resolve, settle};
+use crate::core::model::{Check, Forward, ForwardKey, Protocol};
 use crate::core::policy::Policy;
 use crate::core::service::Service;
 
@@ -114,11 +115,13 @@ impl PolicyChange {
     }
 }
 
-/// The plan of the Services given to it, kept current change by change.
+/// The plan of the Services given to it, kept current change by change, with the backends
+/// the health checks hold down marked in its forwards and outcomes.
 #[derive(Debug, Default)]
 pub struct Planner {
     policy: Policy,
     holders: Holders,
+    down: BTreeSet<Check>,
     services: BTreeMap<Name, Entry>,
     /// Who claims each port; the winner is chosen among them when the port is settled.
     claimants: BTreeMap<ForwardKey, BTreeSet<Name>>,
@@ -143,11 +146,20 @@ impl Planner {
         &self.forwards
     }
 
-    /// The outcomes of one Service, in entry order; `None` when it is not planned.
-    pub fn outcomes(&self, name: &Name) -> Option<&[Outcome]> {
+    /// Every planned Service's outcomes, in namespace/name order, each in entry order.
+    pub fn services(&self) -> impl Iterator<Item = (&Name, &[Outcome])> {
         self.services
-            .get(name)
-            .map(|e| e.resolved.outcomes.as_slice())
+            .iter()
+            .map(|(name, e)| (name, e.resolved.outcomes.as_slice()))
+    }
+
+    /// Every outcome, in the order of [`Plan::outcomes`].
+    pub fn outcomes(&self) -> impl Iterator<Item = &Outcome> {
+        self.services.values().flat_map(|e| &e.resolved.outcomes)
+    }
+
+    pub fn count(&self, state: State) -> usize {
+        self.outcomes().filter(|o| o.state == state).count()
     }
 
     /// How many Services are planned.
@@ -159,8 +171,8 @@ impl Planner {
         self.services.is_empty()
     }
 
-    /// The whole plan, as [`plan_held`](super::plan_held) gives it: costs what the plan
-    /// holds, for the status and the comparison with the oracle.
+    /// The whole plan, as [`plan_held`](super::plan_held) gives it with the backends down
+    /// marked: costs what the plan holds, for the comparison with the oracle.
     pub fn plan(&self) -> Plan {
         Plan {
             outcomes: self
@@ -214,6 +226,24 @@ impl Planner {
             .collect();
         self.holders = holders.clone();
         for key in changed {
+            self.settle_port(key);
+        }
+    }
+
+    /// The health checks that find their backend down changed.
+    pub fn set_down(&mut self, down: &BTreeSet<Check>) {
+        if self.down == *down {
+            return;
+        }
+        let changed: BTreeSet<Check> = self.down.symmetric_difference(down).copied().collect();
+        self.down = down.clone();
+        let affected: Vec<ForwardKey> = self
+            .forwards
+            .values()
+            .filter(|f| f.checks().any(|check| changed.contains(&check)))
+            .map(|f| f.key)
+            .collect();
+        for key in affected {
             self.settle_port(key);
         }
     }
@@ -300,9 +330,14 @@ impl Planner {
         };
         let entry = &self.services[&winner];
         let held = holds(entry.uid.as_ref(), &key, &self.holders);
-        let Some(forward) = entry.claim(&key).map(|c| c.forward.clone()) else {
+        let Some(mut forward) = entry.claim(&key).map(|c| c.forward.clone()) else {
             return;
         };
+        forward.down = forward
+            .checks()
+            .filter(|check| self.down.contains(check))
+            .map(|(addr, _)| addr)
+            .collect();
         for name in names.iter() {
             let Some(entry) = self.services.get_mut(name) else {
                 continue;
@@ -316,18 +351,15 @@ impl Planner {
             let outcome = &mut outcomes[claim.outcome];
             let before = (
                 outcome.state,
-                outcome.winner.is_some(),
                 outcome.reason.clone(),
+                std::mem::take(&mut outcome.down),
             );
             let lost = (*name != winner).then_some((&forward.owner, held));
             settle(outcome, claim, lost);
-            if before
-                != (
-                    outcome.state,
-                    outcome.winner.is_some(),
-                    outcome.reason.clone(),
-                )
-            {
+            if lost.is_none() {
+                outcome.down.clone_from(&forward.down);
+            }
+            if before != (outcome.state, outcome.reason.clone(), outcome.down.clone()) {
                 self.changes.services.insert(name.clone());
             }
         }

@@ -7,6 +7,8 @@ use std::collections::BTreeMap;
 use proptest::prelude::*;
 
 use super::*;
+use crate::core::decide::mark_down;
+use crate::core::model::Check;
 use crate::core::node::Node;
 use crate::core::policy::{LabelSelector, NodePorts};
 use crate::core::service::ServicePort;
@@ -23,6 +25,9 @@ const ENTRIES: [&str; 8] = [
     "8080:dns",
     "dns-tcp",
     "nonsense entry",
+];
+const CHECKED: [&str; 6] = [
+    "10.0.0.1", "10.0.0.2", "fd00::1", "10.0.1.1", "10.0.3.0", "10.0.3.1",
 ];
 const ADDRESSES: [&str; 5] = [
     "10.0.0.1",
@@ -44,6 +49,8 @@ enum Event {
     Holder(usize, u16, Option<usize>),
     /// A restart: every port is held by whoever the planner forwards it to now.
     HoldersFromPlan,
+    /// A health check finds its backend down, or up again.
+    Health(usize, u16),
 }
 
 #[derive(Clone, Debug)]
@@ -132,6 +139,8 @@ fn event() -> impl Strategy<Value = Event> {
         )
             .prop_map(|(i, port, holder)| Event::Holder(i, port, holder)),
         1 => Just(Event::HoldersFromPlan),
+        2 => (0..CHECKED.len(), prop_oneof![Just(80u16), Just(53), Just(30080)])
+            .prop_map(|(i, port)| Event::Health(i, port)),
     ]
 }
 
@@ -140,6 +149,7 @@ struct World {
     services: BTreeMap<Name, Service>,
     policy: Policy,
     holders: Holders,
+    down: BTreeSet<Check>,
 }
 
 fn change_policy(policy: &mut Policy, event: &PolicyEvent) {
@@ -215,6 +225,7 @@ proptest! {
             services: BTreeMap::new(),
             policy: base_policy(node_ports, selector, external_ips),
             holders: Holders::new(),
+            down: BTreeSet::new(),
         };
         let mut planner = Planner::new(world.policy.clone());
         for (step, event) in events.iter().enumerate() {
@@ -255,8 +266,16 @@ proptest! {
                         .collect();
                     planner.set_holders(&world.holders);
                 }
+                Event::Health(i, port) => {
+                    let check = (CHECKED[*i].parse().unwrap(), Probe::Tcp(*port));
+                    if !world.down.remove(&check) {
+                        world.down.insert(check);
+                    }
+                    planner.set_down(&world.down);
+                }
             }
-            let whole = plan_held(world.services.values(), &world.policy, &world.holders);
+            let mut whole = plan_held(world.services.values(), &world.policy, &world.holders);
+            mark_down(&mut whole, &world.down);
             prop_assert_eq!(&planner.plan(), &whole, "after step {}: {:?}", step, event);
         }
     }
