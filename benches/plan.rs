@@ -1,16 +1,21 @@
 //! Plan and diff at scale: 10,000 Services, 20,000 forwards. Pure CPU, no kernel.
 //! `cargo bench --bench plan`
 
+use std::collections::BTreeSet;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use kube_port_forward::cli::manifest;
+use kube_port_forward::core::decide::{self, Store};
 use kube_port_forward::core::plan::{self, Plan, Planner};
 use kube_port_forward::core::policy::Policy;
 use kube_port_forward::core::service::Service;
+use kube_port_forward::core::status;
+use kube_port_forward::core::tracked::Tracked;
 use kube_port_forward::kernel::{Change, DEFAULT_TABLE, Ruleset, TableConfig};
 
 const SERVICES: usize = 10_000;
+const FINALIZER: &str = "kube-port-forward-controller/finalizer";
 
 fn manifest_yaml() -> String {
     (0..SERVICES)
@@ -164,5 +169,38 @@ fn incremental(services: &[Service], whole: &Plan) {
     );
     measure("planner: the whole plan out of the planner", 11, || {
         planner.plan()
+    });
+    let store: Store = services
+        .iter()
+        .map(|service| {
+            let key = (service.namespace.clone(), service.name.clone());
+            let tracked = Tracked {
+                uid: service.uid.clone().unwrap_or_default(),
+                resource_version: None,
+                finalizers: vec![FINALIZER.to_owned()],
+                terminating: false,
+                annotated: true,
+                out_of_scope: false,
+                conditions: Vec::new(),
+                dns: Default::default(),
+                service: Ok(service.clone()),
+            };
+            (key, tracked)
+        })
+        .collect();
+    let every: BTreeSet<(String, String)> = store.keys().cloned().collect();
+    measure(
+        "decide: finalizers of 10,000, summaries of all (a first round)",
+        11,
+        || decide::decide(&store, FINALIZER, &planner, &every),
+    );
+    let one: BTreeSet<(String, String)> = every.iter().take(1).cloned().collect();
+    measure(
+        "decide: finalizers of 10,000, the summary of one changed Service",
+        101,
+        || decide::decide(&store, FINALIZER, &planner, &one),
+    );
+    measure("status entries of 20,000 outcomes", 11, || {
+        status::entries(planner.outcomes(), &Default::default())
     });
 }

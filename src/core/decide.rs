@@ -150,8 +150,9 @@ pub struct Decision {
 pub type Down = BTreeSet<Check>;
 
 /// Decides from the plan of the Services that may forward (see [`eligible`]), the backends
-/// down marked in it: whose finalizer to add or release and what each is told.
-pub fn decide(store: &Store, finalizer: &str, planner: &Planner) -> Decision {
+/// down marked in it: whose finalizer to add or release, and what each Service in `told`
+/// (those whose outcomes changed) is told.
+pub fn decide(store: &Store, finalizer: &str, planner: &Planner, told: &BTreeSet<Key>) -> Decision {
     let owners: BTreeSet<&str> = planner
         .forwards()
         .values()
@@ -185,8 +186,8 @@ pub fn decide(store: &Store, finalizer: &str, planner: &Planner) -> Decision {
             );
         }
     }
-    for (key, outcomes) in planner.services() {
-        if !outcomes.is_empty() {
+    for key in told {
+        if let Some(outcomes) = planner.outcomes_of(key).filter(|o| !o.is_empty()) {
             decision.summaries.insert(key.clone(), summarize(outcomes));
         }
     }
@@ -318,7 +319,8 @@ mod tests {
 
     fn decided(s: &Store, down: &Down) -> (Decision, Planner) {
         let planner = planner_of(s, &Policy::default(), &Holders::new(), down);
-        (decide(s, F, &planner), planner)
+        let every: BTreeSet<Key> = s.keys().cloned().collect();
+        (decide(s, F, &planner, &every), planner)
     }
 
     #[test]

@@ -123,6 +123,9 @@ struct Daemon {
     planner: Planner,
     /// The next round compares the planner's plan with the whole plan (set at a resync).
     audit_plan: bool,
+    /// Services whose outcomes changed since they were last told (in their condition and
+    /// events); only these are summarized again.
+    untold: BTreeSet<Key>,
     buffers: Vec<Option<Store>>,
     synced: Vec<bool>,
     namespace_buffer: Option<BTreeSet<String>>,
@@ -260,6 +263,7 @@ impl Daemon {
             store: Store::new(),
             planner: Planner::new(settings.policy.clone()),
             audit_plan: false,
+            untold: BTreeSet::new(),
             engine: Some(Engine::new(Kernel::new(settings.nft.clone()))),
             published: HashMap::new(),
             cleanup_since: HashMap::new(),

@@ -216,7 +216,18 @@ impl Daemon {
             .collect();
         self.report_changes(&applied, &mut round);
         let now = Instant::now();
-        for (key, mut summary) in decision.summaries {
+        let mut summaries = decision.summaries;
+        // A Service whose outcomes did not change may still have new notes (its upstream
+        // mappings, its DNS target): told from what it was told last.
+        for (key, previous) in &self.published {
+            let notes = beyond.notes.get(key).map_or(&[][..], Vec::as_slice);
+            if previous.notes != notes && !summaries.contains_key(key) {
+                summaries.insert(key.clone(), previous.clone());
+            }
+        }
+        // Told below, or held back and told again next time.
+        self.untold.clear();
+        for (key, mut summary) in summaries {
             summary.notes = beyond.notes.remove(&key).unwrap_or_default();
             let Some(previous) = self.published.get(&key) else {
                 self.publish(&key, &summary, true, &mut round);
@@ -249,6 +260,7 @@ impl Daemon {
                 {
                     let wait = *at + HEALTH_EVENTS - now;
                     retry = Some(retry.map_or(wait, |r: Duration| r.min(wait)));
+                    self.untold.insert(key);
                     continue;
                 }
                 self.health_told.insert(key.clone(), now);
@@ -282,7 +294,7 @@ impl Daemon {
         }
         self.planner.set_holders(holders);
         self.planner.set_down(&self.down);
-        self.planner.take_changes();
+        self.untold.extend(self.planner.take_changes().services);
         if std::mem::take(&mut self.audit_plan) {
             self.lock_metrics().plan_checks += 1;
             let policy = &self.settings.policy;
@@ -304,9 +316,15 @@ impl Daemon {
                 );
                 self.lock_metrics().plan_repairs += 1;
                 self.planner = decide::planner_of(&self.store, policy, holders, &self.down);
+                self.untold.extend(self.store.keys().cloned());
             }
         }
-        decide::decide(&self.store, &self.settings.finalizer, &self.planner)
+        decide::decide(
+            &self.store,
+            &self.settings.finalizer,
+            &self.planner,
+            &self.untold,
+        )
     }
 
     /// Whether the plan has a forward on a port the table does not forward now (or the

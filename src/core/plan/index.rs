@@ -153,6 +153,13 @@ impl Planner {
             .map(|(name, e)| (name, e.resolved.outcomes.as_slice()))
     }
 
+    /// One Service's outcomes, in entry order; `None` when it is not planned.
+    pub fn outcomes_of(&self, name: &Name) -> Option<&[Outcome]> {
+        self.services
+            .get(name)
+            .map(|e| e.resolved.outcomes.as_slice())
+    }
+
     /// Every outcome, in the order of [`Plan::outcomes`].
     pub fn outcomes(&self) -> impl Iterator<Item = &Outcome> {
         self.services.values().flat_map(|e| &e.resolved.outcomes)
