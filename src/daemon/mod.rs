@@ -126,6 +126,8 @@ struct Daemon {
     /// Services whose outcomes changed since they were last told (in their condition and
     /// events); only these are summarized again.
     untold: BTreeSet<Key>,
+    /// The DNS targets the status file was last written with.
+    status_dns: HashMap<Key, String>,
     buffers: Vec<Option<Store>>,
     synced: Vec<bool>,
     namespace_buffer: Option<BTreeSet<String>>,
@@ -264,6 +266,7 @@ impl Daemon {
             planner: Planner::new(settings.policy.clone()),
             audit_plan: false,
             untold: BTreeSet::new(),
+            status_dns: HashMap::new(),
             engine: Some(Engine::new(Kernel::new(settings.nft.clone()))),
             published: HashMap::new(),
             cleanup_since: HashMap::new(),

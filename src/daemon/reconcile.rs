@@ -148,11 +148,16 @@ impl Daemon {
         // worked out for each Service.
         let upstream_wanted = self.want_upstream();
         let mut beyond = self.beyond(&mut round);
-        if let Some(writer) = self.status.as_mut() {
+        // The status file follows the outcomes and the DNS targets: built again only when
+        // one of them changed, as building it costs what the plan holds.
+        if let Some(writer) = self.status.as_mut()
+            && (writer.empty() || !self.untold.is_empty() || beyond.dns_targets != self.status_dns)
+        {
             writer.update(status::entries(
                 self.planner.outcomes(),
                 &beyond.dns_targets,
             ));
+            self.status_dns.clone_from(&beyond.dns_targets);
         }
         // Finalizers first: a deleted Service waits on the release, events wait on nobody.
         // A Service whose DNS target or upstream mappings are still there waits for them

@@ -54,6 +54,11 @@ impl StatusWriter {
         }
     }
 
+    /// Whether no entries were handed over yet.
+    pub(super) fn empty(&self) -> bool {
+        self.last.is_none()
+    }
+
     /// Hands over the entries of a plan, unless they are those handed over last.
     pub(super) fn update(&mut self, entries: Vec<ServiceEntry>) {
         if self.last.as_ref() == Some(&entries) {
