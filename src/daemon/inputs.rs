@@ -146,7 +146,7 @@ impl Daemon {
     /// Whether a Service changed in nothing a full round depends on: what it asks for and
     /// its state, and whether it holds this router's finalizer without forwarding (a
     /// release needs the kernel checked first).
-    fn same_for_the_plan(&self, old: &Tracked, new: &Tracked) -> bool {
+    fn same_for_the_plan(&self, key: &Key, old: &Tracked, new: &Tracked) -> bool {
         let finalizer = &self.settings.finalizer;
         old.service == new.service
             && old.terminating == new.terminating
@@ -160,7 +160,7 @@ impl Daemon {
             && old.dns.by_hand() == new.dns.by_hand()
             && old.dns.opt == new.dns.opt
             && (old.has_finalizer(finalizer) == new.has_finalizer(finalizer)
-                || self.forwarding.contains(new.uid()))
+                || self.planner.is_forwarding(key, new.uid()))
     }
 
     /// Takes what the cluster lane did; returns whether the Services changed.
@@ -400,7 +400,7 @@ impl Daemon {
                 let unplanned = self
                     .store
                     .get(&key)
-                    .is_some_and(|old| self.same_for_the_plan(old, &service.tracked));
+                    .is_some_and(|old| self.same_for_the_plan(&key, old, &service.tracked));
                 self.store.insert(key.clone(), service.tracked);
                 if unplanned {
                     // Finalizers or conditions changed (the lane's own writes, mostly):

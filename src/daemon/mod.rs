@@ -13,7 +13,7 @@ mod sources;
 mod status;
 mod upstream;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -111,8 +111,6 @@ struct Daemon {
     /// Finalizer changes handed to the lane and not yet done: which, and for the Service's
     /// finalizer list as it was then.
     handed: HashMap<Key, (Kind, Vec<String>)>,
-    /// The uids of the Services with forwards in the last plan.
-    forwarding: HashSet<String>,
     /// Services whose finalizers or conditions changed since the last round, and nothing
     /// else the plan depends on.
     recheck: BTreeSet<Key>,
@@ -253,7 +251,6 @@ impl Daemon {
             holders_known: false,
             strays_swept: false,
             handed: HashMap::new(),
-            forwarding: HashSet::new(),
             recheck: BTreeSet::new(),
             buffers: vec![None; scopes.len()],
             synced: vec![false; scopes.len()],

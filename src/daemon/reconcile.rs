@@ -213,12 +213,6 @@ impl Daemon {
             self.handed.remove(&key);
             round.finalizers.push((key, None));
         }
-        self.forwarding = self
-            .planner
-            .forwards()
-            .values()
-            .filter_map(|f| f.owner.uid.clone())
-            .collect();
         self.report_changes(&applied, &mut round);
         let now = Instant::now();
         let mut summaries = decision.summaries;
@@ -384,7 +378,7 @@ impl Daemon {
             let Some(tracked) = self.store.get(&key) else {
                 continue;
             };
-            let wants = self.forwarding.contains(tracked.uid())
+            let wants = self.planner.is_forwarding(&key, tracked.uid())
                 && !tracked.has_finalizer(&self.settings.finalizer)
                 && !tracked.terminating
                 && !tracked.out_of_scope;

@@ -160,6 +160,17 @@ impl Planner {
             .map(|e| e.resolved.outcomes.as_slice())
     }
 
+    /// Whether the Service, as the object of `uid`, has a forward in the plan.
+    pub fn is_forwarding(&self, name: &Name, uid: &str) -> bool {
+        self.services.get(name).is_some_and(|e| {
+            e.uid.as_deref() == Some(uid)
+                && e.resolved
+                    .outcomes
+                    .iter()
+                    .any(|o| o.state == State::Forwarding)
+        })
+    }
+
     /// Every outcome, in the order of [`Plan::outcomes`].
     pub fn outcomes(&self) -> impl Iterator<Item = &Outcome> {
         self.services.values().flat_map(|e| &e.resolved.outcomes)
