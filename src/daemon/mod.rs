@@ -124,6 +124,8 @@ struct Daemon {
     /// Services whose outcomes changed since they were last told (in their condition and
     /// events); only these are summarized again.
     untold: BTreeSet<Key>,
+    /// Services that left the store since what they were told was last forgotten.
+    gone: BTreeSet<Key>,
     /// The DNS targets the status file was last written with.
     status_dns: HashMap<Key, String>,
     buffers: Vec<Option<Store>>,
@@ -264,6 +266,7 @@ impl Daemon {
             audit_plan: false,
             untold: BTreeSet::new(),
             status_dns: HashMap::new(),
+            gone: BTreeSet::new(),
             engine: Some(Engine::new(Kernel::new(settings.nft.clone()))),
             published: HashMap::new(),
             cleanup_since: HashMap::new(),

@@ -269,7 +269,11 @@ impl Daemon {
         }
         self.health_told
             .retain(|key, at| self.store.contains_key(key) && now < *at + HEALTH_EVENTS);
-        self.published.retain(|key, _| self.store.contains_key(key));
+        for key in std::mem::take(&mut self.gone) {
+            if !self.store.contains_key(&key) {
+                self.published.remove(&key);
+            }
+        }
         self.send(round);
         Ok(retry)
     }
@@ -286,9 +290,15 @@ impl Daemon {
             store.get(key).and_then(decide::eligible)
         });
         for key in self.store.take_changed() {
-            match self.store.get(&key).and_then(decide::eligible) {
-                Some(service) => self.planner.upsert(service),
-                None => self.planner.remove(&key),
+            match self.store.get(&key) {
+                Some(tracked) => match decide::eligible(tracked) {
+                    Some(service) => self.planner.upsert(service),
+                    None => self.planner.remove(&key),
+                },
+                None => {
+                    self.planner.remove(&key);
+                    self.gone.insert(key);
+                }
             }
         }
         self.planner.set_holders(holders);

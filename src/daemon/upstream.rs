@@ -155,15 +155,20 @@ impl Daemon {
         let planner = std::mem::take(&mut self.planner);
         let mut mappings: HashMap<&str, Vec<Mapping>> = HashMap::new();
         self.dns_families.clear();
+        // Each costs what the plan holds: worked out only when DNS targets, or the
+        // upstream IGD, are on.
+        let upstream = self.upstream.is_some();
         for forward in planner.forwards().values() {
             let Some(uid) = forward.owner.uid.as_deref() else {
                 continue;
             };
-            self.dns_families
-                .entry(uid.to_owned())
-                .or_default()
-                .insert(forward.key.family);
-            if let Some(mapping) = Mapping::of(&forward.key) {
+            if self.settings.dns_targets {
+                self.dns_families
+                    .entry(uid.to_owned())
+                    .or_default()
+                    .insert(forward.key.family);
+            }
+            if upstream && let Some(mapping) = Mapping::of(&forward.key) {
                 mappings.entry(uid).or_default().push(mapping);
             }
         }
