@@ -149,26 +149,61 @@ pub struct Decision {
 /// The health checks that found their backend down.
 pub type Down = BTreeSet<Check>;
 
+/// Which Services need this router's finalizer added, and which released: decided again
+/// only for the Services that changed, so a round costs what changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Finalizers {
+    add: BTreeSet<Key>,
+    release: BTreeSet<Key>,
+}
+
+impl Finalizers {
+    /// Decides again for the Services in `keys` (changed in the store or in the plan).
+    pub fn update<'a>(
+        &mut self,
+        store: &Store,
+        finalizer: &str,
+        planner: &Planner,
+        keys: impl IntoIterator<Item = &'a Key>,
+    ) {
+        for key in keys {
+            self.add.remove(key);
+            self.release.remove(key);
+            let Some(watched) = store.get(key) else {
+                continue;
+            };
+            let forwards = planner.is_forwarding(key, watched.uid());
+            let ours = watched.has_finalizer(finalizer);
+            if forwards && !ours && !watched.terminating && !watched.out_of_scope {
+                self.add.insert(key.clone());
+            }
+            if ours && !forwards {
+                self.release.insert(key.clone());
+            }
+        }
+    }
+}
+
 /// Decides from the plan of the Services that may forward (see [`eligible`]), the backends
-/// down marked in it: whose finalizer to add or release, and what each Service in `told`
-/// (those whose outcomes changed) is told.
-pub fn decide(store: &Store, finalizer: &str, planner: &Planner, told: &BTreeSet<Key>) -> Decision {
-    let owners: BTreeSet<&str> = planner
-        .forwards()
-        .values()
-        .filter_map(|f| f.owner.uid.as_deref())
-        .collect();
-    let mut decision = Decision::default();
-    for (key, watched) in store {
-        let forwards = owners.contains(watched.uid());
-        let ours = watched.has_finalizer(finalizer);
-        if forwards && !ours && !watched.terminating && !watched.out_of_scope {
-            decision.add_finalizer.push(key.clone());
-        }
-        if ours && !forwards {
-            decision.release.push(key.clone());
-        }
-        if let Err(error) = &watched.service
+/// down marked in it: whose finalizer to add or release (`finalizers`, decided again for
+/// the Services in `changed`), and what each Service in `told` is told.
+pub fn decide(
+    store: &Store,
+    finalizer: &str,
+    planner: &Planner,
+    finalizers: &mut Finalizers,
+    changed: &BTreeSet<Key>,
+    told: &BTreeSet<Key>,
+) -> Decision {
+    finalizers.update(store, finalizer, planner, changed);
+    let mut decision = Decision {
+        add_finalizer: finalizers.add.iter().cloned().collect(),
+        release: finalizers.release.iter().cloned().collect(),
+        summaries: BTreeMap::new(),
+    };
+    for key in told {
+        if let Some(watched) = store.get(key)
+            && let Err(error) = &watched.service
             && watched.annotated
             && !watched.terminating
             && !watched.out_of_scope
@@ -185,8 +220,6 @@ pub fn decide(store: &Store, finalizer: &str, planner: &Planner, told: &BTreeSet
                 },
             );
         }
-    }
-    for key in told {
         if let Some(outcomes) = planner.outcomes_of(key).filter(|o| !o.is_empty()) {
             decision.summaries.insert(key.clone(), summarize(outcomes));
         }
@@ -320,7 +353,9 @@ mod tests {
     fn decided(s: &Store, down: &Down) -> (Decision, Planner) {
         let planner = planner_of(s, &Policy::default(), &Holders::new(), down);
         let every: BTreeSet<Key> = s.keys().cloned().collect();
-        (decide(s, F, &planner, &every), planner)
+        let mut finalizers = Finalizers::default();
+        let d = decide(s, F, &planner, &mut finalizers, &every, &every);
+        (d, planner)
     }
 
     #[test]

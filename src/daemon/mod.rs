@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use crate::cluster::client::{self, ClientError};
 use crate::cluster::lane::{Kind, Lane};
 use crate::cluster::{Cluster, Key};
-use crate::core::decide::{Down, Store, Summary};
+use crate::core::decide::{Down, Finalizers, Store, Summary};
 use crate::core::dns;
 use crate::core::model::{Family, ForwardKey};
 use crate::core::names::valid_finalizer;
@@ -124,6 +124,8 @@ struct Daemon {
     /// Services whose outcomes changed since they were last told (in their condition and
     /// events); only these are summarized again.
     untold: BTreeSet<Key>,
+    /// Which Services need this router's finalizer added or released.
+    finalizers: Finalizers,
     /// Services that left the store since what they were told was last forgotten.
     gone: BTreeSet<Key>,
     /// The DNS targets the status file was last written with.
@@ -267,6 +269,7 @@ impl Daemon {
             untold: BTreeSet::new(),
             status_dns: HashMap::new(),
             gone: BTreeSet::new(),
+            finalizers: Finalizers::default(),
             engine: Some(Engine::new(Kernel::new(settings.nft.clone()))),
             published: HashMap::new(),
             cleanup_since: HashMap::new(),

@@ -289,21 +289,23 @@ impl Daemon {
         self.planner.set_policy(&self.settings.policy, |key| {
             store.get(key).and_then(decide::eligible)
         });
-        for key in self.store.take_changed() {
-            match self.store.get(&key) {
+        let mut changed = self.store.take_changed();
+        for key in &changed {
+            match self.store.get(key) {
                 Some(tracked) => match decide::eligible(tracked) {
                     Some(service) => self.planner.upsert(service),
-                    None => self.planner.remove(&key),
+                    None => self.planner.remove(key),
                 },
                 None => {
-                    self.planner.remove(&key);
-                    self.gone.insert(key);
+                    self.planner.remove(key);
+                    self.gone.insert(key.clone());
                 }
             }
         }
         self.planner.set_holders(holders);
         self.planner.set_down(&self.down);
-        self.untold.extend(self.planner.take_changes().services);
+        changed.extend(self.planner.take_changes().services);
+        self.untold.extend(changed.iter().cloned());
         if std::mem::take(&mut self.audit_plan) {
             self.lock_metrics().plan_checks += 1;
             let policy = &self.settings.policy;
@@ -325,6 +327,7 @@ impl Daemon {
                 );
                 self.lock_metrics().plan_repairs += 1;
                 self.planner = decide::planner_of(&self.store, policy, holders, &self.down);
+                changed.extend(self.store.keys().cloned());
                 self.untold.extend(self.store.keys().cloned());
             }
         }
@@ -332,6 +335,8 @@ impl Daemon {
             &self.store,
             &self.settings.finalizer,
             &self.planner,
+            &mut self.finalizers,
+            &changed,
             &self.untold,
         )
     }
