@@ -130,6 +130,9 @@ struct Daemon {
     gone: BTreeSet<Key>,
     /// The DNS targets the status file was last written with.
     status_dns: HashMap<Key, String>,
+    /// The status file's entries changed since they were last built, and when that was.
+    status_stale: bool,
+    status_built: Option<Instant>,
     buffers: Vec<Option<Store>>,
     synced: Vec<bool>,
     namespace_buffer: Option<BTreeSet<String>>,
@@ -268,6 +271,8 @@ impl Daemon {
             audit_plan: false,
             untold: BTreeSet::new(),
             status_dns: HashMap::new(),
+            status_stale: false,
+            status_built: None,
             gone: BTreeSet::new(),
             finalizers: Finalizers::default(),
             engine: Some(Engine::new(Kernel::new(settings.nft.clone()))),

@@ -22,6 +22,9 @@ use crate::router::audit;
 /// events each.
 pub(super) const HEALTH_EVENTS: Duration = Duration::from_secs(30);
 
+/// The status file is built again at most this often while changes keep coming.
+const STATUS_EVERY: Duration = Duration::from_secs(1);
+
 impl Daemon {
     /// One round: apply, then hand finalizers, events and conditions to the cluster lane.
     /// Returns when to try again if something is left to do. Unless `force`d, forwards equal
@@ -148,21 +151,33 @@ impl Daemon {
         // worked out for each Service.
         let upstream_wanted = self.want_upstream();
         let mut beyond = self.beyond(&mut round);
-        // The status file follows the outcomes and the DNS targets: built again only when
-        // one of them changed, as building it costs what the plan holds.
-        if let Some(writer) = self.status.as_mut()
-            && (writer.empty() || !self.untold.is_empty() || beyond.dns_targets != self.status_dns)
-        {
-            writer.update(status::entries(
-                self.planner.outcomes(),
-                &beyond.dns_targets,
-            ));
-            self.status_dns.clone_from(&beyond.dns_targets);
+        // The status file follows the outcomes and the DNS targets. Building it costs what
+        // the plan holds, so it is built only when one of them changed, and during a burst
+        // of changes at most every STATUS_EVERY: the round comes back for the rest.
+        let mut retry: Option<Duration> = None;
+        if let Some(writer) = self.status.as_mut() {
+            self.status_stale |=
+                writer.empty() || !self.untold.is_empty() || beyond.dns_targets != self.status_dns;
+            let since = self.status_built.map(|at| at.elapsed());
+            match since {
+                Some(since) if self.status_stale && since < STATUS_EVERY => {
+                    retry = Some(STATUS_EVERY - since);
+                }
+                _ if self.status_stale => {
+                    writer.update(status::entries(
+                        self.planner.outcomes(),
+                        &beyond.dns_targets,
+                    ));
+                    self.status_dns.clone_from(&beyond.dns_targets);
+                    self.status_stale = false;
+                    self.status_built = Some(Instant::now());
+                }
+                _ => {}
+            }
         }
         // Finalizers first: a deleted Service waits on the release, events wait on nobody.
         // A Service whose DNS target or upstream mappings are still there waits for them
         // (up to the cleanup deadline).
-        let mut retry: Option<Duration> = None;
         let mut releasable = Vec::new();
         for key in &decision.release {
             let upstream = upstream_wanted
