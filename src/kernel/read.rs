@@ -8,7 +8,7 @@ use ipnet::IpNet;
 
 use super::layout::*;
 use super::nfnl::TableDump;
-use super::wire::{self, Elem, SetInfo};
+use super::wire::{self, ChainInfo, Elem, SetInfo};
 use crate::core::model::{BUCKETS, Family, ForwardKey};
 use crate::core::plan::Holders;
 
@@ -424,59 +424,86 @@ fn source_of(family: Family, elem: &Elem) -> Option<Source> {
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::kernel::Change;
-    use crate::kernel::fixtures::{forward, ruleset};
-    use crate::kernel::wire::{ChainInfo, Op};
-
-    /// A dump of the table `r` would build: its elements as the netlink batch writes them.
-    fn dump_of(r: &Ruleset) -> TableDump {
-        let all = r.delta(&KernelTable::default());
+impl Ruleset {
+    /// The table this ruleset builds as a read of the kernel returns it right after the
+    /// build (no packet counted yet): what a firewall in memory holds, in tests and benches.
+    pub fn as_dump(&self, generation: u32) -> TableDump {
+        let config = &self.config;
         let mut elements: BTreeMap<String, Vec<Elem>> = set_names()
             .into_iter()
             .map(|n| (n.to_owned(), Vec::new()))
             .collect();
-        for change in r.element_changes(&all) {
-            assert_eq!(change.op, Op::Add);
-            elements.get_mut(change.set).unwrap().extend(change.elems);
+        for change in self.element_changes(&self.delta(&KernelTable::default())) {
+            let counted = FAMILIES.into_iter().any(|family| {
+                change.set == addr_map(family) || bucket_of(family, change.set).is_some()
+            });
+            let elems = elements.entry(change.set.to_owned()).or_default();
+            elems.extend(change.elems.into_iter().map(|elem| Elem {
+                counter: counted.then_some((0, 0)),
+                ..elem
+            }));
         }
         let sets = set_names()
             .into_iter()
-            .map(|name| {
-                let kind = expected_set(name).unwrap();
-                SetInfo {
+            .filter_map(|name| {
+                let kind = expected_set(name)?;
+                Some(SetInfo {
                     name: name.to_owned(),
                     flags: kind.flags,
                     key_type: kind.key_type,
                     key_len: kind.key_len,
                     data_type: kind.data.map(|d| d.0),
                     data_len: kind.data.map(|d| d.1),
+                })
+            })
+            .collect();
+        let chains = chain_names(config)
+            .into_iter()
+            .map(|name| {
+                let hook = match name {
+                    CHAIN => Some((NF_INET_PRE_ROUTING, DSTNAT_PRIORITY)),
+                    REFLECT_CHAIN => Some((NF_INET_POST_ROUTING, SRCNAT_PRIORITY)),
+                    _ => None,
+                };
+                ChainInfo {
+                    name: name.to_owned(),
+                    hook,
+                    kind: hook.map(|_| "nat".to_owned()),
                 }
             })
             .collect();
+        let mut rules: Vec<(&str, String)> = config
+            .rules()
+            .into_iter()
+            .map(|(f, w, side, pick)| (CHAIN, config.rule_comment(f, w, side, pick)))
+            .collect();
+        if config.reflects() {
+            rules.push((REFLECT_CHAIN, config.reflect_comment()));
+        }
+        for family in FAMILIES {
+            for bucket in 0..BUCKETS {
+                rules.push((bucket_chain(family, bucket), bucket_comment(family, bucket)));
+            }
+        }
         TableDump {
-            generation: 1,
+            generation,
             sets,
-            chains: chain_names(&r.config)
+            chains,
+            rules: rules
                 .into_iter()
-                .map(|name| ChainInfo {
-                    name: name.into(),
-                    hook: (name == CHAIN).then_some((NF_INET_PRE_ROUTING, DSTNAT_PRIORITY)),
-                    kind: (name == CHAIN).then(|| "nat".into()),
-                })
-                .collect(),
-            rules: r
-                .config
-                .rule_comments()
-                .into_iter()
-                .map(|c| (CHAIN.to_owned(), Some(c)))
+                .map(|(chain, comment)| (chain.to_owned(), Some(comment)))
                 .collect(),
             elements,
             attempts: 1,
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::Change;
+    use crate::kernel::fixtures::{forward, ruleset};
 
     #[test]
     fn dumps_round_trip_the_batch_encoding() {
@@ -494,7 +521,7 @@ mod tests {
             forward(53, "10.0.0.2", "c"),
             several,
         ]);
-        let mut dump = dump_of(&r);
+        let mut dump = r.as_dump(1);
         dump.elements.get_mut("fwd_ipv4_addr").unwrap()[0].counter = Some((3, 180));
         let kernel = KernelTable::from_dump(Some(&r.config), &dump);
         assert_eq!(kernel.shape_problem, None);
@@ -510,7 +537,7 @@ mod tests {
     #[test]
     fn foreign_shapes_and_elements_are_problems() {
         let r = ruleset(&[forward(80, "10.0.0.1", "a")]);
-        let mut dump = dump_of(&r);
+        let mut dump = r.as_dump(1);
         dump.sets[0].key_type = TYPE_IP6ADDR;
         let problem = KernelTable::from_dump(Some(&r.config), &dump)
             .shape_problem
@@ -520,7 +547,7 @@ mod tests {
             "{problem}"
         );
 
-        let mut dump = dump_of(&r);
+        let mut dump = r.as_dump(1);
         dump.elements.get_mut("src_ipv4").unwrap().push(Elem {
             key: [
                 &[10, 0, 0, 1][..],
