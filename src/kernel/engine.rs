@@ -250,15 +250,15 @@ impl<F: Firewall> Engine<F> {
         Ok(self
             .firewall
             .read(table, &set_names())?
-            .map(|dump| KernelTable::from_dump(config, &dump)))
+            .map(|dump| KernelTable::from_dump(config, dump)))
     }
 
     fn read_at(&mut self, config: &TableConfig) -> Result<(Option<KernelTable>, u32), KernelError> {
         match self.firewall.read(&config.table, &set_names())? {
-            Some(dump) => Ok((
-                Some(KernelTable::from_dump(Some(config), &dump)),
-                dump.generation,
-            )),
+            Some(dump) => {
+                let generation = dump.generation;
+                Ok((Some(KernelTable::from_dump(Some(config), dump)), generation))
+            }
             None => Ok((None, self.firewall.generation()?)),
         }
     }

@@ -63,7 +63,7 @@ impl Pair {
         assert_eq!(w.generation, d.generation);
         if whole.is_ok() {
             let table = w.table.as_ref().expect("an applied table");
-            let read = KernelTable::from_dump(Some(&desired.config), table);
+            let read = KernelTable::from_dump(Some(&desired.config), table.clone());
             assert_eq!(desired.diff(Some(&read)), Change::Nothing);
             assert_eq!(self.whole.applied(), Some(desired));
         }
