@@ -1,13 +1,15 @@
 //! The kernel side of applying: one element change (a forward added, a forward removed)
-//! with 10 and with 10,000 forwards present (the cost must not grow with the table), reading
-//! 10,000 forwards back, building 10,000 from nothing and restoring them after
-//! `nft flush ruleset`. Runs in a network namespace it creates: needs root.
-//! `cargo bench --bench kernel`
+//! with 10 and with 10,000 forwards present, by the engine's whole apply and by its apply of
+//! the changed key (the cost must not grow with the table), reading 10,000 forwards back,
+//! building 10,000 from nothing and restoring them after `nft flush ruleset`. Runs in a
+//! network namespace it creates: needs root.
+//! `cargo bench --bench kernel`; `-- apply` measures only the one change, `-- table` only
+//! the reads, builds and restores of the whole table.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use common::Netns;
@@ -74,24 +76,30 @@ fn engine() -> Engine<Kernel> {
 }
 
 /// Applies `ruleset(n)`, then times `rounds` removals and as many additions of one forward,
-/// alternating, with the same engine: each is one netlink batch. Returns the whole applies
-/// (removals, additions), the commits alone, and the conntrack clean-up a removal costs when
-/// the forward carried flows.
-fn one_change(n: usize, rounds: usize) -> [(f64, f64, f64); 4] {
+/// alternating, with the same engine: each is one netlink batch. The engine applies the
+/// whole ruleset (the clone handed over is made untimed) or, with `delta`, the changed key
+/// alone ([`Engine::apply_changed`]). Returns the whole applies (removals, additions), the
+/// commits alone, and the conntrack clean-up a removal costs when the forward carried flows.
+fn one_change(n: usize, rounds: usize, delta: bool) -> [(f64, f64, f64); 4] {
     let ns = Netns::new("bench");
     ns.enter(move || {
         let desired = ruleset(n);
         let mut engine = Engine::new(Recording::default());
         engine.apply(desired.clone()).unwrap();
         let key = *desired.forwards.keys().nth(n / 2).unwrap();
+        let changed = BTreeSet::from([key]);
         let mut without = desired.clone();
         without.forwards.remove(&key);
         let (mut removes, mut adds) = (Vec::new(), Vec::new());
         for _ in 0..rounds {
             for (next, times) in [(&without, &mut removes), (&desired, &mut adds)] {
-                let next = next.clone();
+                let whole = (!delta).then(|| next.clone());
                 let start = Instant::now();
-                let applied = engine.apply(next).unwrap();
+                let applied = match whole {
+                    Some(whole) => engine.apply(whole),
+                    None => engine.apply_changed(&next.config, &next.forwards, &changed),
+                }
+                .unwrap();
                 times.push(start.elapsed());
                 assert!(applied.sent && applied.rebuilt.is_none());
                 assert_eq!(applied.added.len() + applied.removed.len(), 1);
@@ -116,14 +124,35 @@ fn one_change(n: usize, rounds: usize) -> [(f64, f64, f64); 4] {
     })
 }
 
+/// Whether the measurements of `part` run: all of them, or those named on the command line.
+fn runs(part: &str) -> bool {
+    std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with('-'))
+        .is_none_or(|wanted| wanted == part)
+}
+
 fn main() {
     println!("nft: {}", common::run("nft", &["--version"]).trim());
+    if runs("apply") {
+        one_changes();
+    }
+    if runs("table") {
+        whole_table();
+    }
+}
+
+fn one_changes() {
     for n in [10, 10_000] {
-        let [remove, add, commit, flows] = one_change(n, 1000);
+        let [remove, add, commit, flows] = one_change(n, 1000, false);
+        let [delta_remove, delta_add, delta_commit, _] = one_change(n, 1000, true);
         for (what, runs, (m, lo, p99)) in [
             ("apply, one forward added:   ", 1000, add),
             ("apply, one forward removed: ", 1000, remove),
             ("  of which the batch commit:", 2000, commit),
+            ("apply_changed, one forward added:  ", 1000, delta_add),
+            ("apply_changed, one forward removed:", 1000, delta_remove),
+            ("  of which the batch commit:       ", 2000, delta_commit),
             ("conntrack walk, if it carried flows:", 1000, flows),
         ] {
             println!(
@@ -131,6 +160,9 @@ fn main() {
             );
         }
     }
+}
+
+fn whole_table() {
     let ns = Netns::new("bench");
     let name = ns.name.clone();
     let (build, read, restore) = ns.enter(move || {

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use common::recording::Recording;
@@ -203,6 +203,75 @@ fn one_change_among_many_sends_only_that_change() {
         );
         assert_eq!(kernel_diff(&down), Change::Nothing);
     });
+}
+
+/// The rulesets of [`the_delta_apply_sends_what_the_whole_apply_sends`], each with the keys
+/// that changed since the one before.
+fn changes() -> Vec<(Ruleset, BTreeSet<ForwardKey>)> {
+    let forwards = many(300);
+    let mut desired = ruleset(forwards.clone());
+    let mut steps = vec![(desired.clone(), BTreeSet::new())];
+    let several = *desired
+        .forwards
+        .iter()
+        .find(|(_, f)| f.backends.len() == 3)
+        .unwrap()
+        .0;
+    let (moved, gone) = (forwards[150].key, forwards[20].key);
+    let added = forward(20_000, "192.168.9.9");
+    let mut step = |change: &mut dyn FnMut(&mut Ruleset), keys: &[ForwardKey]| {
+        change(&mut desired);
+        steps.push((desired.clone(), keys.iter().copied().collect()));
+    };
+    step(
+        &mut |r| r.forwards.get_mut(&moved).unwrap().port = 9999,
+        &[moved],
+    );
+    step(
+        &mut |r| {
+            r.forwards.remove(&gone);
+            r.forwards.insert(added.key, added.clone());
+        },
+        &[gone, added.key],
+    );
+    step(
+        &mut |r| {
+            let f = r.forwards.get_mut(&several).unwrap();
+            f.down = vec![f.backends[1]];
+        },
+        &[several],
+    );
+    step(&mut |_| {}, &[]);
+    steps
+}
+
+#[test]
+fn the_delta_apply_sends_what_the_whole_apply_sends() {
+    let run = |delta: bool| {
+        let ns = Netns::new(if delta { "k2d" } else { "k2w" });
+        ns.enter(move || {
+            let mut engine = Engine::new(Recording::default());
+            let mut results = Vec::new();
+            for (desired, changed) in changes() {
+                let applied = if delta {
+                    engine.apply_changed(&desired.config, &desired.forwards, &changed)
+                } else {
+                    engine.apply(desired.clone())
+                };
+                results.push(applied.unwrap());
+                assert_eq!(engine.applied(), Some(&desired));
+                assert_eq!(kernel_diff(&desired), Change::Nothing);
+            }
+            let recorded = engine.firewall();
+            (results, recorded.commits.clone(), recorded.runs.len())
+        })
+    };
+    let (whole, delta) = (run(false), run(true));
+    assert_eq!(whole, delta);
+    let (results, commits, runs) = whole;
+    assert_eq!(runs, 1, "only the first apply ran nft");
+    assert_eq!(commits.len(), 3, "one batch for each change");
+    assert!(!results.last().unwrap().sent);
 }
 
 #[test]
@@ -568,7 +637,7 @@ fn reads_during_commits_are_retried_until_consistent() {
                 .unwrap();
             retried = dump.attempts > 1;
             let table =
-                kube_port_forward::kernel::KernelTable::from_dump(Some(&desired.config), &dump);
+                kube_port_forward::kernel::KernelTable::from_dump(Some(&desired.config), dump);
             assert_eq!(desired.diff(Some(&table)), Change::Nothing);
         }
         let mut engine = Engine::new(kernel());

@@ -244,9 +244,14 @@ impl Ruleset {
 
     /// What it takes to go from `previous`, applied before, to this ruleset.
     pub fn diff_applied(&self, previous: &Ruleset) -> Change {
-        let problem = (self.config.shape() != previous.config.shape())
-            .then(|| "the table's configuration changed".to_owned());
-        Change::new(problem, self.delta_applied(previous))
+        Change::new(self.reshaped(previous), self.delta_applied(previous))
+    }
+
+    /// Why the table applied for `previous` cannot simply have its elements changed into
+    /// this ruleset, if it cannot: its structure differs.
+    pub(super) fn reshaped(&self, previous: &Ruleset) -> Option<String> {
+        (self.config.shape() != previous.config.shape())
+            .then(|| "the table's configuration changed".to_owned())
     }
 
     /// The elements that differ between `current` and this ruleset, whatever its shape.
@@ -257,6 +262,41 @@ impl Ruleset {
     /// [`Ruleset::delta`] against a ruleset known to be applied: only the forwards that
     /// differ are turned into elements, so its cost is a walk of two sorted maps.
     pub fn delta_applied(&self, previous: &Ruleset) -> Update {
+        let mut old = previous.forwards.iter().peekable();
+        let mut new = self.forwards.iter().peekable();
+        let pairs = std::iter::from_fn(|| {
+            let order = match (old.peek(), new.peek()) {
+                (None, None) => return None,
+                (Some(_), None) => Ordering::Less,
+                (None, Some(_)) => Ordering::Greater,
+                (Some((ko, _)), Some((kn, _))) => ko.cmp(kn),
+            };
+            Some(match order {
+                Ordering::Less => (old.next().map(|e| e.1), None),
+                Ordering::Greater => (None, new.next().map(|e| e.1)),
+                Ordering::Equal => (old.next().map(|e| e.1), new.next().map(|e| e.1)),
+            })
+        });
+        self.delta_between(previous, pairs)
+    }
+
+    /// [`Ruleset::delta_applied`] when no forward outside `keys` differs between
+    /// `previous` and this ruleset: its cost is that of those keys alone, however many
+    /// forwards either holds (this ruleset may hold only those keys' forwards).
+    pub fn delta_at(&self, previous: &Ruleset, keys: &BTreeSet<ForwardKey>) -> Update {
+        let pairs = keys
+            .iter()
+            .map(|key| (previous.forwards.get(key), self.forwards.get(key)));
+        self.delta_between(previous, pairs)
+    }
+
+    /// The update from `previous` to this ruleset, given their forwards paired by key
+    /// (before, after): only the pairs that differ are turned into elements.
+    fn delta_between<'a>(
+        &self,
+        previous: &Ruleset,
+        pairs: impl Iterator<Item = (Option<&'a Forward>, Option<&'a Forward>)>,
+    ) -> Update {
         let mut before = KernelTable {
             wan_interfaces: previous.config.wan_interfaces.clone(),
             wan_addresses: previous.config.wan_addresses.clone(),
@@ -267,25 +307,12 @@ impl Ruleset {
             wan_addresses: self.config.wan_addresses.clone(),
             ..KernelTable::default()
         };
-        let mut old = previous.forwards.iter().peekable();
-        let mut new = self.forwards.iter().peekable();
-        loop {
-            let order = match (old.peek(), new.peek()) {
-                (None, None) => break,
-                (Some(_), None) => Ordering::Less,
-                (None, Some(_)) => Ordering::Greater,
-                (Some((ko, _)), Some((kn, _))) => ko.cmp(kn),
-            };
-            match order {
-                Ordering::Less => before.insert_forward(old.next().expect("peeked").1),
-                Ordering::Greater => after.insert_forward(new.next().expect("peeked").1),
-                Ordering::Equal => {
-                    let (fo, fnew) = (old.next().expect("peeked").1, new.next().expect("peeked").1);
-                    if fo != fnew {
-                        before.insert_forward(fo);
-                        after.insert_forward(fnew);
-                    }
-                }
+        for (was, now) in pairs.filter(|(was, now)| was != now) {
+            if let Some(forward) = was {
+                before.insert_forward(forward);
+            }
+            if let Some(forward) = now {
+                after.insert_forward(forward);
             }
         }
         after.delta_from(&before)

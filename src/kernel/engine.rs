@@ -1,7 +1,7 @@
 //! [`Engine`]: applies a [`Ruleset`] to one table through a [`Firewall`], sending as little
 //! as possible, and says what changed.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
@@ -174,11 +174,12 @@ pub struct Engine<F> {
     /// The generation at which `applied` was what the kernel held.
     generation: Option<u32>,
     /// Who holds which port, as far as the engine knows: from the kernel's owner comments,
-    /// then from every apply.
+    /// then from every apply. While `applied` is remembered, these are its forwards' owners.
     holders: Holders,
     /// A read of the kernel taken ahead of the next apply ([`Engine::learn_holders`]), which
-    /// uses it instead of reading again.
-    read_ahead: Option<(Option<KernelTable>, u32)>,
+    /// uses it instead of reading again if it applies the configuration the read was
+    /// checked against.
+    read_ahead: Option<(TableConfig, Option<KernelTable>, u32)>,
     rebuilds: RebuildBackoff,
 }
 
@@ -225,18 +226,17 @@ impl<F: Firewall> Engine<F> {
     }
 
     /// Reads the kernel table to learn who holds which port (after a restart, from the owner
-    /// comments); the next apply starts from this read.
+    /// comments); the next apply starts from this read, not from what the engine applied
+    /// before, which it forgets: the holders then follow the applied forwards again from
+    /// the next apply on, which [`Engine::apply_changed`] relies on to update them key by key.
     /// Also returns the backends the table records as down, for the health checks to
     /// start from.
     pub fn learn_holders(&mut self, config: &TableConfig) -> Result<BTreeSet<Down>, KernelError> {
-        let read = self.read_at(config)?;
-        self.holders = read
-            .0
-            .as_ref()
-            .map(KernelTable::holders)
-            .unwrap_or_default();
-        let down = read.0.as_ref().map(|t| t.down.clone()).unwrap_or_default();
-        self.read_ahead = Some(read);
+        self.forget();
+        let (table, generation) = self.read_at(config)?;
+        self.holders = table.as_ref().map(KernelTable::holders).unwrap_or_default();
+        let down = table.as_ref().map(|t| t.down.clone()).unwrap_or_default();
+        self.read_ahead = Some((config.clone(), table, generation));
         Ok(down)
     }
 
@@ -250,15 +250,15 @@ impl<F: Firewall> Engine<F> {
         Ok(self
             .firewall
             .read(table, &set_names())?
-            .map(|dump| KernelTable::from_dump(config, &dump)))
+            .map(|dump| KernelTable::from_dump(config, dump)))
     }
 
     fn read_at(&mut self, config: &TableConfig) -> Result<(Option<KernelTable>, u32), KernelError> {
         match self.firewall.read(&config.table, &set_names())? {
-            Some(dump) => Ok((
-                Some(KernelTable::from_dump(Some(config), &dump)),
-                dump.generation,
-            )),
+            Some(dump) => {
+                let generation = dump.generation;
+                Ok((Some(KernelTable::from_dump(Some(config), dump)), generation))
+            }
             None => Ok((None, self.firewall.generation()?)),
         }
     }
@@ -283,49 +283,162 @@ impl<F: Firewall> Engine<F> {
         }
     }
 
+    /// [`Engine::apply`] of `forwards` under `config`, at the cost of the forwards in
+    /// `changed` alone, whatever the size of the table: the result and what is sent are
+    /// those of `apply(Ruleset::new(config.clone(), forwards.clone()))` as long as `changed`
+    /// holds every key whose forward was added, removed or changed since the last
+    /// successful apply. With nothing changed it asks the kernel only whether the ruleset's
+    /// generation is still the one it applied at. When the engine remembers nothing, or
+    /// applied another configuration, or must read the table (the generation moved, the
+    /// batch was refused), it applies the whole ruleset.
+    pub fn apply_changed(
+        &mut self,
+        config: &TableConfig,
+        forwards: &BTreeMap<ForwardKey, Forward>,
+        changed: &BTreeSet<ForwardKey>,
+    ) -> Result<Applied, KernelError> {
+        let whole = || Ruleset::new(config.clone(), forwards.clone());
+        let (mut applied, generation) = match (self.applied.take(), self.generation.take()) {
+            (Some(applied), Some(generation)) if applied.config == *config => (applied, generation),
+            (applied, generation) => {
+                (self.applied, self.generation) = (applied, generation);
+                return self.apply(whole());
+            }
+        };
+        // The commit and its report look up only the forwards the update names, all of them
+        // among the changed ones.
+        let mut desired = Ruleset::new(
+            config.clone(),
+            changed
+                .iter()
+                .filter_map(|key| Some((*key, forwards.get(key)?.clone())))
+                .collect(),
+        );
+        let delta = desired.delta_at(&applied, changed);
+        match self.apply_known(&desired, &delta, &applied, generation) {
+            Some(Ok(done)) => {
+                for key in changed {
+                    match desired.forwards.remove(key) {
+                        Some(forward) => {
+                            match &forward.owner.uid {
+                                Some(uid) => self.holders.insert(*key, uid.clone()),
+                                None => self.holders.remove(key),
+                            };
+                            applied.forwards.insert(*key, forward);
+                        }
+                        None => {
+                            self.holders.remove(key);
+                            applied.forwards.remove(key);
+                        }
+                    }
+                }
+                self.applied = Some(applied);
+                Ok(done)
+            }
+            Some(Err(error)) => {
+                self.forget();
+                Err(error)
+            }
+            // What was applied no longer tells what the kernel holds: the whole apply
+            // forgets it too, and reads.
+            None => self.apply(whole()),
+        }
+    }
+
+    /// Whether `forwards` under `config` is what the engine applied last, knowing that only
+    /// the forwards in `changed` may differ from it (as for [`Engine::apply_changed`]): a
+    /// look at those keys alone, nothing asked of the kernel.
+    pub fn unchanged(
+        &self,
+        config: &TableConfig,
+        forwards: &BTreeMap<ForwardKey, Forward>,
+        changed: &BTreeSet<ForwardKey>,
+    ) -> bool {
+        self.applied.as_ref().is_some_and(|applied| {
+            applied.config == *config
+                && changed
+                    .iter()
+                    .all(|key| applied.forwards.get(key) == forwards.get(key))
+        })
+    }
+
     fn apply_from(&mut self, desired: &Ruleset) -> Result<Applied, KernelError> {
         let remembered = self.applied.take().zip(self.generation.take());
         if let Some((applied, generation)) = remembered {
-            match desired.diff_applied(&applied) {
-                Change::Nothing => {
-                    if self.firewall.generation()? == generation {
-                        self.generation = Some(generation);
-                        return Ok(Applied::default());
-                    }
-                    tracing::debug!("the ruleset changed since the last apply; reading the table");
-                }
-                Change::Update(update) => {
-                    match self.commit(
-                        desired,
-                        &update,
-                        Some(generation),
-                        &Previous::Applied(&applied),
-                    ) {
-                        Err(KernelError::Netlink(
-                            error @ (NetlinkError::Changed(_) | NetlinkError::Refused { .. }),
-                        )) => {
-                            tracing::debug!(%error, "the batch was refused; reading the table");
-                        }
-                        done => return done,
-                    }
-                }
-                Change::Rebuild(reason) => {
-                    let delta = desired.delta_applied(&applied);
-                    return self.rebuild(desired, reason, &delta, &Previous::Applied(&applied));
-                }
+            let delta = desired.delta_applied(&applied);
+            if let Some(reason) = desired.reshaped(&applied) {
+                return self.rebuild(desired, reason, &delta, &Previous::Applied(&applied));
+            }
+            if let Some(done) = self.apply_known(desired, &delta, &applied, generation) {
+                return done;
             }
         }
+        self.apply_read(desired)
+    }
+
+    /// Sends `delta`, what turns `applied` (what the kernel held at `generation`) into
+    /// `desired`, as one batch valid only at that generation; with nothing to send, checks
+    /// that the generation has not moved. `None`: the table must be read first, because
+    /// the generation moved or the batch was refused.
+    fn apply_known(
+        &mut self,
+        desired: &Ruleset,
+        delta: &Update,
+        applied: &Ruleset,
+        generation: u32,
+    ) -> Option<Result<Applied, KernelError>> {
+        if delta.is_empty() {
+            return match self.firewall.generation() {
+                Ok(now) if now == generation => {
+                    self.generation = Some(generation);
+                    Some(Ok(Applied::default()))
+                }
+                Ok(_) => {
+                    tracing::debug!("the ruleset changed since the last apply; reading the table");
+                    None
+                }
+                Err(error) => Some(Err(error)),
+            };
+        }
+        match self.commit(
+            desired,
+            delta,
+            Some(generation),
+            &Previous::Applied(applied),
+        ) {
+            Err(KernelError::Netlink(
+                error @ (NetlinkError::Changed(_) | NetlinkError::Refused { .. }),
+            )) => {
+                tracing::debug!(%error, "the batch was refused; reading the table");
+                None
+            }
+            done => Some(done),
+        }
+    }
+
+    /// Reads the table and brings it to `desired`.
+    fn apply_read(&mut self, desired: &Ruleset) -> Result<Applied, KernelError> {
         let empty = KernelTable::default();
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let (table, generation) = match self.read_ahead.take() {
-                Some(read) => read,
-                None => self.read_at(&desired.config)?,
+            let (table, generation, ahead) = match self.read_ahead.take() {
+                Some((config, table, generation)) if config == desired.config => {
+                    (table, generation, true)
+                }
+                _ => {
+                    let (table, generation) = self.read_at(&desired.config)?;
+                    (table, generation, false)
+                }
             };
             let previous = table.as_ref().map_or(Previous::Nothing, Previous::Kernel);
             match desired.diff(table.as_ref()) {
                 Change::Nothing => {
+                    // A read taken ahead may be out of date by now: a batch would be refused
+                    // if it were, but sending nothing proves nothing.
+                    if ahead && self.firewall.generation()? != generation {
+                        continue;
+                    }
                     self.generation = Some(generation);
                     return Ok(Applied::default());
                 }

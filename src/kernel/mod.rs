@@ -12,6 +12,8 @@
 pub mod build;
 pub mod diff;
 pub mod engine;
+#[cfg(test)]
+mod engine_tests;
 pub mod firewall;
 #[cfg(test)]
 mod fixtures;

@@ -8,7 +8,7 @@ use ipnet::IpNet;
 
 use super::layout::*;
 use super::nfnl::TableDump;
-use super::wire::{self, Elem, SetInfo};
+use super::wire::{self, ChainInfo, Elem, SetInfo};
 use crate::core::model::{BUCKETS, Family, ForwardKey};
 use crate::core::plan::Holders;
 
@@ -222,9 +222,10 @@ impl KernelTable {
 
     /// Reads a dump of the table, checking that it has the shape this daemon creates and
     /// nothing else: the sets, maps, chains, and the rules of `config` (`None`: of any
-    /// configuration).
-    pub fn from_dump(config: Option<&TableConfig>, dump: &TableDump) -> KernelTable {
-        let mut table = KernelTable::default();
+    /// configuration). It takes the dump: the owner comments of 10,000 forwards move into
+    /// the table rather than being copied.
+    pub fn from_dump(config: Option<&TableConfig>, dump: TableDump) -> KernelTable {
+        let mut reading = Reading::default();
         let mut problems = Vec::new();
         // The hash rules' verdict maps are anonymous sets, part of their rules.
         let sets: BTreeSet<&str> = dump
@@ -285,40 +286,57 @@ impl KernelTable {
             let expected_rules = config.map(TableConfig::rule_comments);
             problems.push(format!("rules are {rules:?}, expected {expected_rules:?}"));
         }
-        for (name, elems) in &dump.elements {
-            for elem in elems {
-                if !table.read_elem(name, elem) {
-                    problems.push(format!("set {name} holds an element of unexpected form"));
-                    break;
-                }
+        for (name, elems) in dump.elements {
+            // Sets not of this daemon's are reported above; their elements are not read.
+            let Some(set) = Held::named(&name) else {
+                continue;
+            };
+            if !elems.into_iter().all(|elem| reading.read_elem(set, elem)) {
+                problems.push(format!("set {name} holds an element of unexpected form"));
             }
         }
+        let mut table = reading.finish();
         table.shape_problem = (!problems.is_empty()).then(|| problems.join("; "));
         table
     }
+}
 
-    /// Takes one element of set `name`; `false` when it is not of the set's form.
-    fn read_elem(&mut self, name: &str, elem: &Elem) -> bool {
-        if name == WAN_IFACES {
-            return took(wire::read_ifname(&elem.key), |n| {
-                self.wan_interfaces.insert(n)
-            });
+/// A table being read. The elements of its big maps and sets wait in lists, and each tree is
+/// built from its list in one go, sorted once: inserting 10,000 keys one by one, in the
+/// kernel's hash order, cost three times as much.
+#[derive(Default)]
+struct Reading {
+    table: KernelTable,
+    addrs: Vec<(ForwardKey, Element<IpAddr>)>,
+    ports: Vec<(ForwardKey, Element<u16>)>,
+    open: Vec<ForwardKey>,
+    counters: Vec<(ForwardKey, (u64, u64))>,
+}
+
+impl Reading {
+    fn finish(self) -> KernelTable {
+        let mut counters = self.counters;
+        counters.sort_unstable_by_key(|(key, _)| *key);
+        // A forward with several backends counts in each of its buckets' elements.
+        counters.dedup_by(|next, sum| {
+            let same = next.0 == sum.0;
+            if same {
+                sum.1 = (sum.1.0 + next.1.0, sum.1.1 + next.1.1);
+            }
+            same
+        });
+        KernelTable {
+            addrs: self.addrs.into_iter().collect(),
+            ports: self.ports.into_iter().collect(),
+            open: self.open.into_iter().collect(),
+            counters: counters.into_iter().collect(),
+            ..self.table
         }
-        let Some(family) = FAMILIES.into_iter().find(|f| {
-            [
-                wan_set(*f),
-                open_set(*f),
-                src_set(*f),
-                addr_map(*f),
-                port_map(*f),
-                down_set(*f),
-            ]
-            .contains(&name)
-                || bucket_of(*f, name).is_some()
-        }) else {
-            return true;
-        };
-        let key = || {
+    }
+
+    /// Takes one element of `set`; `false` when it is not of the set's form.
+    fn read_elem(&mut self, set: Held, elem: Elem) -> bool {
+        let key = |family| {
             let (protocol, external_port) = wire::read_proto_port(&elem.key)?;
             Some(ForwardKey {
                 family,
@@ -326,64 +344,110 @@ impl KernelTable {
                 external_port,
             })
         };
-        if name == wan_set(family) {
-            return took(wire::read_addr(family, &elem.key), |a| {
-                self.wan_addresses.insert(a)
-            });
-        }
-        if name == open_set(family) {
-            return took(key(), |k| self.open.insert(k));
-        }
-        if name == src_set(family) {
-            return took(source_of(family, elem), |s| self.sources.insert(s));
-        }
-        if name == down_set(family) {
-            let down = elem.key.split_at_checked(8).and_then(|(key, addr)| {
-                let (protocol, external_port) = wire::read_proto_port(key)?;
-                let key = ForwardKey {
-                    family,
-                    protocol,
-                    external_port,
-                };
-                Some((key, wire::read_addr(family, addr)?))
-            });
-            return took(down, |d| self.down.insert(d));
-        }
-        let Some(key) = key() else { return false };
         let data = elem.data.as_deref().unwrap_or_default();
-        if let Some((packets, bytes)) = elem.counter {
-            let sum = self.counters.entry(key).or_default();
-            *sum = (sum.0 + packets, sum.1 + bytes);
+        match set {
+            Held::Interfaces => took(wire::read_ifname(&elem.key), |n| {
+                self.table.wan_interfaces.insert(n)
+            }),
+            Held::Wan(family) => took(wire::read_addr(family, &elem.key), |a| {
+                self.table.wan_addresses.insert(a)
+            }),
+            Held::Open(family) => key(family).map(|k| self.open.push(k)).is_some(),
+            Held::Sources(family) => {
+                took(source_of(family, &elem), |s| self.table.sources.insert(s))
+            }
+            Held::Down(family) => {
+                let down = elem.key.split_at_checked(8).and_then(|(key, addr)| {
+                    let (protocol, external_port) = wire::read_proto_port(key)?;
+                    let key = ForwardKey {
+                        family,
+                        protocol,
+                        external_port,
+                    };
+                    Some((key, wire::read_addr(family, addr)?))
+                });
+                took(down, |d| self.table.down.insert(d))
+            }
+            Held::Picks(family, bucket) => {
+                let (Some(key), Some(addr)) = (key(family), wire::read_addr(family, data)) else {
+                    return false;
+                };
+                self.count(key, &elem);
+                self.table.picks.insert((key, bucket), addr);
+                true
+            }
+            Held::Addrs(family) => {
+                let (Some(key), Some(addr)) = (key(family), wire::read_addr(family, data)) else {
+                    return false;
+                };
+                self.count(key, &elem);
+                let comment = elem.comment;
+                self.addrs.push((
+                    key,
+                    Element {
+                        value: addr,
+                        comment,
+                    },
+                ));
+                true
+            }
+            Held::Ports(family) => {
+                let (Some(key), Ok(port)) = (key(family), <[u8; 2]>::try_from(data)) else {
+                    return false;
+                };
+                let value = u16::from_be_bytes(port);
+                let comment = elem.comment;
+                self.ports.push((key, Element { value, comment }));
+                true
+            }
         }
-        if let Some(bucket) = bucket_of(family, name) {
-            return took(wire::read_addr(family, data), |addr| {
-                self.picks.insert((key, bucket), addr).is_none()
-            });
+    }
+
+    /// Adds an element's packet and byte counts to its forward's.
+    fn count(&mut self, key: ForwardKey, elem: &Elem) {
+        if let Some(counter) = elem.counter {
+            self.counters.push((key, counter));
         }
-        if name == addr_map(family) {
-            let Some(addr) = wire::read_addr(family, data) else {
-                return false;
+    }
+}
+
+/// Which of the table's sets a dumped one is, decided once per set rather than for each of
+/// its elements.
+#[derive(Clone, Copy)]
+enum Held {
+    Interfaces,
+    Wan(Family),
+    Open(Family),
+    Sources(Family),
+    Addrs(Family),
+    Ports(Family),
+    Picks(Family, usize),
+    Down(Family),
+}
+
+impl Held {
+    fn named(name: &str) -> Option<Held> {
+        if name == WAN_IFACES {
+            return Some(Held::Interfaces);
+        }
+        FAMILIES.into_iter().find_map(|family| {
+            let held = if name == wan_set(family) {
+                Held::Wan(family)
+            } else if name == open_set(family) {
+                Held::Open(family)
+            } else if name == src_set(family) {
+                Held::Sources(family)
+            } else if name == addr_map(family) {
+                Held::Addrs(family)
+            } else if name == port_map(family) {
+                Held::Ports(family)
+            } else if name == down_set(family) {
+                Held::Down(family)
+            } else {
+                Held::Picks(family, bucket_of(family, name)?)
             };
-            self.addrs.insert(
-                key,
-                Element {
-                    value: addr,
-                    comment: elem.comment.clone(),
-                },
-            );
-            return true;
-        }
-        let Ok(port) = <[u8; 2]>::try_from(data) else {
-            return false;
-        };
-        self.ports.insert(
-            key,
-            Element {
-                value: u16::from_be_bytes(port),
-                comment: elem.comment.clone(),
-            },
-        );
-        true
+            Some(held)
+        })
     }
 }
 
@@ -424,59 +488,86 @@ fn source_of(family: Family, elem: &Elem) -> Option<Source> {
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::kernel::Change;
-    use crate::kernel::fixtures::{forward, ruleset};
-    use crate::kernel::wire::{ChainInfo, Op};
-
-    /// A dump of the table `r` would build: its elements as the netlink batch writes them.
-    fn dump_of(r: &Ruleset) -> TableDump {
-        let all = r.delta(&KernelTable::default());
+impl Ruleset {
+    /// The table this ruleset builds as a read of the kernel returns it right after the
+    /// build (no packet counted yet): what a firewall in memory holds, in tests and benches.
+    pub fn as_dump(&self, generation: u32) -> TableDump {
+        let config = &self.config;
         let mut elements: BTreeMap<String, Vec<Elem>> = set_names()
             .into_iter()
             .map(|n| (n.to_owned(), Vec::new()))
             .collect();
-        for change in r.element_changes(&all) {
-            assert_eq!(change.op, Op::Add);
-            elements.get_mut(change.set).unwrap().extend(change.elems);
+        for change in self.element_changes(&self.delta(&KernelTable::default())) {
+            let counted = FAMILIES.into_iter().any(|family| {
+                change.set == addr_map(family) || bucket_of(family, change.set).is_some()
+            });
+            let elems = elements.entry(change.set.to_owned()).or_default();
+            elems.extend(change.elems.into_iter().map(|elem| Elem {
+                counter: counted.then_some((0, 0)),
+                ..elem
+            }));
         }
         let sets = set_names()
             .into_iter()
-            .map(|name| {
-                let kind = expected_set(name).unwrap();
-                SetInfo {
+            .filter_map(|name| {
+                let kind = expected_set(name)?;
+                Some(SetInfo {
                     name: name.to_owned(),
                     flags: kind.flags,
                     key_type: kind.key_type,
                     key_len: kind.key_len,
                     data_type: kind.data.map(|d| d.0),
                     data_len: kind.data.map(|d| d.1),
+                })
+            })
+            .collect();
+        let chains = chain_names(config)
+            .into_iter()
+            .map(|name| {
+                let hook = match name {
+                    CHAIN => Some((NF_INET_PRE_ROUTING, DSTNAT_PRIORITY)),
+                    REFLECT_CHAIN => Some((NF_INET_POST_ROUTING, SRCNAT_PRIORITY)),
+                    _ => None,
+                };
+                ChainInfo {
+                    name: name.to_owned(),
+                    hook,
+                    kind: hook.map(|_| "nat".to_owned()),
                 }
             })
             .collect();
+        let mut rules: Vec<(&str, String)> = config
+            .rules()
+            .into_iter()
+            .map(|(f, w, side, pick)| (CHAIN, config.rule_comment(f, w, side, pick)))
+            .collect();
+        if config.reflects() {
+            rules.push((REFLECT_CHAIN, config.reflect_comment()));
+        }
+        for family in FAMILIES {
+            for bucket in 0..BUCKETS {
+                rules.push((bucket_chain(family, bucket), bucket_comment(family, bucket)));
+            }
+        }
         TableDump {
-            generation: 1,
+            generation,
             sets,
-            chains: chain_names(&r.config)
+            chains,
+            rules: rules
                 .into_iter()
-                .map(|name| ChainInfo {
-                    name: name.into(),
-                    hook: (name == CHAIN).then_some((NF_INET_PRE_ROUTING, DSTNAT_PRIORITY)),
-                    kind: (name == CHAIN).then(|| "nat".into()),
-                })
-                .collect(),
-            rules: r
-                .config
-                .rule_comments()
-                .into_iter()
-                .map(|c| (CHAIN.to_owned(), Some(c)))
+                .map(|(chain, comment)| (chain.to_owned(), Some(comment)))
                 .collect(),
             elements,
             attempts: 1,
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::Change;
+    use crate::kernel::fixtures::{forward, ruleset};
 
     #[test]
     fn dumps_round_trip_the_batch_encoding() {
@@ -494,25 +585,25 @@ mod tests {
             forward(53, "10.0.0.2", "c"),
             several,
         ]);
-        let mut dump = dump_of(&r);
+        let mut dump = r.as_dump(1);
         dump.elements.get_mut("fwd_ipv4_addr").unwrap()[0].counter = Some((3, 180));
-        let kernel = KernelTable::from_dump(Some(&r.config), &dump);
+        let kernel = KernelTable::from_dump(Some(&r.config), dump.clone());
         assert_eq!(kernel.shape_problem, None);
         assert_eq!(kernel.counters.values().next(), Some(&(3, 180)));
         assert_eq!(r.diff(Some(&kernel)), Change::Nothing);
 
         let other = TableConfig::new(DEFAULT_TABLE, [], []).unwrap();
-        let kernel = KernelTable::from_dump(Some(&other), &dump);
+        let kernel = KernelTable::from_dump(Some(&other), dump.clone());
         assert!(kernel.shape_problem.unwrap().contains("rules are"));
-        assert_eq!(KernelTable::from_dump(None, &dump).shape_problem, None);
+        assert_eq!(KernelTable::from_dump(None, dump).shape_problem, None);
     }
 
     #[test]
     fn foreign_shapes_and_elements_are_problems() {
         let r = ruleset(&[forward(80, "10.0.0.1", "a")]);
-        let mut dump = dump_of(&r);
+        let mut dump = r.as_dump(1);
         dump.sets[0].key_type = TYPE_IP6ADDR;
-        let problem = KernelTable::from_dump(Some(&r.config), &dump)
+        let problem = KernelTable::from_dump(Some(&r.config), dump.clone())
             .shape_problem
             .unwrap();
         assert!(
@@ -520,7 +611,7 @@ mod tests {
             "{problem}"
         );
 
-        let mut dump = dump_of(&r);
+        let mut dump = r.as_dump(1);
         dump.elements.get_mut("src_ipv4").unwrap().push(Elem {
             key: [
                 &[10, 0, 0, 1][..],
@@ -536,7 +627,7 @@ mod tests {
             ),
             ..Elem::default()
         });
-        let problem = KernelTable::from_dump(Some(&r.config), &dump)
+        let problem = KernelTable::from_dump(Some(&r.config), dump.clone())
             .shape_problem
             .unwrap();
         assert!(

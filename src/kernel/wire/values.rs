@@ -91,7 +91,10 @@ pub(super) fn read_comment_tlv(mut udata: &[u8]) -> Option<String> {
         let value = udata.get(2..2 + len)?;
         if kind == UDATA_COMMENT {
             let text = value.split(|b| *b == 0).next().unwrap_or_default();
-            return Some(String::from_utf8_lossy(text).into_owned());
+            return Some(
+                String::from_utf8(text.to_vec())
+                    .unwrap_or_else(|error| String::from_utf8_lossy(error.as_bytes()).into_owned()),
+            );
         }
         udata = &udata[2 + len..];
     }
