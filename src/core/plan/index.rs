@@ -137,20 +137,9 @@ impl Planner {
         }
     }
 
-    pub fn policy(&self) -> &Policy {
-        &self.policy
-    }
-
     /// The forwards the router should carry.
     pub fn forwards(&self) -> &BTreeMap<ForwardKey, Forward> {
         &self.forwards
-    }
-
-    /// Every planned Service's outcomes, in namespace/name order, each in entry order.
-    pub fn services(&self) -> impl Iterator<Item = (&Name, &[Outcome])> {
-        self.services
-            .iter()
-            .map(|(name, e)| (name, e.resolved.outcomes.as_slice()))
     }
 
     /// One Service's outcomes, in entry order; `None` when it is not planned.
@@ -178,15 +167,6 @@ impl Planner {
 
     pub fn count(&self, state: State) -> usize {
         self.outcomes().filter(|o| o.state == state).count()
-    }
-
-    /// How many Services are planned.
-    pub fn len(&self) -> usize {
-        self.services.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.services.is_empty()
     }
 
     /// The whole plan, as [`plan_held`](super::plan_held) gives it with the backends down
